@@ -1,0 +1,189 @@
+import Foundation
+
+/// Where and how to connect: host, credentials, virtual host, heartbeat, TLS, recovery.
+///
+/// Build one from a URL with ``init(url:)``:
+/// `amqp://user:password@host:5672/vhost?heartbeat=30&connection_name=my-app`.
+/// The virtual host is the URL path, percent-decoded (`%2F` is `/`); an absent path means `/`.
+public struct AMQPConfiguration: Sendable {
+    /// TLS settings for `amqps://`. rabbitmq-c 0.11 has no default CA store, so a CA file is needed.
+    public struct TLS: Sendable, Hashable {
+        /// PEM file with the certificate authorities that sign the broker's certificate.
+        public var caFile: String?
+        /// PEM client certificate and its key, for brokers that ask for one.
+        public var certificateFile: String?
+        public var keyFile: String?
+        /// Check the broker's certificate chain (default true).
+        public var verifyPeer: Bool
+        /// Check that the certificate names the host (default true).
+        public var verifyHostname: Bool
+
+        public init(
+            caFile: String? = nil, certificateFile: String? = nil, keyFile: String? = nil,
+            verifyPeer: Bool = true, verifyHostname: Bool = true
+        ) {
+            self.caFile = caFile
+            self.certificateFile = certificateFile
+            self.keyFile = keyFile
+            self.verifyPeer = verifyPeer
+            self.verifyHostname = verifyHostname
+        }
+    }
+
+    /// How the connection comes back after it broke.
+    public struct Recovery: Sendable, Hashable {
+        /// Reconnect automatically, re-declare the topology declared through the connection, and
+        /// resume consumers. When false, a broken connection ends every consumer with an error.
+        public var enabled: Bool
+        /// First wait before reconnecting; it doubles up to `maximumDelay`, with ±20% jitter.
+        public var initialDelay: Duration
+        public var maximumDelay: Duration
+
+        public init(enabled: Bool = true, initialDelay: Duration = .milliseconds(100), maximumDelay: Duration = .seconds(5)) {
+            self.enabled = enabled
+            self.initialDelay = initialDelay
+            self.maximumDelay = maximumDelay
+        }
+
+        /// The wait before reconnect attempt `attempt` (1-based), without jitter.
+        public func delay(forAttempt attempt: Int) -> Duration {
+            var delay = self.initialDelay
+            var step = 1
+            while step < attempt, delay < self.maximumDelay {
+                delay *= 2
+                step += 1
+            }
+            return min(delay, self.maximumDelay)
+        }
+    }
+
+    public var host: String
+    public var port: Int
+    public var user: String
+    public var password: String
+    public var virtualHost: String
+    /// Heartbeat interval in seconds; 0 disables heartbeats (not recommended). The broker may
+    /// lower it. Default 30.
+    public var heartbeat: Int
+    public var frameMax: Int
+    public var channelMax: Int
+    /// Shown by the broker's management tools and `rabbitmqctl list_connections client_properties`.
+    public var connectionName: String?
+    /// Time allowed to open the TCP connection and log in.
+    public var connectTimeout: Duration
+    /// Time allowed for one broker round trip (declare, bind, close) before the connection is
+    /// considered dead.
+    public var rpcTimeout: Duration
+    /// TLS settings; non-nil means `amqps`.
+    public var tls: TLS?
+    public var recovery: Recovery
+
+    public init(
+        host: String = "127.0.0.1", port: Int? = nil, user: String = "guest", password: String = "guest",
+        virtualHost: String = "/", heartbeat: Int = 30, connectionName: String? = nil, tls: TLS? = nil,
+        recovery: Recovery = Recovery()
+    ) {
+        self.host = host
+        self.port = port ?? (tls == nil ? 5672 : 5671)
+        self.user = user
+        self.password = password
+        self.virtualHost = virtualHost
+        self.heartbeat = heartbeat
+        self.frameMax = 131_072
+        self.channelMax = 2047
+        self.connectionName = connectionName
+        self.connectTimeout = .seconds(10)
+        self.rpcTimeout = .seconds(30)
+        self.tls = tls
+        self.recovery = recovery
+    }
+
+    /// Parses an `amqp://` or `amqps://` URL.
+    ///
+    /// Query parameters: `heartbeat` (seconds), `connection_timeout` (milliseconds),
+    /// `channel_max`, `frame_max`, `connection_name`, and for TLS `cacertfile`, `certfile`,
+    /// `keyfile`, `verify` (`verify_peer` or `verify_none`), `verify_hostname` (`true`/`false`).
+    ///
+    /// - Throws: ``AMQPError/Code/invalidURL`` naming what is wrong.
+    public init(url: String) throws {
+        func invalid(_ why: String) -> AMQPError {
+            AMQPError(code: .invalidURL, message: "invalid AMQP URL '\(Self.redact(url))': \(why)")
+        }
+        guard let components = URLComponents(string: url) else { throw invalid("it is not a URL") }
+        let scheme = components.scheme?.lowercased()
+        guard scheme == "amqp" || scheme == "amqps" else {
+            throw invalid("the scheme must be amqp or amqps, not '\(components.scheme ?? "")'")
+        }
+        var host = components.host ?? ""
+        if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        if host.isEmpty { host = "127.0.0.1" }
+        self.init(host: host, tls: scheme == "amqps" ? TLS() : nil)
+        if let port = components.port {
+            guard (1...65535).contains(port) else { throw invalid("port \(port) is out of range") }
+            self.port = port
+        }
+        if let user = components.user { self.user = user }
+        if let password = components.password { self.password = password }
+        let path = components.percentEncodedPath
+        if path.isEmpty || path == "/" {
+            self.virtualHost = "/"
+        } else {
+            let raw = String(path.dropFirst())
+            guard !raw.contains("/") else {
+                throw invalid("the virtual host must be one path segment; write '/' as %2F")
+            }
+            guard let vhost = raw.removingPercentEncoding else { throw invalid("bad percent-encoding in the virtual host") }
+            self.virtualHost = vhost
+        }
+        for item in components.queryItems ?? [] {
+            let value = item.value ?? ""
+            func int(_ range: ClosedRange<Int>) throws -> Int {
+                guard let v = Int(value), range.contains(v) else {
+                    throw invalid("\(item.name) must be an integer in \(range.lowerBound)...\(range.upperBound), not '\(value)'")
+                }
+                return v
+            }
+            switch item.name {
+            case "heartbeat": self.heartbeat = try int(0...65535)
+            case "connection_timeout": self.connectTimeout = .milliseconds(try int(1...3_600_000))
+            case "channel_max": self.channelMax = try int(1...65535)
+            case "frame_max": self.frameMax = try int(4096...(1 << 31 - 1))
+            case "connection_name": self.connectionName = value
+            case "cacertfile", "certfile", "keyfile", "verify", "verify_hostname", "server_name_indication":
+                guard self.tls != nil else { throw invalid("\(item.name) needs the amqps scheme") }
+                switch item.name {
+                case "cacertfile": self.tls?.caFile = value
+                case "certfile": self.tls?.certificateFile = value
+                case "keyfile": self.tls?.keyFile = value
+                case "verify":
+                    guard value == "verify_peer" || value == "verify_none" else {
+                        throw invalid("verify must be verify_peer or verify_none, not '\(value)'")
+                    }
+                    self.tls?.verifyPeer = value == "verify_peer"
+                case "verify_hostname":
+                    guard value == "true" || value == "false" else { throw invalid("verify_hostname must be true or false") }
+                    self.tls?.verifyHostname = value == "true"
+                default: break  // server_name_indication: rabbitmq-c always sends the host name.
+                }
+            default:
+                throw invalid("unknown query parameter '\(item.name)'")
+            }
+        }
+    }
+
+    /// The URL with its password replaced by `***`, safe to log.
+    public var redactedURL: String {
+        let scheme = self.tls == nil ? "amqp" : "amqps"
+        let vhost = self.virtualHost.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? self.virtualHost
+        return "\(scheme)://\(self.user):***@\(self.host):\(self.port)/\(vhost)"
+    }
+
+    /// Replaces the password in a URL string with `***`.
+    public static func redact(_ url: String) -> String {
+        guard let schemeEnd = url.range(of: "://"), let at = url.range(of: "@", range: schemeEnd.upperBound..<url.endIndex)
+        else { return url }
+        let userInfo = url[schemeEnd.upperBound..<at.lowerBound]
+        guard let colon = userInfo.firstIndex(of: ":") else { return url }
+        return url.replacingCharacters(in: url.index(after: colon)..<at.lowerBound, with: "***")
+    }
+}

@@ -1,0 +1,122 @@
+/// A message the broker delivered to a consumer or returned from `basic.get`.
+public struct AMQPDelivery: Sendable {
+    public let body: [UInt8]
+    public let properties: AMQPProperties
+    public let exchange: String
+    public let routingKey: String
+    /// Channel-scoped tag used by ``ack(multiple:)``.
+    public let deliveryTag: UInt64
+    /// The broker may have delivered this message before (to this or another consumer).
+    public let isRedelivered: Bool
+    public let consumerTag: String?
+    /// For `basic.get`: how many messages are left in the queue.
+    public let messageCount: UInt32?
+    let acker: DeliveryAcker?
+
+    init(body: [UInt8], properties: AMQPProperties, exchange: String, routingKey: String, deliveryTag: UInt64,
+         isRedelivered: Bool, consumerTag: String?, messageCount: UInt32?, acker: DeliveryAcker?) {
+        self.body = body
+        self.properties = properties
+        self.exchange = exchange
+        self.routingKey = routingKey
+        self.deliveryTag = deliveryTag
+        self.isRedelivered = isRedelivered
+        self.consumerTag = consumerTag
+        self.messageCount = messageCount
+        self.acker = acker
+    }
+
+    /// The body decoded as UTF-8.
+    public var bodyString: String { String(decoding: self.body, as: UTF8.self) }
+
+    /// Acknowledges the delivery (and, with `multiple`, every earlier one on its channel).
+    ///
+    /// Acknowledgements are asynchronous in AMQP: this returns once the ack is queued for the
+    /// connection thread. If the channel or connection was lost since the delivery, the ack is
+    /// dropped: the broker has already put the message back and will deliver it again.
+    /// - Throws: ``AMQPError`` if the connection is closed for good or the delivery was consumed
+    ///   with `noAck`.
+    public func ack(multiple: Bool = false) throws {
+        try self.send(multiple: multiple, kind: .ack)
+    }
+
+    /// Negatively acknowledges: `requeue` puts it back, otherwise it is dead-lettered or dropped.
+    public func nack(multiple: Bool = false, requeue: Bool = true) throws {
+        try self.send(multiple: multiple, kind: .nack(requeue: requeue))
+    }
+
+    /// Rejects one delivery: `requeue` puts it back, otherwise it is dead-lettered or dropped.
+    public func reject(requeue: Bool = true) throws {
+        try self.send(multiple: false, kind: .reject(requeue: requeue))
+    }
+
+    private func send(multiple: Bool, kind: ConnectionDriver.AckKind) throws {
+        guard let acker = self.acker else {
+            throw AMQPError.invalidArgument("this delivery was consumed with noAck; there is nothing to acknowledge")
+        }
+        let (channel, epoch, tag) = (acker.channel, acker.epoch, self.deliveryTag)
+        let submitted = acker.shared.mailbox.submit { driver in
+            driver.acknowledge(channel, epoch: epoch, tag: tag, multiple: multiple, kind: kind)
+        }
+        if !submitted { throw acker.shared.closedError() }
+    }
+}
+
+/// Where a delivery's acknowledgement goes: its connection, channel and channel epoch.
+struct DeliveryAcker: Sendable {
+    let shared: ConnectionShared
+    let channel: UInt16
+    let epoch: UInt64
+}
+
+/// A consumer's deliveries, in order. Iterate it; the sequence ends with an error if the broker
+/// cancels the consumer (its queue was deleted) and ends normally after ``cancel()``.
+public struct AMQPConsumer: AsyncSequence, Sendable {
+    public typealias Element = AMQPDelivery
+    public let tag: String
+    public let queue: String
+    let channel: AMQPChannel
+    let stream: AsyncThrowingStream<AMQPDelivery, any Error>
+
+    public struct AsyncIterator: AsyncIteratorProtocol {
+        var base: AsyncThrowingStream<AMQPDelivery, any Error>.AsyncIterator
+        public mutating func next() async throws -> AMQPDelivery? { try await self.base.next() }
+    }
+
+    public func makeAsyncIterator() -> AsyncIterator { AsyncIterator(base: self.stream.makeAsyncIterator()) }
+
+    /// Cancels the consumer (`basic.cancel`); the sequence then ends. Deliveries already received
+    /// can still be acknowledged.
+    public func cancel() async throws {
+        let (id, tag) = (self.channel.id, self.tag)
+        try await self.channel.connection.shared.perform { driver throws(AMQPError) in try driver.cancelConsumer(id, tag: tag) }
+    }
+}
+
+/// A message the broker could not route and returned (`basic.return`, for `mandatory` publishes).
+public struct AMQPReturnedMessage: Sendable, Hashable {
+    /// Usually 312 (`NO_ROUTE`).
+    public let replyCode: UInt16
+    public let replyText: String
+    public let exchange: String
+    public let routingKey: String
+    public let properties: AMQPProperties
+    public let body: [UInt8]
+}
+
+/// What became of a publish.
+public enum AMQPPublishResult: Sendable, Hashable {
+    /// The broker confirmed it: it is in every queue it routed to (on disk if persistent).
+    case confirmed
+    /// The broker confirmed it but could not route it anywhere and returned it (`mandatory`).
+    case returned(AMQPReturnedMessage)
+    /// Sent on a channel without confirms: nothing is known beyond the socket write.
+    case sent
+}
+
+/// Information from `queue.declare-ok`.
+public struct AMQPQueueInfo: Sendable, Hashable {
+    public let name: String
+    public let messageCount: UInt32
+    public let consumerCount: UInt32
+}

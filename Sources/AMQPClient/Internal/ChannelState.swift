@@ -1,0 +1,100 @@
+/// How a publish reports back: to an awaiting task, a future, or nobody.
+enum PublishCompletion: Sendable {
+    case none
+    case continuation(CheckedContinuation<AMQPPublishResult, any Error>)
+    case future(AMQPPublishConfirm)
+
+    func complete(_ result: Result<AMQPPublishResult, AMQPError>) {
+        switch self {
+        case .none: break
+        case .continuation(let continuation): continuation.resume(with: result.mapError { $0 })
+        case .future(let future): future.complete(result)
+        }
+    }
+}
+
+/// A publish waiting for its confirm.
+struct PendingPublish {
+    var completion: PublishCompletion
+    var messageId: String?
+    var exchange: String
+    var routingKey: String
+    var returned: AMQPReturnedMessage?
+}
+
+/// A consumer as the connection thread knows it.
+final class ConsumerState {
+    let tag: String
+    let queue: String
+    let exclusive: Bool
+    let noAck: Bool
+    let arguments: AMQPTable
+    let continuation: AsyncThrowingStream<AMQPDelivery, any Error>.Continuation
+
+    init(tag: String, queue: String, exclusive: Bool, noAck: Bool, arguments: AMQPTable,
+         continuation: AsyncThrowingStream<AMQPDelivery, any Error>.Continuation) {
+        self.tag = tag
+        self.queue = queue
+        self.exclusive = exclusive
+        self.noAck = noAck
+        self.arguments = arguments
+        self.continuation = continuation
+    }
+}
+
+/// Everything the connection thread keeps about one channel, so it can be reopened as it was.
+final class ChannelState {
+    let id: UInt16
+    var isOpen = false
+    /// Bumped whenever the channel is reopened: delivery tags from an older epoch are dead.
+    var epoch: UInt64 = 0
+    var confirmMode = false
+    var prefetch: (count: UInt16, global: Bool)?
+    var tracker = ConfirmTracker<PendingPublish>()
+    var consumers: [String: ConsumerState] = [:]
+    /// A server error that arrived asynchronously with no pending publish to report it;
+    /// the next operation on the channel throws it.
+    var pendingError: AMQPError?
+
+    init(id: UInt16) { self.id = id }
+}
+
+/// The topology declared through a connection, replayed after it reconnects.
+struct TopologyRecorder {
+    struct Exchange: Equatable {
+        var name: String, type: String, durable: Bool, autoDelete: Bool, isInternal: Bool, arguments: AMQPTable
+    }
+    struct Queue: Equatable {
+        var name: String, durable: Bool, exclusive: Bool, autoDelete: Bool, arguments: AMQPTable
+    }
+    struct Binding: Equatable {
+        var toExchange: Bool, destination: String, source: String, routingKey: String, arguments: AMQPTable
+    }
+
+    private(set) var exchanges: [Exchange] = []
+    private(set) var queues: [Queue] = []
+    private(set) var bindings: [Binding] = []
+
+    mutating func record(_ exchange: Exchange) {
+        self.exchanges.removeAll { $0.name == exchange.name }
+        self.exchanges.append(exchange)
+    }
+    mutating func record(_ queue: Queue) {
+        self.queues.removeAll { $0.name == queue.name }
+        self.queues.append(queue)
+    }
+    mutating func record(_ binding: Binding) {
+        if !self.bindings.contains(binding) { self.bindings.append(binding) }
+    }
+    mutating func forgetExchange(_ name: String) {
+        self.exchanges.removeAll { $0.name == name }
+        self.bindings.removeAll { $0.source == name || ($0.toExchange && $0.destination == name) }
+    }
+    mutating func forgetQueue(_ name: String) {
+        self.queues.removeAll { $0.name == name }
+        self.bindings.removeAll { !$0.toExchange && $0.destination == name }
+    }
+    mutating func forget(_ binding: Binding) {
+        self.bindings.removeAll { $0 == binding }
+    }
+}

@@ -1,0 +1,287 @@
+internal import CAQRabbitMQ
+
+/// The operations the public handles submit. All run on the connection thread.
+extension ConnectionDriver {
+    func requireConnection() throws(AMQPError) -> amqp_connection_state_t {
+        switch self.phase {
+        case .connected:
+            guard let conn = self.conn else { throw .notConnected() }
+            return conn
+        case .reconnecting: throw .notConnected()
+        case .closed: throw self.shared.closedError()
+        }
+    }
+
+    /// The channel, open, after throwing any error the broker reported on it asynchronously.
+    func requireChannel(_ id: UInt16) throws(AMQPError) -> (amqp_connection_state_t, ChannelState) {
+        let conn = try self.requireConnection()
+        guard let channel = self.channels[id] else {
+            throw AMQPError.invalidArgument("channel \(id) was closed by the application")
+        }
+        if let error = channel.pendingError {
+            channel.pendingError = nil
+            throw error
+        }
+        if !channel.isOpen { try self.reopen(channel) }
+        return (conn, channel)
+    }
+
+    // MARK: Channels
+
+    func openChannel() throws(AMQPError) -> UInt16 {
+        let conn = try self.requireConnection()
+        var id: UInt16 = 1
+        while self.channels[id] != nil { id += 1 }
+        guard id < self.scratchChannel else {
+            throw AMQPError.invalidArgument("no free channel: \(self.channels.count) are open (channel_max \(self.scratchChannel))")
+        }
+        _ = amqp_channel_open(conn, id)
+        try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "opening channel \(id)", reopenOnClose: false)
+        let channel = ChannelState(id: id)
+        channel.isOpen = true
+        self.channels[id] = channel
+        return id
+    }
+
+    func closeChannel(_ id: UInt16) throws(AMQPError) {
+        guard let channel = self.channels.removeValue(forKey: id) else { return }
+        channel.tracker.reset { _, pending in pending.completion.complete(.failure(AMQPError(
+            code: .connectionClosed, message: "the channel was closed before the broker confirmed the publish",
+            isOutcomeUnknown: true))) }
+        for consumer in channel.consumers.values { consumer.continuation.finish() }
+        guard channel.isOpen, self.isConnected, let conn = self.conn else { return }
+        _ = amqp_channel_close(conn, id, Int32(AMQP_REPLY_SUCCESS))
+        try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "closing channel \(id)", reopenOnClose: false)
+    }
+
+    func enableConfirms(_ id: UInt16) throws(AMQPError) {
+        let (conn, channel) = try self.requireChannel(id)
+        guard !channel.confirmMode else { return }
+        _ = amqp_confirm_select(conn, id)
+        try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "confirm.select")
+        channel.confirmMode = true
+    }
+
+    func setPrefetch(_ id: UInt16, count: UInt16, global: Bool) throws(AMQPError) {
+        let (conn, channel) = try self.requireChannel(id)
+        _ = amqp_basic_qos(conn, id, 0, count, global ? 1 : 0)
+        try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "basic.qos")
+        channel.prefetch = (count, global)
+    }
+
+    // MARK: Exchanges, queues, bindings
+
+    func rawDeclareExchange(_ conn: amqp_connection_state_t, _ id: UInt16, _ e: TopologyRecorder.Exchange, passive: Bool) throws(AMQPError) {
+        let arena = CArena()
+        _ = amqp_exchange_declare(conn, id, arena.bytes(e.name), arena.bytes(e.type), passive ? 1 : 0, e.durable ? 1 : 0,
+                                  e.autoDelete ? 1 : 0, e.isInternal ? 1 : 0, arena.table(e.arguments))
+        withExtendedLifetime(arena) {}
+        try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "declaring exchange '\(e.name)'")
+    }
+
+    func declareExchange(_ id: UInt16, _ e: TopologyRecorder.Exchange, passive: Bool) throws(AMQPError) {
+        let (conn, _) = try self.requireChannel(id)
+        try self.rawDeclareExchange(conn, id, e, passive: passive)
+        if !passive { self.topology.record(e) }
+    }
+
+    func deleteExchange(_ id: UInt16, name: String, ifUnused: Bool) throws(AMQPError) {
+        let (conn, _) = try self.requireChannel(id)
+        let arena = CArena()
+        _ = amqp_exchange_delete(conn, id, arena.bytes(name), ifUnused ? 1 : 0)
+        withExtendedLifetime(arena) {}
+        try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "deleting exchange '\(name)'")
+        self.topology.forgetExchange(name)
+    }
+
+    func rawDeclareQueue(_ conn: amqp_connection_state_t, _ id: UInt16, _ q: TopologyRecorder.Queue, passive: Bool) throws(AMQPError) -> AMQPQueueInfo {
+        let arena = CArena()
+        let ok = amqp_queue_declare(conn, id, arena.bytes(q.name), passive ? 1 : 0, q.durable ? 1 : 0, q.exclusive ? 1 : 0,
+                                    q.autoDelete ? 1 : 0, arena.table(q.arguments))
+        withExtendedLifetime(arena) {}
+        try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "declaring queue '\(q.name)'")
+        guard let ok else { throw AMQPError(code: .protocolError, message: "queue.declare-ok missing") }
+        return AMQPQueueInfo(name: CDecode.string(ok.pointee.queue), messageCount: ok.pointee.message_count,
+                             consumerCount: ok.pointee.consumer_count)
+    }
+
+    func declareQueue(_ id: UInt16, _ q: TopologyRecorder.Queue, passive: Bool) throws(AMQPError) -> AMQPQueueInfo {
+        let (conn, _) = try self.requireChannel(id)
+        let info = try self.rawDeclareQueue(conn, id, q, passive: passive)
+        // Server-named queues get a new name on redeclare, so only named ones are replayed.
+        if !passive && !q.name.isEmpty { self.topology.record(q) }
+        return info
+    }
+
+    func deleteQueue(_ id: UInt16, name: String, ifUnused: Bool, ifEmpty: Bool) throws(AMQPError) -> UInt32 {
+        let (conn, _) = try self.requireChannel(id)
+        let arena = CArena()
+        let ok = amqp_queue_delete(conn, id, arena.bytes(name), ifUnused ? 1 : 0, ifEmpty ? 1 : 0)
+        withExtendedLifetime(arena) {}
+        try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "deleting queue '\(name)'")
+        self.topology.forgetQueue(name)
+        return ok?.pointee.message_count ?? 0
+    }
+
+    func purgeQueue(_ id: UInt16, name: String) throws(AMQPError) -> UInt32 {
+        let (conn, _) = try self.requireChannel(id)
+        let arena = CArena()
+        let ok = amqp_queue_purge(conn, id, arena.bytes(name))
+        withExtendedLifetime(arena) {}
+        try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "purging queue '\(name)'")
+        return ok?.pointee.message_count ?? 0
+    }
+
+    func rawBind(_ conn: amqp_connection_state_t, _ id: UInt16, _ b: TopologyRecorder.Binding, unbind: Bool) throws(AMQPError) {
+        let arena = CArena()
+        let destination = arena.bytes(b.destination), source = arena.bytes(b.source), key = arena.bytes(b.routingKey)
+        let arguments = arena.table(b.arguments)
+        switch (b.toExchange, unbind) {
+        case (false, false): _ = amqp_queue_bind(conn, id, destination, source, key, arguments)
+        case (false, true): _ = amqp_queue_unbind(conn, id, destination, source, key, arguments)
+        case (true, false): _ = amqp_exchange_bind(conn, id, destination, source, key, arguments)
+        case (true, true): _ = amqp_exchange_unbind(conn, id, destination, source, key, arguments)
+        }
+        withExtendedLifetime(arena) {}
+        let what = b.toExchange ? "exchange" : "queue"
+        try self.check(amqp_get_rpc_reply(conn), channel: id,
+                       doing: "\(unbind ? "unbinding" : "binding") \(what) '\(b.destination)' \(unbind ? "from" : "to") exchange '\(b.source)' with routing key '\(b.routingKey)'")
+    }
+
+    func bind(_ id: UInt16, _ b: TopologyRecorder.Binding, unbind: Bool) throws(AMQPError) {
+        let (conn, _) = try self.requireChannel(id)
+        try self.rawBind(conn, id, b, unbind: unbind)
+        if unbind { self.topology.forget(b) } else { self.topology.record(b) }
+    }
+
+    // MARK: Publishing
+
+    func publish(
+        _ id: UInt16, exchange: String, routingKey: String, mandatory: Bool, properties: AMQPProperties,
+        body: [UInt8], completion: PublishCompletion
+    ) {
+        let conn: amqp_connection_state_t
+        let channel: ChannelState
+        do throws(AMQPError) {
+            (conn, channel) = try self.requireChannel(id)
+        } catch {
+            completion.complete(.failure(error))
+            return
+        }
+        if self.blocked {
+            // The broker stopped reading from this connection (resource alarm). Hold the publish
+            // rather than block the thread in a socket write (rabbitmq-c issue #519).
+            self.held.append { [self] in
+                self.publish(id, exchange: exchange, routingKey: routingKey, mandatory: mandatory,
+                             properties: properties, body: body, completion: completion)
+            }
+            return
+        }
+        let arena = self.publishArena
+        var cProperties = arena.properties(properties)
+        let status = body.withUnsafeBytes { raw -> Int32 in
+            let bytes = amqp_bytes_t(len: raw.count, bytes: UnsafeMutableRawPointer(mutating: raw.baseAddress))
+            return amqp_basic_publish(conn, id, arena.bytes(exchange), arena.bytes(routingKey), mandatory ? 1 : 0, 0,
+                                      &cProperties, bytes)
+        }
+        arena.reset()
+        guard status == AMQP_STATUS_OK.rawValue else {
+            let error = Self.libraryError(status, doing: "publishing to exchange '\(exchange)'")
+            self.connectionLost(error)
+            completion.complete(.failure(error.outcomeUnknown()))
+            return
+        }
+        if channel.confirmMode {
+            channel.tracker.register(PendingPublish(
+                completion: completion, messageId: properties.messageId, exchange: exchange, routingKey: routingKey,
+                returned: nil))
+        } else {
+            completion.complete(.success(.sent))
+        }
+    }
+
+    // MARK: Consuming
+
+    func rawConsume(_ conn: amqp_connection_state_t, _ id: UInt16, _ consumer: ConsumerState) throws(AMQPError) {
+        let arena = CArena()
+        _ = amqp_basic_consume(conn, id, arena.bytes(consumer.queue), arena.bytes(consumer.tag), 0,
+                               consumer.noAck ? 1 : 0, consumer.exclusive ? 1 : 0, arena.table(consumer.arguments))
+        withExtendedLifetime(arena) {}
+        try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "consuming from queue '\(consumer.queue)'", reopenOnClose: false)
+    }
+
+    func consume(_ id: UInt16, _ consumer: ConsumerState) throws(AMQPError) {
+        let (conn, channel) = try self.requireChannel(id)
+        guard channel.consumers[consumer.tag] == nil else {
+            throw AMQPError.invalidArgument("consumer tag '\(consumer.tag)' is already in use on channel \(id)")
+        }
+        do throws(AMQPError) {
+            try self.rawConsume(conn, id, consumer)
+        } catch {
+            if error.code == .channelClosedByServer, self.isConnected {
+                do throws(AMQPError) { try self.reopen(channel) } catch {}
+            }
+            throw error
+        }
+        channel.consumers[consumer.tag] = consumer
+    }
+
+    func makeConsumerTag() -> String {
+        self.nextConsumerTag += 1
+        return "aq-\(self.shared.id)-\(self.nextConsumerTag)"
+    }
+
+    func cancelConsumer(_ id: UInt16, tag: String) throws(AMQPError) {
+        guard let channel = self.channels[id], let consumer = channel.consumers.removeValue(forKey: tag) else { return }
+        defer { consumer.continuation.finish() }
+        guard channel.isOpen, self.isConnected, let conn = self.conn else { return }
+        let arena = CArena()
+        _ = amqp_basic_cancel(conn, id, arena.bytes(tag))
+        withExtendedLifetime(arena) {}
+        try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "cancelling consumer '\(tag)'")
+    }
+
+    func get(_ id: UInt16, queue: String, noAck: Bool) throws(AMQPError) -> AMQPDelivery? {
+        let (conn, channel) = try self.requireChannel(id)
+        let arena = CArena()
+        let reply = amqp_basic_get(conn, id, arena.bytes(queue), noAck ? 1 : 0)
+        withExtendedLifetime(arena) {}
+        try self.check(reply, channel: id, doing: "basic.get from queue '\(queue)'")
+        guard reply.reply.id == AMQP_BASIC_GET_OK_METHOD, let decoded = reply.reply.decoded else { return nil }
+        let ok = decoded.assumingMemoryBound(to: amqp_basic_get_ok_t.self).pointee
+        let exchange = CDecode.string(ok.exchange), routingKey = CDecode.string(ok.routing_key)
+        guard let (properties, body) = self.readContent(conn, channel: id, doing: "reading a basic.get message") else {
+            throw self.shared.status.withLock { $0.lastError } ?? .notConnected()
+        }
+        return AMQPDelivery(
+            body: body, properties: properties, exchange: exchange, routingKey: routingKey,
+            deliveryTag: ok.delivery_tag, isRedelivered: ok.redelivered != 0, consumerTag: nil,
+            messageCount: ok.message_count,
+            acker: noAck ? nil : DeliveryAcker(shared: self.shared, channel: id, epoch: channel.epoch))
+    }
+
+    // MARK: Acknowledgements
+
+    enum AckKind { case ack, nack(requeue: Bool), reject(requeue: Bool) }
+
+    /// Sends an ack, nack or reject, unless the channel was reopened since the delivery: its tag
+    /// is dead (acking it would close the channel) and the broker has already requeued it.
+    func acknowledge(_ id: UInt16, epoch: UInt64, tag: UInt64, multiple: Bool, kind: AckKind) {
+        guard self.isConnected, let conn = self.conn, let channel = self.channels[id], channel.isOpen,
+              channel.epoch == epoch
+        else {
+            self.logger.debug("amqp ack for a delivery from a closed channel dropped; the broker requeued it",
+                              metadata: ["amqp.channel.id": "\(id)", "delivery_tag": "\(tag)"])
+            return
+        }
+        let status: Int32
+        switch kind {
+        case .ack: status = amqp_basic_ack(conn, id, tag, multiple ? 1 : 0)
+        case .nack(let requeue): status = amqp_basic_nack(conn, id, tag, multiple ? 1 : 0, requeue ? 1 : 0)
+        case .reject(let requeue): status = amqp_basic_reject(conn, id, tag, requeue ? 1 : 0)
+        }
+        if status != AMQP_STATUS_OK.rawValue {
+            self.connectionLost(Self.libraryError(status, doing: "acknowledging delivery \(tag)"))
+        }
+    }
+}

@@ -1,0 +1,462 @@
+internal import CAQRabbitMQ
+import Foundation
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The owner of one rabbitmq-c connection. It lives on, and is only touched by, its own thread.
+///
+/// rabbitmq-c is not thread-safe and only services heartbeats inside library calls, so the thread
+/// runs its own frame loop: run the queued jobs, read every frame that is available without
+/// blocking, dispatch it (deliveries, confirms, returns, cancels, closes), then sleep in `poll` on
+/// the socket and the mailbox's wake-up pipe for at most a quarter of the heartbeat interval.
+final class ConnectionDriver {
+    enum Phase {
+        case connected
+        case reconnecting(attempt: Int, next: ContinuousClock.Instant)
+        case closed
+    }
+
+    let configuration: AMQPConfiguration
+    let shared: ConnectionShared
+    var logger: Logger { self.shared.logger }
+
+    var conn: amqp_connection_state_t?
+    var sockfd: Int32 = -1
+    var phase: Phase = .closed
+    var channels: [UInt16: ChannelState] = [:]
+    var topology = TopologyRecorder()
+    var blocked = false
+    /// Publishes held while the broker blocks the connection.
+    var held: [() -> Void] = []
+    /// Channel reserved for the client's own work (topology recovery); `channel_max`.
+    var scratchChannel: UInt16 = 2047
+    var nextConsumerTag = 0
+    private var jobBuffer: [ConnectionJob] = []
+    /// Reused for every publish, so building properties costs no malloc.
+    let publishArena = CArena(capacity: 16 * 1024)
+    private var closeWaiters: [CheckedContinuation<Void, Never>] = []
+
+    init(configuration: AMQPConfiguration, shared: ConnectionShared) {
+        self.configuration = configuration
+        self.shared = shared
+    }
+
+    var isConnected: Bool {
+        if case .connected = self.phase { return true }
+        return false
+    }
+
+    // MARK: - Thread entry
+
+    /// Starts the thread, connects, and returns once the first login succeeded or failed.
+    static func start(configuration: AMQPConfiguration, shared: ConnectionShared) async throws {
+        try await withCheckedThrowingContinuation { (startup: CheckedContinuation<Void, any Error>) in
+            let thread = Thread {
+                let driver = ConnectionDriver(configuration: configuration, shared: shared)
+                do {
+                    try driver.openConnection()
+                    try driver.restoreAfterConnect()
+                } catch {
+                    driver.destroyConnection()
+                    _ = shared.mailbox.close()
+                    shared.emit(.closed)
+                    startup.resume(throwing: error)
+                    return
+                }
+                driver.phase = .connected
+                shared.emit(.connected)
+                startup.resume()
+                driver.runLoop()
+            }
+            thread.name = "aq-amqp-\(shared.id)"
+            thread.stackSize = 1 << 20
+            thread.start()
+        }
+    }
+
+    private func runLoop() {
+        while true {
+            self.runJobs()
+            switch self.phase {
+            case .connected: self.serviceConnection()
+            case .reconnecting: self.reconnectStep()
+            case .closed:
+                self.finish()
+                return
+            }
+        }
+    }
+
+    private func runJobs() {
+        self.shared.mailbox.take(into: &self.jobBuffer)
+        guard !self.jobBuffer.isEmpty else { return }
+        for job in self.jobBuffer { job(self) }
+        self.jobBuffer.removeAll(keepingCapacity: true)
+    }
+
+    private var pollTimeoutMilliseconds: Int32 {
+        let heartbeat = self.conn.map { Int(amqp_get_heartbeat($0)) } ?? self.configuration.heartbeat
+        return heartbeat > 0 ? Int32(min(250, heartbeat * 1000 / 4)) : 250
+    }
+
+    /// Reads what the socket has, dispatches it, and sleeps when there is nothing to do.
+    private func serviceConnection() {
+        guard let conn = self.conn else { return }
+        var frames = 0
+        while frames < 1024 {
+            var frame = amqp_frame_t()
+            var zero = timeval(tv_sec: 0, tv_usec: 0)
+            let status = amqp_simple_wait_frame_noblock(conn, &frame, &zero)
+            if status == AMQP_STATUS_TIMEOUT.rawValue { break }
+            guard status == AMQP_STATUS_OK.rawValue else {
+                self.connectionLost(Self.libraryError(status, doing: "reading from the broker"))
+                return
+            }
+            frames += 1
+            self.dispatch(frame, conn: conn)
+            guard self.isConnected else { return }
+        }
+        amqp_maybe_release_buffers(conn)
+        if frames >= 1024 || amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0 { return }
+        guard self.shared.mailbox.beginSleep() else { return }
+        var fds = [
+            pollfd(fd: self.sockfd, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: self.shared.mailbox.wakeReadFD, events: Int16(POLLIN), revents: 0),
+        ]
+        _ = poll(&fds, 2, self.pollTimeoutMilliseconds)
+        self.shared.mailbox.endSleep()
+    }
+
+    /// Sleeps on the wake-up pipe only (while disconnected), for at most `milliseconds`.
+    private func idle(milliseconds: Int32) {
+        guard self.shared.mailbox.beginSleep() else { return }
+        var fds = [pollfd(fd: self.shared.mailbox.wakeReadFD, events: Int16(POLLIN), revents: 0)]
+        _ = poll(&fds, 1, max(1, milliseconds))
+        self.shared.mailbox.endSleep()
+    }
+
+    // MARK: - Connecting
+
+    func openConnection() throws(AMQPError) {
+        let config = self.configuration
+        guard let conn = amqp_new_connection() else {
+            throw AMQPError(code: .connectionFailed, message: "rabbitmq-c could not allocate a connection")
+        }
+        self.conn = conn
+        let endpoint = "\(config.host):\(config.port)"
+        let socket: OpaquePointer?
+        if let tls = config.tls {
+            socket = amqp_ssl_socket_new(conn)
+            guard let socket else { throw AMQPError(code: .tlsFailed, message: "could not create a TLS socket") }
+            if let ca = tls.caFile {
+                let status = amqp_ssl_socket_set_cacert(socket, ca)
+                guard status == AMQP_STATUS_OK.rawValue else {
+                    throw AMQPError(code: .tlsFailed, message: "could not load the CA file '\(ca)': \(Self.statusText(status))", libraryStatus: status)
+                }
+            }
+            if let cert = tls.certificateFile {
+                guard let key = tls.keyFile else {
+                    throw AMQPError(code: .invalidArgument, message: "a TLS client certificate needs a key file (keyfile)")
+                }
+                let status = amqp_ssl_socket_set_key(socket, cert, key)
+                guard status == AMQP_STATUS_OK.rawValue else {
+                    throw AMQPError(code: .tlsFailed, message: "could not load the client certificate '\(cert)' or key '\(key)': \(Self.statusText(status))", libraryStatus: status)
+                }
+            }
+            amqp_ssl_socket_set_verify_peer(socket, tls.verifyPeer ? 1 : 0)
+            amqp_ssl_socket_set_verify_hostname(socket, tls.verifyHostname ? 1 : 0)
+            _ = amqp_ssl_socket_set_ssl_versions(socket, AMQP_TLSv1_2, AMQP_TLSvLATEST)
+        } else {
+            socket = amqp_tcp_socket_new(conn)
+            guard socket != nil else { throw AMQPError(code: .connectionFailed, message: "could not create a TCP socket") }
+        }
+        var timeout = Self.makeTimeval(config.connectTimeout)
+        errno = 0
+        let status = amqp_socket_open_noblock(socket, config.host, Int32(config.port), &timeout)
+        guard status == AMQP_STATUS_OK.rawValue else {
+            let osError = errno
+            var why = Self.statusText(status)
+            if status == AMQP_STATUS_SOCKET_ERROR.rawValue, osError != 0 {
+                why = String(cString: strerror(osError))
+            } else if status == AMQP_STATUS_HOSTNAME_RESOLUTION_FAILED.rawValue {
+                why = "the host name '\(config.host)' could not be resolved"
+            } else if status == AMQP_STATUS_TIMEOUT.rawValue {
+                why = "no answer within \(config.connectTimeout)"
+            }
+            let code: AMQPError.Code = status <= AMQP_STATUS_SSL_ERROR.rawValue && status > AMQP_STATUS_SSL_ERROR.rawValue - 0x100 ? .tlsFailed : .connectionFailed
+            throw AMQPError(code: code, message: "could not connect to \(endpoint): \(why)", libraryStatus: status)
+        }
+        self.sockfd = amqp_get_sockfd(conn)
+        var handshake = Self.makeTimeval(config.connectTimeout)
+        _ = amqp_set_handshake_timeout(conn, &handshake)
+        var rpc = Self.makeTimeval(config.rpcTimeout)
+        _ = amqp_set_rpc_timeout(conn, &rpc)
+
+        // Client properties: capabilities rabbitmq-c 0.11 does not send by itself.
+        var properties: AMQPTable = [
+            "product": "AsyncQueue AMQPClient",
+            "platform": "Swift",
+            "capabilities": .table([
+                "consumer_cancel_notify": true,
+                "connection.blocked": true,
+                "publisher_confirms": true,
+                "basic.nack": true,
+                "exchange_exchange_bindings": true,
+                "authentication_failure_close": true,
+            ]),
+        ]
+        if let name = config.connectionName { properties["connection_name"] = .string(name) }
+        let arena = CArena()
+        var table = arena.table(properties)
+        let reply = aq_amqp_login_plain(
+            conn, config.virtualHost, Int32(config.channelMax), Int32(config.frameMax), Int32(config.heartbeat),
+            &table, config.user, config.password)
+        withExtendedLifetime(arena) {}
+        if let error = Self.loginError(reply, configuration: config) { throw error }
+        let channelMax = Int(amqp_get_channel_max(conn))
+        self.scratchChannel = UInt16(clamping: channelMax > 0 ? channelMax : 2047)
+        self.logger.debug("amqp connected", metadata: ["amqp.connection.id": "\(self.shared.id)", "amqp.url": "\(config.redactedURL)"])
+    }
+
+    /// Maps a failed login to an error naming what was wrong.
+    static func loginError(_ reply: amqp_rpc_reply_t, configuration config: AMQPConfiguration) -> AMQPError? {
+        switch reply.reply_type {
+        case AMQP_RESPONSE_NORMAL:
+            return nil
+        case AMQP_RESPONSE_SERVER_EXCEPTION:
+            guard reply.reply.id == AMQP_CONNECTION_CLOSE_METHOD, let decoded = reply.reply.decoded else {
+                return AMQPError(code: .protocolError, message: "login failed: unexpected reply from the broker")
+            }
+            let close = decoded.assumingMemoryBound(to: amqp_connection_close_t.self).pointee
+            let text = CDecode.string(close.reply_text)
+            let code = AMQPError.ReplyCode(rawValue: close.reply_code)
+            switch code {
+            case .accessRefused where text.contains("Login was refused") || text.contains("ACCESS_REFUSED - Login"):
+                return AMQPError(code: .authenticationFailed, message: "the broker refused user '\(config.user)': wrong user name or password", replyCode: code, replyText: text)
+            case .notAllowed where text.contains("vhost"):
+                return AMQPError(code: .accessRefused, message: "virtual host '\(config.virtualHost)' does not exist or user '\(config.user)' may not use it", replyCode: code, replyText: text)
+            case .accessRefused, .notAllowed:
+                return AMQPError(code: .accessRefused, message: "the broker refused access to virtual host '\(config.virtualHost)' for user '\(config.user)'", replyCode: code, replyText: text)
+            default:
+                return AMQPError(code: .connectionClosedByServer, message: "the broker closed the connection during login", replyCode: code, replyText: text)
+            }
+        case AMQP_RESPONSE_LIBRARY_EXCEPTION:
+            let status = reply.library_error
+            if status == AMQP_STATUS_CONNECTION_CLOSED.rawValue || status == AMQP_STATUS_SOCKET_CLOSED.rawValue {
+                return AMQPError(code: .authenticationFailed, message: "the broker closed the connection during login (wrong user name or password, or not an AMQP 0-9-1 port?)", libraryStatus: status)
+            }
+            if status == AMQP_STATUS_TIMEOUT.rawValue {
+                return AMQPError(code: .timeout, message: "login did not finish within \(config.connectTimeout) (is \(config.host):\(config.port) an AMQP port?)", libraryStatus: status)
+            }
+            let code: AMQPError.Code = status <= AMQP_STATUS_SSL_ERROR.rawValue && status > AMQP_STATUS_SSL_ERROR.rawValue - 0x100 ? .tlsFailed : .connectionFailed
+            return AMQPError(code: code, message: "login failed: \(Self.statusText(status))", libraryStatus: status)
+        default:
+            return AMQPError(code: .protocolError, message: "login failed without a reply")
+        }
+    }
+
+    /// After a (re)connect: re-declare recorded topology, reopen channels, resume consumers.
+    func restoreAfterConnect() throws(AMQPError) {
+        guard let conn = self.conn else { throw .notConnected() }
+        if !self.topology.exchanges.isEmpty || !self.topology.queues.isEmpty || !self.topology.bindings.isEmpty {
+            try self.replayTopology(conn)
+        }
+        for id in self.channels.keys.sorted() {
+            guard let channel = self.channels[id] else { continue }
+            try self.reopen(channel)
+        }
+    }
+
+    private func replayTopology(_ conn: amqp_connection_state_t) throws(AMQPError) {
+        let scratch = self.scratchChannel
+        func open() throws(AMQPError) {
+            _ = amqp_channel_open(conn, scratch)
+            try self.check(amqp_get_rpc_reply(conn), channel: scratch, doing: "opening a channel for topology recovery")
+        }
+        try open()
+        let topology = self.topology
+        for exchange in topology.exchanges {
+            do throws(AMQPError) {
+                try self.rawDeclareExchange(conn, scratch, exchange, passive: false)
+            } catch where error.code == .channelClosedByServer {
+                self.logger.warning("could not re-declare exchange after reconnect", metadata: ["exchange": "\(exchange.name)", "error": "\(error)"])
+                try open()
+            }
+        }
+        for queue in topology.queues {
+            do throws(AMQPError) {
+                _ = try self.rawDeclareQueue(conn, scratch, queue, passive: false)
+            } catch where error.code == .channelClosedByServer {
+                self.logger.warning("could not re-declare queue after reconnect", metadata: ["queue": "\(queue.name)", "error": "\(error)"])
+                try open()
+            }
+        }
+        for binding in topology.bindings {
+            do throws(AMQPError) {
+                try self.rawBind(conn, scratch, binding, unbind: false)
+            } catch where error.code == .channelClosedByServer {
+                self.logger.warning("could not re-declare binding after reconnect", metadata: ["source": "\(binding.source)", "destination": "\(binding.destination)", "error": "\(error)"])
+                try open()
+            }
+        }
+        _ = amqp_channel_close(conn, scratch, Int32(AMQP_REPLY_SUCCESS))
+        try self.check(amqp_get_rpc_reply(conn), channel: scratch, doing: "closing the topology recovery channel")
+    }
+
+    /// Opens a channel again with its confirm mode, prefetch and consumers.
+    func reopen(_ channel: ChannelState) throws(AMQPError) {
+        guard let conn = self.conn else { throw .notConnected() }
+        var attempts = 0
+        while true {
+            attempts += 1
+            _ = amqp_channel_open(conn, channel.id)
+            try self.check(amqp_get_rpc_reply(conn), channel: channel.id, doing: "opening channel \(channel.id)", reopenOnClose: false)
+            channel.isOpen = true
+            channel.epoch += 1
+            do throws(AMQPError) {
+                if channel.confirmMode {
+                    _ = amqp_confirm_select(conn, channel.id)
+                    try self.check(amqp_get_rpc_reply(conn), channel: channel.id, doing: "confirm.select", reopenOnClose: false)
+                }
+                if let prefetch = channel.prefetch {
+                    _ = amqp_basic_qos(conn, channel.id, 0, prefetch.count, prefetch.global ? 1 : 0)
+                    try self.check(amqp_get_rpc_reply(conn), channel: channel.id, doing: "basic.qos", reopenOnClose: false)
+                }
+                for consumer in channel.consumers.values.sorted(by: { $0.tag < $1.tag }) {
+                    do throws(AMQPError) {
+                        try self.rawConsume(conn, channel.id, consumer)
+                    } catch where error.code == .channelClosedByServer {
+                        // The queue is gone or locked: end this consumer, reopen for the others.
+                        channel.consumers[consumer.tag] = nil
+                        consumer.continuation.finish(throwing: error)
+                        throw error
+                    }
+                }
+                return
+            } catch where error.code == .channelClosedByServer && attempts <= channel.consumers.count + 2 {
+                continue
+            }
+        }
+    }
+
+    // MARK: - Losing and regaining the connection
+
+    func destroyConnection() {
+        if let conn = self.conn {
+            amqp_destroy_connection(conn)
+        }
+        self.conn = nil
+        self.sockfd = -1
+    }
+
+    /// The connection broke: fail what was in flight, then reconnect (or close for good).
+    func connectionLost(_ error: AMQPError) {
+        guard self.isConnected else { return }
+        self.logger.warning("amqp connection lost", metadata: ["amqp.connection.id": "\(self.shared.id)", "error": "\(error)"])
+        self.destroyConnection()
+        self.failInFlight(error)
+        self.shared.emit(.disconnected(error))
+        if self.configuration.recovery.enabled {
+            self.phase = .reconnecting(attempt: 1, next: .now + self.jittered(self.configuration.recovery.delay(forAttempt: 1)))
+        } else {
+            for channel in self.channels.values {
+                for consumer in channel.consumers.values { consumer.continuation.finish(throwing: error) }
+                channel.consumers.removeAll()
+            }
+            self.phase = .closed
+        }
+    }
+
+    private func failInFlight(_ error: AMQPError) {
+        self.blocked = false
+        let held = self.held
+        self.held.removeAll()
+        for publish in held { publish() }  // they see the connection is down and fail
+        for channel in self.channels.values {
+            channel.isOpen = false
+            channel.epoch += 1
+            channel.tracker.reset { _, pending in pending.completion.complete(.failure(error.outcomeUnknown())) }
+        }
+    }
+
+    private func reconnectStep() {
+        guard case .reconnecting(let attempt, let next) = self.phase else { return }
+        let now = ContinuousClock.now
+        if now < next {
+            let wait = next - now
+            let milliseconds = wait.components.seconds * 1000 + wait.components.attoseconds / 1_000_000_000_000_000
+            self.idle(milliseconds: Int32(clamping: milliseconds))
+            return
+        }
+        do {
+            try self.openConnection()
+            try self.restoreAfterConnect()
+            self.phase = .connected
+            self.logger.info("amqp connection recovered", metadata: ["amqp.connection.id": "\(self.shared.id)", "attempt": "\(attempt)"])
+            self.shared.emit(.connected)
+        } catch {
+            self.destroyConnection()
+            let delay = self.jittered(self.configuration.recovery.delay(forAttempt: attempt + 1))
+            self.logger.info("amqp reconnect failed", metadata: ["amqp.connection.id": "\(self.shared.id)", "attempt": "\(attempt)", "error": "\(error)", "retry_in": "\(delay)"])
+            self.phase = .reconnecting(attempt: attempt + 1, next: .now + delay)
+        }
+    }
+
+    private func jittered(_ delay: Duration) -> Duration {
+        delay * Double.random(in: 0.8...1.2)
+    }
+
+    // MARK: - Closing
+
+    func close(waiter: CheckedContinuation<Void, Never>?) {
+        if let waiter { self.closeWaiters.append(waiter) }
+        if case .closed = self.phase { return }
+        if let conn = self.conn, self.isConnected {
+            var short = timeval(tv_sec: 2, tv_usec: 0)
+            _ = amqp_set_rpc_timeout(conn, &short)
+            _ = amqp_connection_close(conn, Int32(AMQP_REPLY_SUCCESS))
+        }
+        self.destroyConnection()
+        self.failInFlight(.connectionClosed())
+        for channel in self.channels.values {
+            for consumer in channel.consumers.values { consumer.continuation.finish() }
+            channel.consumers.removeAll()
+        }
+        self.phase = .closed
+    }
+
+    /// Last act of the thread: refuse new jobs, fail queued ones, tell everybody.
+    private func finish() {
+        self.destroyConnection()
+        let error = self.shared.status.withLock { $0.lastError }
+        for channel in self.channels.values {
+            for consumer in channel.consumers.values { consumer.continuation.finish(throwing: error) }
+        }
+        self.channels.removeAll()
+        for job in self.shared.mailbox.close() { job(self) }
+        self.shared.emit(.closed)
+        for waiter in self.closeWaiters { waiter.resume() }
+        self.closeWaiters.removeAll()
+    }
+
+    // MARK: - Helpers
+
+    static func makeTimeval(_ duration: Duration) -> timeval {
+        let (seconds, attoseconds) = duration.components
+        return Glibc.timeval(tv_sec: Int(seconds), tv_usec: Int(attoseconds / 1_000_000_000_000))
+    }
+
+    static func statusText(_ status: Int32) -> String {
+        guard let text = amqp_error_string2(status) else { return "status \(status)" }
+        return String(cString: text)
+    }
+
+    static func libraryError(_ status: Int32, doing: String) -> AMQPError {
+        let code: AMQPError.Code = status == AMQP_STATUS_HEARTBEAT_TIMEOUT.rawValue || status == AMQP_STATUS_TIMEOUT.rawValue
+            ? .connectionLost : .connectionLost
+        return AMQPError(code: code, message: "\(doing) failed: \(Self.statusText(status))", libraryStatus: status)
+    }
+}
