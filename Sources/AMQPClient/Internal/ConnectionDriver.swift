@@ -179,8 +179,13 @@ final class ConnectionDriver {
         guard status == AMQP_STATUS_OK.rawValue else {
             let osError = errno
             var why = Self.statusText(status)
-            if status == AMQP_STATUS_SOCKET_ERROR.rawValue, osError != 0 {
-                why = String(cString: strerror(osError))
+            if status == AMQP_STATUS_SOCKET_ERROR.rawValue {
+                // rabbitmq-c connects non-blocking and does not keep the socket's error; ask the
+                // OS once more so the message says "Connection refused" or "No route to host".
+                let probed = Self.probeConnectError(host: config.host, port: config.port, timeout: config.connectTimeout)
+                if let probed { why = String(cString: strerror(probed)) } else if osError != 0, osError != EINPROGRESS {
+                    why = String(cString: strerror(osError))
+                }
             } else if status == AMQP_STATUS_HOSTNAME_RESOLUTION_FAILED.rawValue {
                 why = "the host name '\(config.host)' could not be resolved"
             } else if status == AMQP_STATUS_TIMEOUT.rawValue {
@@ -447,6 +452,22 @@ final class ConnectionDriver {
     static func makeTimeval(_ duration: Duration) -> timeval {
         let (seconds, attoseconds) = duration.components
         return Glibc.timeval(tv_sec: Int(seconds), tv_usec: Int(attoseconds / 1_000_000_000_000))
+    }
+
+    /// Connects a plain blocking socket once to learn why connecting failed (errno), or nil.
+    static func probeConnectError(host: String, port: Int, timeout: Duration) -> Int32? {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var result: UnsafeMutablePointer<addrinfo>?
+        guard getaddrinfo(host, String(port), &hints, &result) == 0, let info = result else { return nil }
+        defer { freeaddrinfo(result) }
+        let fd = socket(info.pointee.ai_family, info.pointee.ai_socktype, info.pointee.ai_protocol)
+        guard fd >= 0 else { return nil }
+        defer { Glibc.close(fd) }
+        var tv = Self.makeTimeval(min(timeout, .seconds(5)))
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<Glibc.timeval>.size))
+        if connect(fd, info.pointee.ai_addr, info.pointee.ai_addrlen) == 0 { return nil }
+        return errno
     }
 
     static func statusText(_ status: Int32) -> String {

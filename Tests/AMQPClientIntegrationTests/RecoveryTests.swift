@@ -1,0 +1,149 @@
+import AMQPClient
+import Foundation
+import Testing
+
+@Suite(.timeLimit(.minutes(2))) struct RecoveryTests {
+    @Test func closedByTheBrokerItReconnectsRedeclaresAndConsumptionContinues() async throws {
+        let name = "aq-test-recovery-\(UUID().uuidString.prefix(8))"
+        var configuration = try AMQPConfiguration(url: TestBroker.url)
+        configuration.connectionName = name
+        configuration.recovery.initialDelay = .milliseconds(50)
+        let connection = try await AMQPConnection.connect(configuration: configuration)
+        let events = connection.events()
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        try await channel.setPrefetch(10)
+        // An auto-delete queue vanishes with the connection: recovery must declare it again.
+        let queue = TestBroker.uniqueName()
+        try await channel.declareQueue(queue, durable: false, autoDelete: true)
+        try await channel.bindQueue(queue, to: "amq.direct", routingKey: queue)
+        var deliveries = try await channel.consume(queue).makeAsyncIterator()
+        try await channel.publish("before", exchange: "amq.direct", routingKey: queue)
+        let before = try await next(&deliveries)
+        #expect(before.bodyString == "before")
+        try before.ack()
+
+        let pid = try #require(try TestBroker.connectionPid(named: name))
+        try TestBroker.rabbitmqctl("close_connection", pid, "test: forced close")
+
+        var sawDisconnect = false
+        for await event in events {
+            if case .disconnected(let error) = event {
+                #expect(error.code == .connectionClosedByServer)
+                #expect(error.replyCode == .connectionForced)
+                sawDisconnect = true
+            }
+            if case .connected = event, sawDisconnect { break }
+        }
+        #expect(connection.connectCount == 2)
+        #expect(connection.isConnected)
+
+        // The same channel handle publishes; the same consumer sequence receives.
+        #expect(try await channel.publish("after", exchange: "amq.direct", routingKey: queue) == .confirmed)
+        let after = try await next(&deliveries)
+        #expect(after.bodyString == "after")
+        try after.ack()
+        await connection.close()
+    }
+
+    @Test func aBusyApplicationKeepsItsConnectionThroughHeartbeats() async throws {
+        let connection = try await TestBroker.connect(heartbeat: 2)
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        try await channel.setPrefetch(1)
+        let queue = TestBroker.uniqueName()
+        try await channel.declareQueue(queue, exclusive: true)
+        var deliveries = try await channel.consume(queue).makeAsyncIterator()
+        try await channel.publish("first", routingKey: queue)
+        let first = try await next(&deliveries)
+
+        // Ten seconds of work that never yields to the AMQP library: 5 heartbeat intervals.
+        let busy = ContinuousClock.now
+        while ContinuousClock.now - busy < .seconds(10) {
+            usleep(500_000)  // blocks this thread, like CPU-bound work would
+        }
+        try first.ack()
+        try await channel.publish("second", routingKey: queue)
+        let second = try await next(&deliveries)
+        #expect(second.bodyString == "second")
+        try second.ack()
+        #expect(connection.connectCount == 1, "the connection never dropped")
+        #expect(connection.isConnected)
+        await connection.close()
+    }
+
+    @Test func deletingAConsumedQueueEndsTheSequenceWithAnError() async throws {
+        let connection = try await TestBroker.connect()
+        let channel = try await connection.openChannel()
+        let queue = TestBroker.uniqueName()
+        try await channel.declareQueue(queue, durable: false)
+        let consumer = try await channel.consume(queue)
+        let other = try await connection.openChannel()
+        try await other.deleteQueue(queue)
+        let error = await #expect(throws: AMQPError.self) {
+            for try await _ in consumer {}
+        }
+        #expect(error?.code == .consumerCancelled)
+        #expect(error?.message.contains(queue) == true)
+        await connection.close()
+    }
+
+    @Test func cancellingAConsumerEndsTheSequenceCleanly() async throws {
+        let connection = try await TestBroker.connect()
+        let channel = try await connection.openChannel()
+        let queue = TestBroker.uniqueName()
+        try await channel.declareQueue(queue, exclusive: true)
+        let consumer = try await channel.consume(queue)
+        try await consumer.cancel()
+        var count = 0
+        for try await _ in consumer { count += 1 }
+        #expect(count == 0)
+        // The channel stays usable.
+        try await channel.publish("x", routingKey: queue)
+        await connection.close()
+    }
+
+    @Test func closeIsCleanAndLaterCallsFailClearly() async throws {
+        let connection = try await TestBroker.connect()
+        let channel = try await connection.openChannel()
+        let queue = TestBroker.uniqueName()
+        try await channel.declareQueue(queue, exclusive: true)
+        let consumer = try await channel.consume(queue)
+        await connection.close()
+        var count = 0
+        for try await _ in consumer { count += 1 }
+        #expect(count == 0)
+        #expect(!connection.isConnected)
+        let error = await #expect(throws: AMQPError.self) { try await channel.publish("x", routingKey: queue) }
+        #expect(error?.code == .connectionClosed)
+        await connection.close()  // twice is fine
+    }
+
+    @Test func blockedConnectionHoldsPublishesUntilUnblocked() async throws {
+        let connection = try await TestBroker.connect()
+        let events = connection.events()
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let queue = TestBroker.uniqueName()
+        try await channel.declareQueue(queue, exclusive: true)
+        try TestBroker.rabbitmqctl("set_vm_memory_high_watermark", "0.000001")
+        do {
+            // The broker blocks a connection when it next publishes during an alarm.
+            let first = channel.beginPublish(Array("during alarm".utf8), routingKey: queue)
+            for await event in events {
+                if case .blocked = event { break }
+            }
+            #expect(connection.isBlocked)
+            let held = channel.beginPublish(Array("held".utf8), routingKey: queue)
+            try TestBroker.rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+            #expect(try await first.result() == .confirmed)
+            #expect(try await held.result() == .confirmed)
+            #expect(!connection.isBlocked)
+        } catch {
+            _ = try? TestBroker.rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+            throw error
+        }
+        #expect(try await channel.declareQueue(queue, passive: true).messageCount == 2)
+        await connection.close()
+    }
+}
