@@ -113,7 +113,7 @@ struct Bench {
             try await channel.enableConfirms()
             var results: [(String, Double)] = []
             for (name, prefetch, ackEvery) in [("p100_ackeach", UInt16(100), 1), ("p1000_ackeach", 1000, 1), ("p1000_ackmulti100", 1000, 100)] {
-                if let only = o.only, only != "publish", !name.hasPrefix(only) { continue }
+                if let only = o.only, only != "publish", name != only, !name.hasPrefix(only + "_") { continue }
                 try await channel.purgeQueue(o.queue)
                 let published = try await publishConfirmed(channel, o)
                 results.append(("aq_publish_confirmed", published))

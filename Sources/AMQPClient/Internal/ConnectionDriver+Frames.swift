@@ -131,15 +131,20 @@ extension ConnectionDriver {
             guard let (properties, body) = self.readContent(conn, channel: id, doing: "reading a delivery") else { return }
             guard let channel = self.channels[id], let consumer = channel.consumers[consumerTag] else {
                 // A delivery for a consumer we already cancelled: hand it back.
+                if let channel = self.channels[id] {
+                    self.flushAcks(channel)
+                    channel.markSettled(deliver.delivery_tag)
+                }
                 _ = amqp_basic_reject(conn, id, deliver.delivery_tag, 1)
                 return
             }
+            if consumer.noAck { channel.markSettled(deliver.delivery_tag) }
             let delivery = AMQPDelivery(
                 body: body, properties: properties, exchange: exchange, routingKey: routingKey,
                 deliveryTag: deliver.delivery_tag, isRedelivered: deliver.redelivered != 0,
                 consumerTag: consumerTag, messageCount: nil,
                 acker: consumer.noAck ? nil : DeliveryAcker(shared: self.shared, channel: id, epoch: channel.epoch))
-            consumer.continuation.yield(delivery)
+            self.readyDeliveries.append((consumer, delivery))
 
         case AMQP_BASIC_ACK_METHOD:
             guard let decoded = method.decoded, let channel = self.channels[id] else { return }
@@ -189,6 +194,7 @@ extension ConnectionDriver {
             guard let decoded = method.decoded, let channel = self.channels[id] else { return }
             let cancel = decoded.assumingMemoryBound(to: amqp_basic_cancel_t.self).pointee
             let tag = CDecode.string(cancel.consumer_tag)
+            self.handOverDeliveries()
             if let consumer = channel.consumers.removeValue(forKey: tag) {
                 consumer.continuation.finish(throwing: AMQPError(
                     code: .consumerCancelled,

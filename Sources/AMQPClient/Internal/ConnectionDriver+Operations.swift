@@ -44,6 +44,7 @@ extension ConnectionDriver {
     }
 
     func closeChannel(_ id: UInt16) throws(AMQPError) {
+        if let channel = self.channels[id] { self.flushAcks(channel) }
         guard let channel = self.channels.removeValue(forKey: id) else { return }
         channel.tracker.reset { _, pending in pending.completion.complete(.failure(AMQPError(
             code: .connectionClosed, message: "the channel was closed before the broker confirmed the publish",
@@ -250,6 +251,7 @@ extension ConnectionDriver {
         guard reply.reply.id == AMQP_BASIC_GET_OK_METHOD, let decoded = reply.reply.decoded else { return nil }
         let ok = decoded.assumingMemoryBound(to: amqp_basic_get_ok_t.self).pointee
         let exchange = CDecode.string(ok.exchange), routingKey = CDecode.string(ok.routing_key)
+        if noAck { channel.markSettled(ok.delivery_tag) }
         guard let (properties, body) = self.readContent(conn, channel: id, doing: "reading a basic.get message") else {
             throw self.shared.status.withLock { $0.lastError } ?? .notConnected()
         }
@@ -266,6 +268,7 @@ extension ConnectionDriver {
 
     /// Sends an ack, nack or reject, unless the channel was reopened since the delivery: its tag
     /// is dead (acking it would close the channel) and the broker has already requeued it.
+    /// Single acks wait for the end of the thread's turn (``flushAcks()``) to be coalesced.
     func acknowledge(_ id: UInt16, epoch: UInt64, tag: UInt64, multiple: Bool, kind: AckKind) {
         guard self.isConnected, let conn = self.conn, let channel = self.channels[id], channel.isOpen,
               channel.epoch == epoch
@@ -274,14 +277,47 @@ extension ConnectionDriver {
                               metadata: ["amqp.channel.id": "\(id)", "delivery_tag": "\(tag)"])
             return
         }
+        if case .ack = kind, !multiple {
+            if channel.pendingAcks.isEmpty { self.channelsWithPendingAcks.append(id) }
+            channel.pendingAcks.append(tag)
+            return
+        }
+        self.flushAcks(channel)
+        guard self.isConnected else { return }
         let status: Int32
         switch kind {
         case .ack: status = amqp_basic_ack(conn, id, tag, multiple ? 1 : 0)
         case .nack(let requeue): status = amqp_basic_nack(conn, id, tag, multiple ? 1 : 0, requeue ? 1 : 0)
         case .reject(let requeue): status = amqp_basic_reject(conn, id, tag, requeue ? 1 : 0)
         }
+        if multiple { channel.markSettled(through: tag) } else { channel.markSettled(tag) }
         if status != AMQP_STATUS_OK.rawValue {
             self.connectionLost(Self.libraryError(status, doing: "acknowledging delivery \(tag)"))
+        }
+    }
+
+    /// Sends the acks queued in this turn.
+    func flushAcks() {
+        guard !self.channelsWithPendingAcks.isEmpty else { return }
+        let ids = self.channelsWithPendingAcks
+        self.channelsWithPendingAcks.removeAll(keepingCapacity: true)
+        for id in ids {
+            guard let channel = self.channels[id] else { continue }
+            self.flushAcks(channel)
+        }
+    }
+
+    func flushAcks(_ channel: ChannelState) {
+        guard !channel.pendingAcks.isEmpty else { return }
+        let (through, singles) = channel.takeAckBatch()
+        guard self.isConnected, let conn = self.conn, channel.isOpen else { return }
+        var status = AMQP_STATUS_OK.rawValue
+        if let through { status = amqp_basic_ack(conn, channel.id, through, 1) }
+        for tag in singles where status == AMQP_STATUS_OK.rawValue {
+            status = amqp_basic_ack(conn, channel.id, tag, 0)
+        }
+        if status != AMQP_STATUS_OK.rawValue {
+            self.connectionLost(Self.libraryError(status, doing: "acknowledging deliveries"))
         }
     }
 }

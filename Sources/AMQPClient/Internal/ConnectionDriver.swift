@@ -35,6 +35,12 @@ final class ConnectionDriver {
     var scratchChannel: UInt16 = 2047
     var nextConsumerTag = 0
     private var jobBuffer: [ConnectionJob] = []
+    private var didRunJobs = false
+    /// Deliveries read in this turn, handed to their consumers at the end of the turn: one
+    /// wake-up of a waiting consumer per burst of frames instead of one per message.
+    var readyDeliveries: [(ConsumerState, AMQPDelivery)] = []
+    /// Channels with acks queued in this turn.
+    var channelsWithPendingAcks: [UInt16] = []
     /// Reused for every publish, so building properties costs no malloc.
     let publishArena = CArena(capacity: 16 * 1024)
     private var closeWaiters: [CheckedContinuation<Void, Never>] = []
@@ -91,10 +97,14 @@ final class ConnectionDriver {
     }
 
     private func runJobs() {
+        self.didRunJobs = false
+        guard self.shared.mailbox.mayHaveJobs else { return }
         self.shared.mailbox.take(into: &self.jobBuffer)
         guard !self.jobBuffer.isEmpty else { return }
+        self.didRunJobs = true
         for job in self.jobBuffer { job(self) }
         self.jobBuffer.removeAll(keepingCapacity: true)
+        self.flushAcks()
     }
 
     private var pollTimeoutMilliseconds: Int32 {
@@ -117,8 +127,12 @@ final class ConnectionDriver {
             }
             frames += 1
             self.dispatch(frame, conn: conn)
-            guard self.isConnected else { return }
+            guard self.isConnected else {
+                self.handOverDeliveries()
+                return
+            }
         }
+        self.handOverDeliveries()
         amqp_maybe_release_buffers(conn)
         if frames >= 1024 || amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0 { return }
         guard self.shared.mailbox.beginSleep() else { return }
@@ -128,6 +142,12 @@ final class ConnectionDriver {
         ]
         _ = poll(&fds, 2, self.pollTimeoutMilliseconds)
         self.shared.mailbox.endSleep()
+    }
+
+    func handOverDeliveries() {
+        guard !self.readyDeliveries.isEmpty else { return }
+        for (consumer, delivery) in self.readyDeliveries { consumer.continuation.yield(delivery) }
+        self.readyDeliveries.removeAll(keepingCapacity: true)
     }
 
     /// Sleeps on the wake-up pipe only (while disconnected), for at most `milliseconds`.
@@ -321,6 +341,7 @@ final class ConnectionDriver {
             try self.check(amqp_get_rpc_reply(conn), channel: channel.id, doing: "opening channel \(channel.id)", reopenOnClose: false)
             channel.isOpen = true
             channel.epoch += 1
+            channel.resetDeliveries()
             do throws(AMQPError) {
                 if channel.confirmMode {
                     _ = amqp_confirm_select(conn, channel.id)
@@ -360,6 +381,7 @@ final class ConnectionDriver {
     /// The connection broke: fail what was in flight, then reconnect (or close for good).
     func connectionLost(_ error: AMQPError) {
         guard self.isConnected else { return }
+        self.handOverDeliveries()  // in order: what was read before the loss goes out first
         self.logger.warning("amqp connection lost", metadata: ["amqp.connection.id": "\(self.shared.id)", "error": "\(error)"])
         self.destroyConnection()
         self.failInFlight(error)
@@ -419,6 +441,8 @@ final class ConnectionDriver {
     func close(waiter: CheckedContinuation<Void, Never>?) {
         if let waiter { self.closeWaiters.append(waiter) }
         if case .closed = self.phase { return }
+        self.handOverDeliveries()
+        self.flushAcks()
         if let conn = self.conn, self.isConnected {
             var short = timeval(tv_sec: 2, tv_usec: 0)
             _ = amqp_set_rpc_timeout(conn, &short)

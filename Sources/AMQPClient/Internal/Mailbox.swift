@@ -22,6 +22,9 @@ final class Mailbox: Sendable {
     }
 
     private let state = Mutex(State())
+    /// Set by `submit`, cleared by `take`: lets the thread spin briefly before sleeping without
+    /// taking the lock.
+    private let pending = Atomic<Bool>(false)
     /// Read end the thread polls; becomes readable after `submit` wakes a sleeping thread.
     let wakeReadFD: Int32
     private let wakeWriteFD: Int32
@@ -50,6 +53,7 @@ final class Mailbox: Sendable {
         let outcome: Bool? = self.state.withLock { state in
             if state.closed { return nil }
             state.jobs.append(job)
+            self.pending.store(true, ordering: .releasing)
             if state.sleeping {
                 state.sleeping = false
                 return true
@@ -66,8 +70,12 @@ final class Mailbox: Sendable {
 
     /// Moves every queued job into `buffer` (which must be empty).
     func take(into buffer: inout [ConnectionJob]) {
+        self.pending.store(false, ordering: .relaxed)
         self.state.withLock { state in swap(&state.jobs, &buffer) }
     }
+
+    /// True when a job may be waiting (cheap; no lock).
+    var mayHaveJobs: Bool { self.pending.load(ordering: .acquiring) }
 
     /// Marks the thread as going to sleep, unless jobs are waiting (then returns false).
     func beginSleep() -> Bool {
