@@ -178,25 +178,25 @@ public struct AMQPChannel: Sendable {
     public func consume(
         _ queue: String, tag: String? = nil, exclusive: Bool = false, noAck: Bool = false, arguments: AMQPTable = [:]
     ) async throws -> AMQPConsumer {
-        let (stream, continuation) = AsyncThrowingStream.makeStream(of: AMQPDelivery.self, throwing: (any Error).self)
+        let buffer = DeliveryBuffer()
         let shared = self.shared
         let id = self.id
         let tag = try await shared.perform { driver throws(AMQPError) -> String in
             let tag = tag ?? driver.makeConsumerTag()
             let consumer = ConsumerState(tag: tag, queue: queue, exclusive: exclusive, noAck: noAck, arguments: arguments,
-                                         continuation: continuation)
+                                         buffer: buffer)
             try driver.consume(id, consumer)
             return tag
         }
-        continuation.onTermination = { termination in
-            // The consuming task stopped iterating: cancel the consumer so the broker stops sending.
-            if case .cancelled = termination {
+        buffer.onCancel.withLock { handler in
+            // The consuming task was cancelled: cancel the consumer so the broker stops sending.
+            handler = {
                 shared.mailbox.submit { driver in
                     do throws(AMQPError) { try driver.cancelConsumer(id, tag: tag) } catch {}
                 }
             }
         }
-        return AMQPConsumer(tag: tag, queue: queue, channel: self, stream: stream)
+        return AMQPConsumer(tag: tag, queue: queue, channel: self, buffer: buffer)
     }
 
     /// Fetches one message (`basic.get`), or nil when the queue is empty.

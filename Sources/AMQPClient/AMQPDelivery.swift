@@ -70,20 +70,36 @@ struct DeliveryAcker: Sendable {
 }
 
 /// A consumer's deliveries, in order. Iterate it; the sequence ends with an error if the broker
-/// cancels the consumer (its queue was deleted) and ends normally after ``cancel()``.
+/// cancels the consumer (its queue was deleted) and ends normally after ``cancel()``, after the
+/// connection is closed, or when the iterating task is cancelled (which also cancels the consumer).
 public struct AMQPConsumer: AsyncSequence, Sendable {
     public typealias Element = AMQPDelivery
     public let tag: String
     public let queue: String
     let channel: AMQPChannel
-    let stream: AsyncThrowingStream<AMQPDelivery, any Error>
+    let buffer: DeliveryBuffer
 
+    /// Iterates one consumer. Deliveries come in batches taken under one lock; a single task
+    /// should iterate a consumer.
     public struct AsyncIterator: AsyncIteratorProtocol {
-        var base: AsyncThrowingStream<AMQPDelivery, any Error>.AsyncIterator
-        public mutating func next() async throws -> AMQPDelivery? { try await self.base.next() }
+        let buffer: DeliveryBuffer
+        var batch: [AMQPDelivery] = []
+        var index = 0
+
+        public mutating func next() async throws -> AMQPDelivery? {
+            if self.index < self.batch.count {
+                defer { self.index += 1 }
+                return self.batch[self.index]
+            }
+            self.batch.removeAll(keepingCapacity: true)
+            self.index = 0
+            guard try await self.buffer.take(into: &self.batch) else { return nil }
+            self.index = 1
+            return self.batch[0]
+        }
     }
 
-    public func makeAsyncIterator() -> AsyncIterator { AsyncIterator(base: self.stream.makeAsyncIterator()) }
+    public func makeAsyncIterator() -> AsyncIterator { AsyncIterator(buffer: self.buffer) }
 
     /// Cancels the consumer (`basic.cancel`); the sequence then ends. Deliveries already received
     /// can still be acknowledged.

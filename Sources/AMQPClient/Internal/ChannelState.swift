@@ -29,16 +29,17 @@ final class ConsumerState {
     let exclusive: Bool
     let noAck: Bool
     let arguments: AMQPTable
-    let continuation: AsyncThrowingStream<AMQPDelivery, any Error>.Continuation
+    let buffer: DeliveryBuffer
+    /// Deliveries read in the current turn, appended to `buffer` in one go.
+    var ready: [AMQPDelivery] = []
 
-    init(tag: String, queue: String, exclusive: Bool, noAck: Bool, arguments: AMQPTable,
-         continuation: AsyncThrowingStream<AMQPDelivery, any Error>.Continuation) {
+    init(tag: String, queue: String, exclusive: Bool, noAck: Bool, arguments: AMQPTable, buffer: DeliveryBuffer) {
         self.tag = tag
         self.queue = queue
         self.exclusive = exclusive
         self.noAck = noAck
         self.arguments = arguments
-        self.continuation = continuation
+        self.buffer = buffer
     }
 }
 

@@ -144,7 +144,8 @@ extension ConnectionDriver {
                 deliveryTag: deliver.delivery_tag, isRedelivered: deliver.redelivered != 0,
                 consumerTag: consumerTag, messageCount: nil,
                 acker: consumer.noAck ? nil : DeliveryAcker(shared: self.shared, channel: id, epoch: channel.epoch))
-            self.readyDeliveries.append((consumer, delivery))
+            if consumer.ready.isEmpty { self.readyConsumers.append(consumer) }
+            consumer.ready.append(delivery)
 
         case AMQP_BASIC_ACK_METHOD:
             guard let decoded = method.decoded, let channel = self.channels[id] else { return }
@@ -196,7 +197,7 @@ extension ConnectionDriver {
             let tag = CDecode.string(cancel.consumer_tag)
             self.handOverDeliveries()
             if let consumer = channel.consumers.removeValue(forKey: tag) {
-                consumer.continuation.finish(throwing: AMQPError(
+                consumer.buffer.finish(throwing: AMQPError(
                     code: .consumerCancelled,
                     message: "the broker cancelled consumer '\(tag)' on queue '\(consumer.queue)' (the queue was deleted or its node went away)"))
             }

@@ -36,9 +36,9 @@ final class ConnectionDriver {
     var nextConsumerTag = 0
     private var jobBuffer: [ConnectionJob] = []
     private var didRunJobs = false
-    /// Deliveries read in this turn, handed to their consumers at the end of the turn: one
+    /// Consumers with deliveries read in this turn, handed over at the end of the turn: one
     /// wake-up of a waiting consumer per burst of frames instead of one per message.
-    var readyDeliveries: [(ConsumerState, AMQPDelivery)] = []
+    var readyConsumers: [ConsumerState] = []
     /// Channels with acks queued in this turn.
     var channelsWithPendingAcks: [UInt16] = []
     /// Reused for every publish, so building properties costs no malloc.
@@ -145,9 +145,12 @@ final class ConnectionDriver {
     }
 
     func handOverDeliveries() {
-        guard !self.readyDeliveries.isEmpty else { return }
-        for (consumer, delivery) in self.readyDeliveries { consumer.continuation.yield(delivery) }
-        self.readyDeliveries.removeAll(keepingCapacity: true)
+        guard !self.readyConsumers.isEmpty else { return }
+        for consumer in self.readyConsumers {
+            consumer.buffer.append(consumer.ready)
+            consumer.ready.removeAll(keepingCapacity: true)
+        }
+        self.readyConsumers.removeAll(keepingCapacity: true)
     }
 
     /// Sleeps on the wake-up pipe only (while disconnected), for at most `milliseconds`.
@@ -357,7 +360,7 @@ final class ConnectionDriver {
                     } catch where error.code == .channelClosedByServer {
                         // The queue is gone or locked: end this consumer, reopen for the others.
                         channel.consumers[consumer.tag] = nil
-                        consumer.continuation.finish(throwing: error)
+                        consumer.buffer.finish(throwing: error)
                         throw error
                     }
                 }
@@ -390,7 +393,7 @@ final class ConnectionDriver {
             self.phase = .reconnecting(attempt: 1, next: .now + self.jittered(self.configuration.recovery.delay(forAttempt: 1)))
         } else {
             for channel in self.channels.values {
-                for consumer in channel.consumers.values { consumer.continuation.finish(throwing: error) }
+                for consumer in channel.consumers.values { consumer.buffer.finish(throwing: error) }
                 channel.consumers.removeAll()
             }
             self.phase = .closed
@@ -451,7 +454,7 @@ final class ConnectionDriver {
         self.destroyConnection()
         self.failInFlight(.connectionClosed())
         for channel in self.channels.values {
-            for consumer in channel.consumers.values { consumer.continuation.finish() }
+            for consumer in channel.consumers.values { consumer.buffer.finish() }
             channel.consumers.removeAll()
         }
         self.phase = .closed
@@ -462,7 +465,7 @@ final class ConnectionDriver {
         self.destroyConnection()
         let error = self.shared.status.withLock { $0.lastError }
         for channel in self.channels.values {
-            for consumer in channel.consumers.values { consumer.continuation.finish(throwing: error) }
+            for consumer in channel.consumers.values { consumer.buffer.finish(throwing: error) }
         }
         self.channels.removeAll()
         for job in self.shared.mailbox.close() { job(self) }
