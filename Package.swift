@@ -10,10 +10,14 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "AMQPClient", targets: ["AMQPClient"]),
+        .library(name: "AQTopology", targets: ["AQTopology"]),
+        .executable(name: "aq", targets: ["AQCommand"]),
         .executable(name: "aq-amqp-bench", targets: ["AMQPBenchmark"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.0.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
     ],
     targets: [
         // C layers: headers and prefixed shims only.
@@ -38,6 +42,23 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
+        // HTTP over libcurl.
+        .target(name: "AQHTTP", dependencies: ["CAQCurl"], swiftSettings: swiftSettings),
+
+        // The topology model, file format, plan/apply/export.
+        .target(
+            name: "AQTopology",
+            dependencies: ["AMQPClient", "AQHTTP", .product(name: "Yams", package: "Yams")],
+            swiftSettings: swiftSettings
+        ),
+
+        // `aq`: the command line.
+        .executableTarget(
+            name: "AQCommand",
+            dependencies: ["AQTopology", "AMQPClient", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: swiftSettings
+        ),
+
         // `aq-amqp-bench`: publish-with-confirms and consume rates.
         .executableTarget(
             name: "AMQPBenchmark",
@@ -48,6 +69,11 @@ let package = Package(
         .testTarget(
             name: "AMQPClientTests",
             dependencies: ["AMQPClient", "CAQRabbitMQ", "CAQCurl"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "AQTopologyTests",
+            dependencies: ["AQTopology", "AMQPClient", "AQCommand"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -10,7 +10,7 @@ enum TestBroker {
 
     static var url: String {
         if let url = ProcessInfo.processInfo.environment["AQ_TEST_AMQP_URL"], !url.isEmpty { return url }
-        let port = ProcessInfo.processInfo.environment["AQ_BROKER_PORT"] ?? "35672"
+        let port = ProcessInfo.processInfo.environment["AQ_BROKER_PORT"] ?? "35700"
         return "amqp://guest:guest@127.0.0.1:\(port)/%2F"
     }
 

@@ -26,15 +26,19 @@ aq_ensure_packages() {
 
 # --- private RabbitMQ node -------------------------------------------------------------------
 # A node of its own: own data folder, own node name, bound to 127.0.0.1, no systemd.
-AQ_BROKER_PORT=${AQ_BROKER_PORT:-35672}
+# Ports: AMQP = AQ_BROKER_PORT, management API = +1, Erlang distribution = +2 (rabbitmqctl then
+# takes its own ports from +10002 on). 35700 stays clear of RabbitMQ's defaults, including the
+# 35672-35682 range the CLI tools of a system broker use.
+AQ_BROKER_PORT=${AQ_BROKER_PORT:-35700}
 AQ_BROKER_DIR=${AQ_BROKER_DIR:-$AQ_ROOT/.broker/$AQ_BROKER_PORT}
 AQ_RMQ_BIN=/usr/lib/rabbitmq/bin
 
 aq_broker_env() {
     export RABBITMQ_NODENAME="aq$AQ_BROKER_PORT@localhost"
-    export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
-    export RABBITMQ_NODE_PORT=$AQ_BROKER_PORT
-    export RABBITMQ_DIST_PORT=$((AQ_BROKER_PORT + 10000))
+    export RABBITMQ_DIST_PORT=$((AQ_BROKER_PORT + 2))
+    # Erlang distribution and epmd on loopback only, like everything else.
+    export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+    export ERL_EPMD_ADDRESS=127.0.0.1
     export RABBITMQ_MNESIA_BASE=$AQ_BROKER_DIR/mnesia
     export RABBITMQ_LOG_BASE=$AQ_BROKER_DIR/log
     export RABBITMQ_CONFIG_FILE=$AQ_BROKER_DIR/rabbitmq
@@ -60,27 +64,45 @@ aq_broker_start() {
     cat > "$AQ_BROKER_DIR/rabbitmq.conf" <<CONF
 listeners.tcp.1 = 127.0.0.1:$AQ_BROKER_PORT
 loopback_users.guest = true
+management.tcp.ip = 127.0.0.1
+management.tcp.port = $((AQ_BROKER_PORT + 1))
 log.console = false
 log.file.level = warning
 CONF
-    echo '[].' > "$AQ_BROKER_DIR/enabled_plugins"
-    echo '[].' > "$AQ_BROKER_DIR/advanced.config"
+    echo '[rabbitmq_management].' > "$AQ_BROKER_DIR/enabled_plugins"
+    # SO_REUSEADDR, so a restart is not refused while old connections sit in TIME_WAIT.
+    echo '[{rabbit, [{tcp_listen_options, [binary, {packet, raw}, {reuseaddr, true}, {backlog, 128}, {nodelay, true}, {linger, {true, 0}}, {exit_on_close, false}]}]}].' > "$AQ_BROKER_DIR/advanced.config"
     : > "$AQ_BROKER_DIR/rabbitmq-env.conf"
-    aq_log "starting private RabbitMQ on 127.0.0.1:$AQ_BROKER_PORT (data in $AQ_BROKER_DIR)"
-    (aq_broker_env; cd "$AQ_BROKER_DIR" && setsid "$AQ_RMQ_BIN/rabbitmq-server" \
-        > "$AQ_BROKER_DIR/log/console.log" 2>&1 < /dev/null &)
+    # A node that is still shutting down may hold the port for a moment.
     local i
-    for i in $(seq 1 120); do
-        if aq_ctl -q await_startup --timeout 5 >/dev/null 2>&1; then
-            aq_log "RabbitMQ is ready"
+    for i in $(seq 1 30); do
+        aq_port_free "$AQ_BROKER_PORT" && break
+        sleep 1
+    done
+    aq_port_free "$AQ_BROKER_PORT" || { aq_log "port $AQ_BROKER_PORT is taken by another program"; return 1; }
+    aq_log "starting private RabbitMQ on 127.0.0.1:$AQ_BROKER_PORT (data in $AQ_BROKER_DIR)"
+    (aq_broker_env; cd "$AQ_BROKER_DIR" && exec setsid "$AQ_RMQ_BIN/rabbitmq-server" \
+        > "$AQ_BROKER_DIR/log/console.log" 2>&1 < /dev/null) &
+    local server=$!
+    for i in $(seq 1 90); do
+        if ! kill -0 "$server" 2>/dev/null; then
+            aq_log "RabbitMQ exited during start-up; its log follows"
+            tail -40 "$AQ_BROKER_DIR/log/console.log" >&2 || true
+            return 1
+        fi
+        if aq_ctl -q await_startup --timeout 2 >/dev/null 2>&1 \
+            && curl -fsS -u guest:guest "$(aq_management_url)/api/overview" >/dev/null 2>&1; then
+            aq_log "RabbitMQ is ready (management API on $(aq_management_url))"
             return 0
         fi
         sleep 1
     done
-    aq_log "RabbitMQ did not start; its log follows"
-    tail -50 "$AQ_BROKER_DIR/log/console.log" >&2 || true
+    aq_log "RabbitMQ did not become ready in time; its log follows"
+    tail -40 "$AQ_BROKER_DIR/log/console.log" >&2 || true
     return 1
 }
+
+aq_port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 aq_broker_stop() {
     if aq_broker_running; then
@@ -88,9 +110,12 @@ aq_broker_stop() {
         aq_ctl -q shutdown >/dev/null 2>&1 || true
     fi
     if [ -s "$AQ_BROKER_DIR/rabbitmq.pid" ]; then
-        local pid; pid=$(cat "$AQ_BROKER_DIR/rabbitmq.pid")
+        local pid i; pid=$(cat "$AQ_BROKER_DIR/rabbitmq.pid")
+        for i in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
         kill "$pid" 2>/dev/null || true
+        rm -f "$AQ_BROKER_DIR/rabbitmq.pid"
     fi
 }
 
 aq_broker_url() { echo "amqp://guest:guest@127.0.0.1:$AQ_BROKER_PORT/%2F"; }
+aq_management_url() { echo "http://127.0.0.1:$((AQ_BROKER_PORT + 1))"; }

@@ -1,0 +1,93 @@
+import AQHTTP
+import Foundation
+
+/// The parts of RabbitMQ's management HTTP API the topology tool needs: definitions, policies,
+/// permissions. (AMQP 0-9-1 cannot list bindings or policies, or read a queue's arguments.)
+public struct ManagementClient: Sendable {
+    public var baseURL: String
+    public var user: String
+    public var password: String
+
+    public init(baseURL: String, user: String, password: String) {
+        self.baseURL = baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL
+        self.user = user
+        self.password = password
+    }
+
+    public struct Failure: Error, Sendable, CustomStringConvertible {
+        public var description: String
+    }
+
+    static func escape(_ component: String) -> String {
+        var allowed = CharacterSet.alphanumerics
+        allowed.insert(charactersIn: "-._~")
+        return component.addingPercentEncoding(withAllowedCharacters: allowed) ?? component
+    }
+
+    private func call(_ method: String, _ path: String, body: JSONValue? = nil, okStatuses: Set<Int> = [200, 201, 204]) async throws -> HTTPResponse {
+        let url = self.baseURL + path
+        var data: [UInt8]?
+        if let body {
+            let encoder = JSONEncoder()
+            data = Array(try encoder.encode(body))
+        }
+        let response: HTTPResponse
+        do {
+            response = try await BlockingHTTP.request(
+                method: method, url: url, headers: ["Content-Type: application/json", "Accept: application/json"], body: data,
+                username: self.user, password: self.password)
+        } catch let error as HTTPError {
+            throw Failure(description: "cannot reach the RabbitMQ management API at \(self.baseURL) (is the rabbitmq_management plugin enabled? set --management-url): \(error.message)")
+        }
+        if response.status == 401 {
+            throw Failure(description: "the management API at \(self.baseURL) refused user '\(self.user)' (401): wrong password, or the user lacks the 'management' tag")
+        }
+        guard okStatuses.contains(response.status) else {
+            throw Failure(description: "\(method) \(path) on the management API answered \(response.status): \(response.bodyString.prefix(300))")
+        }
+        return response
+    }
+
+    /// The definitions of one virtual host; nil when it does not exist.
+    public func definitions(vhost: String) async throws -> Definitions? {
+        let response = try await self.call("GET", "/api/definitions/\(Self.escape(vhost))", okStatuses: [200, 404])
+        if response.status == 404 { return nil }
+        return try Definitions.decode(Data(response.body))
+    }
+
+    public func putPolicy(_ policy: Topology.Policy, vhost: String) async throws {
+        let body: JSONValue = [
+            "pattern": .string(policy.pattern), "apply-to": .string(policy.applyTo), "priority": .int(Int64(policy.priority)),
+            "definition": .object(policy.definition),
+        ]
+        _ = try await self.call("PUT", "/api/policies/\(Self.escape(vhost))/\(Self.escape(policy.name))", body: body)
+    }
+
+    public func deletePolicy(_ name: String, vhost: String) async throws {
+        _ = try await self.call("DELETE", "/api/policies/\(Self.escape(vhost))/\(Self.escape(name))", okStatuses: [204, 404])
+    }
+
+    public struct Permissions: Sendable {
+        public var configure: String
+        public var write: String
+        public var read: String
+        public var tags: [String]
+    }
+
+    /// The current user's tags and permissions on a virtual host (nil: none there).
+    public func permissions(vhost: String) async throws -> Permissions? {
+        let whoami = try await self.call("GET", "/api/whoami")
+        let me = try JSONDecoder().decode(JSONValue.self, from: Data(whoami.body)).objectValue ?? [:]
+        var tags: [String] = []
+        switch me["tags"] {
+        case .array(let values)?: tags = values.compactMap(\.stringValue)
+        case .string(let text)?: tags = text.split(separator: ",").map { String($0) }
+        default: break
+        }
+        let response = try await self.call("GET", "/api/permissions/\(Self.escape(vhost))/\(Self.escape(self.user))", okStatuses: [200, 404])
+        if response.status == 404 { return nil }
+        let object = try JSONDecoder().decode(JSONValue.self, from: Data(response.body)).objectValue ?? [:]
+        return Permissions(configure: object["configure"]?.stringValue ?? "", write: object["write"]?.stringValue ?? "",
+                           read: object["read"]?.stringValue ?? "", tags: tags)
+    }
+}
