@@ -42,8 +42,9 @@ struct FileOptions: ParsableArguments {
 }
 
 struct BrokerOptions: ParsableArguments {
-    @Option(name: .customLong("url"), help: ArgumentHelp("The broker's AMQP URL; its path is the virtual host.", valueName: "amqp-url"))
-    var url: String = ProcessInfo.processInfo.environment["AQ_AMQP_URL"] ?? "amqp://guest:guest@127.0.0.1:5672/%2F"
+    @Option(name: .customLong("url"),
+            help: ArgumentHelp("The broker's AMQP URL; its path is the virtual host. Default: $AQ_AMQP_URL, else amqp://guest:guest@127.0.0.1:5672/%2F.", valueName: "amqp-url"))
+    var url: String?
 
     @Option(name: .customLong("management-url"),
             help: ArgumentHelp("The RabbitMQ management API (default http://AMQP-HOST:15672, or AQ_MANAGEMENT_URL); uses the AMQP URL's user and password.", valueName: "url"))
@@ -52,7 +53,8 @@ struct BrokerOptions: ParsableArguments {
     func target() throws -> BrokerTarget {
         do {
             let management = self.managementURL ?? ProcessInfo.processInfo.environment["AQ_MANAGEMENT_URL"]
-            return try BrokerTarget(amqpURL: self.url, managementURL: management)
+            let url = self.url ?? ProcessInfo.processInfo.environment["AQ_AMQP_URL"] ?? "amqp://guest:guest@127.0.0.1:5672/%2F"
+            return try BrokerTarget(amqpURL: url, managementURL: management)
         } catch {
             printError("\(error)")
             throw ExitCode.failure

@@ -39,7 +39,7 @@ public struct ManagementClient: Sendable {
         } catch let error as HTTPError {
             throw Failure(description: "cannot reach the RabbitMQ management API at \(self.baseURL) (is the rabbitmq_management plugin enabled? set --management-url): \(error.message)")
         }
-        if response.status == 401 {
+        if response.status == 401 && !okStatuses.contains(401) {
             throw Failure(description: "the management API at \(self.baseURL) refused user '\(self.user)' (401): wrong password, or the user lacks the 'management' tag")
         }
         guard okStatuses.contains(response.status) else {
@@ -48,11 +48,26 @@ public struct ManagementClient: Sendable {
         return response
     }
 
-    /// The definitions of one virtual host; nil when it does not exist.
+    /// What one virtual host holds (exchanges, queues, bindings, policies); nil when it does not
+    /// exist. Uses the per-kind endpoints, which a `policymaker` user may read (the
+    /// `/api/definitions` export needs `administrator`).
     public func definitions(vhost: String) async throws -> Definitions? {
-        let response = try await self.call("GET", "/api/definitions/\(Self.escape(vhost))", okStatuses: [200, 404])
-        if response.status == 404 { return nil }
-        return try Definitions.decode(Data(response.body))
+        let v = Self.escape(vhost)
+        let decoder = JSONDecoder()
+        // Listing works for every management user (it shows the virtual hosts they may use).
+        let vhosts = try decoder.decode(JSONValue.self, from: Data(try await self.call("GET", "/api/vhosts").body))
+        guard case .array(let list) = vhosts, list.contains(where: { $0.objectValue?["name"]?.stringValue == vhost }) else { return nil }
+        var definitions = Definitions()
+        definitions.exchanges = try decoder.decode([Definitions.Exchange].self, from: Data(try await self.call("GET", "/api/exchanges/\(v)").body))
+        definitions.queues = try decoder.decode([Definitions.Queue].self, from: Data(try await self.call("GET", "/api/queues/\(v)").body))
+        definitions.bindings = try decoder.decode([Definitions.Binding].self, from: Data(try await self.call("GET", "/api/bindings/\(v)").body))
+            .filter { !$0.source.isEmpty }  // the implicit default-exchange bindings
+        let policies = try await self.call("GET", "/api/policies/\(v)", okStatuses: [200, 401])
+        if policies.status == 401 {
+            throw Failure(description: "user '\(self.user)' may not read policies on virtual host '\(vhost)' (needs the 'policymaker' or 'administrator' tag)")
+        }
+        definitions.policies = try decoder.decode([Definitions.Policy].self, from: Data(policies.body))
+        return definitions
     }
 
     public func putPolicy(_ policy: Topology.Policy, vhost: String) async throws {
@@ -74,7 +89,10 @@ public struct ManagementClient: Sendable {
         public var tags: [String]
     }
 
-    /// The current user's tags and permissions on a virtual host (nil: none there).
+    /// The current user's tags and permissions on a virtual host. nil: none there.
+    /// Throws ``Unreadable`` when the user may not read permissions (only administrators may).
+    public struct Unreadable: Error {}
+
     public func permissions(vhost: String) async throws -> Permissions? {
         let whoami = try await self.call("GET", "/api/whoami")
         let me = try JSONDecoder().decode(JSONValue.self, from: Data(whoami.body)).objectValue ?? [:]
@@ -84,7 +102,8 @@ public struct ManagementClient: Sendable {
         case .string(let text)?: tags = text.split(separator: ",").map { String($0) }
         default: break
         }
-        let response = try await self.call("GET", "/api/permissions/\(Self.escape(vhost))/\(Self.escape(self.user))", okStatuses: [200, 404])
+        let response = try await self.call("GET", "/api/permissions/\(Self.escape(vhost))/\(Self.escape(self.user))", okStatuses: [200, 401, 404])
+        if response.status == 401 { throw Unreadable() }
         if response.status == 404 { return nil }
         let object = try JSONDecoder().decode(JSONValue.self, from: Data(response.body)).objectValue ?? [:]
         return Permissions(configure: object["configure"]?.stringValue ?? "", write: object["write"]?.stringValue ?? "",

@@ -17,6 +17,7 @@ public struct BrokerTarget: Sendable {
 
 public struct ApplyFailure: Error, Sendable, CustomStringConvertible {
     public var description: String
+    public init(description: String) { self.description = description }
 }
 
 public enum TopologyApplier {
@@ -117,7 +118,15 @@ public enum TopologyApplier {
 
     /// Refuses before any change when the user may not make all of them.
     static func checkPermissions(_ plan: TopologyPlan, deleteExtra: Bool, on target: BrokerTarget) async throws {
-        guard let permissions = try await target.management.permissions(vhost: target.vhost) else {
+        let readable: ManagementClient.Permissions?
+        do {
+            readable = try await target.management.permissions(vhost: target.vhost)
+        } catch is ManagementClient.Unreadable {
+            // Only administrators may read permissions; the broker checks each change instead,
+            // and a refusal stops apply with what was done so far.
+            return
+        }
+        guard let permissions = readable else {
             throw ApplyFailure(description: "nothing was applied: user '\(target.amqp.user)' has no permissions on virtual host '\(target.vhost)'")
         }
         func allows(_ pattern: String, _ name: String) -> Bool {

@@ -1,0 +1,76 @@
+import Foundation
+import Testing
+
+/// Runs the built `aq` binary, as an operator would.
+@Suite struct CommandTests {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    static var aq: URL {
+        // The test bundle sits next to the executables it was built with.
+        let candidates = [Bundle.main.bundleURL, Bundle.main.bundleURL.deletingLastPathComponent()]
+            + [root.appendingPathComponent(".build/debug")]
+        for dir in candidates {
+            let url = dir.appendingPathComponent("aq")
+            if FileManager.default.isExecutableFile(atPath: url.path) { return url }
+        }
+        return root.appendingPathComponent(".build/debug/aq")
+    }
+
+    func run(_ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, out: String, err: String) {
+        let process = Process()
+        process.executableURL = Self.aq
+        process.arguments = arguments
+        process.currentDirectoryURL = Self.root
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    }
+
+    @Test func validateTheShippedFiles() throws {
+        let result = try self.run(["topology", "validate"])
+        #expect(result.status == 0, "\(result.err)")
+        #expect(result.out.hasPrefix("ok: 2 work queue(s)"))
+        #expect(result.err.isEmpty)
+    }
+
+    @Test func validateABadFileNamesEveryProblemAndFails() throws {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("bad-\(UUID().uuidString).yaml")
+        try "work_queues:\n  default:\n    retries: many\n    colour: blue\n".write(to: file, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(at: file) }
+        let result = try self.run(["topology", "validate", file.path])
+        #expect(result.status == 1)
+        #expect(result.err.contains("2 problems"))
+        #expect(result.err.contains("\(file.path):3:14 (work_queues.default.retries): expected an integer in 0...100, found 'many'"), "\(result.err)")
+        #expect(result.err.contains("(work_queues.default.colour): unknown key 'colour'"))
+    }
+
+    @Test func exportPrintsImportableDefinitions() throws {
+        let result = try self.run(["topology", "export", "--vhost", "shop"])
+        #expect(result.status == 0, "\(result.err)")
+        let json = try JSONSerialization.jsonObject(with: Data(result.out.utf8)) as? [String: Any]
+        let queues = json?["queues"] as? [[String: Any]] ?? []
+        #expect(queues.contains { $0["name"] as? String == "aq.work.default" && $0["vhost"] as? String == "shop" })
+        #expect((json?["policies"] as? [Any])?.count == 5)
+    }
+
+    @Test func planAgainstAnUnreachableBrokerFailsClearly() throws {
+        let result = try self.run(["topology", "plan", "--url", "amqp://guest:guest@127.0.0.1:1/%2F", "--management-url", "http://127.0.0.1:1"])
+        #expect(result.status == 1)
+        #expect(result.err.contains("cannot reach the RabbitMQ management API at http://127.0.0.1:1"))
+    }
+
+    @Test func everyOptionHasHelp() throws {
+        for command in ["validate", "plan", "apply", "export"] {
+            let result = try self.run(["topology", command, "--help"])
+            #expect(result.status == 0)
+            for line in result.out.split(separator: "\n") where line.hasPrefix("  -") {
+                #expect(line.split(separator: " ", omittingEmptySubsequences: true).count > 2, "no help text: \(line)")
+            }
+        }
+    }
+}
