@@ -37,6 +37,17 @@ import Testing
         #expect(batch.singles.isEmpty)
     }
 
+    @Test func theMultipleAckNeverNamesATagAlreadyAcked() {
+        let channel = ChannelState(id: 1)
+        channel.pendingAcks = [3]
+        _ = channel.takeAckBatch()          // 3 acked alone
+        channel.pendingAcks = [2, 1]
+        let batch = channel.takeAckBatch()
+        #expect(channel.settledThrough == 3)
+        #expect(batch.multipleThrough == 2, "3 was acked already; naming it would close the channel")
+        #expect(batch.singles.isEmpty)
+    }
+
     @Test func aSingleAckOutOfOrderStaysSingle() {
         let channel = ChannelState(id: 1)
         channel.pendingAcks = [7]

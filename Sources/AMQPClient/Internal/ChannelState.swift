@@ -93,22 +93,20 @@ final class ChannelState {
     /// as one ack per delivery, for fewer frames (the broker's CPU is the scarce resource).
     func takeAckBatch() -> (multipleThrough: UInt64?, singles: [UInt64]) {
         guard !self.pendingAcks.isEmpty else { return (nil, []) }
-        let tags = self.pendingAcks.sorted()
+        var tags = self.pendingAcks.sorted()
         self.pendingAcks.removeAll(keepingCapacity: true)
+        tags = tags.reduce(into: [UInt64]()) { if $0.last != $1 { $0.append($1) } }
         let before = self.settledThrough
         for tag in tags { self.markSettled(tag) }
-        let through = self.settledThrough
-        var singles: [UInt64] = []
-        var previous: UInt64 = 0
-        for tag in tags where tag > through && tag != previous {
-            singles.append(tag)
-            previous = tag
-        }
-        if through > before, tags.count - singles.count > 1 {
+        // The multiple-ack names the highest tag of this batch inside the settled run: the broker
+        // refuses a multiple-ack whose own tag is not outstanding (RabbitMQ 3.10 collect_acks), and
+        // every outstanding tag at or below it is in this batch.
+        let covered = tags.filter { $0 > before && $0 <= self.settledThrough }
+        let singles = tags.filter { $0 > self.settledThrough }
+        if covered.count > 1, let through = covered.last {
             return (through, singles)
         }
-        // Nothing to coalesce: send each as it came.
-        return (nil, tags.filter { $0 > before }.reduce(into: [UInt64]()) { if $0.last != $1 { $0.append($1) } })
+        return (nil, covered + singles)
     }
 }
 
