@@ -12,6 +12,8 @@ let package = Package(
         .library(name: "AMQPClient", targets: ["AMQPClient"]),
         .library(name: "AQTopology", targets: ["AQTopology"]),
         .executable(name: "aq", targets: ["AQCommand"]),
+        .executable(name: "aq-bridge", targets: ["AQBridgeCommand"]),
+        .library(name: "AsyncQueue", targets: ["AsyncQueue"]),
         .executable(name: "aq-amqp-bench", targets: ["AMQPBenchmark"]),
     ],
     dependencies: [
@@ -52,6 +54,24 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
+        // aq-bridge: tasks from RabbitMQ to HTTP callbacks and webhooks.
+        .target(
+            name: "AQBridge",
+            dependencies: ["AMQPClient", "AQHTTP", "AQTopology", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "AQBridgeCommand",
+            dependencies: ["AQBridge", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: swiftSettings
+        ),
+        // The Swift client for applications.
+        .target(
+            name: "AsyncQueue",
+            dependencies: ["AMQPClient", "AQTopology"],
+            swiftSettings: swiftSettings
+        ),
+
         // `aq`: the command line.
         .executableTarget(
             name: "AQCommand",
@@ -74,6 +94,11 @@ let package = Package(
         .testTarget(
             name: "AQTopologyTests",
             dependencies: ["AQTopology", "AMQPClient", "AQCommand"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "AQBridgeTests",
+            dependencies: ["AQBridge", "AQHTTP", "AQTopology", "AMQPClient", "AsyncQueue"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

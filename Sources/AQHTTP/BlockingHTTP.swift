@@ -21,6 +21,12 @@ public struct HTTPError: Error, Sendable, CustomStringConvertible {
     public var message: String
     public var curlCode: Int32?
     public var description: String { self.message }
+
+    public init(kind: Kind, message: String, curlCode: Int32? = nil) {
+        self.kind = kind
+        self.message = message
+        self.curlCode = curlCode
+    }
 }
 
 /// libcurl, once per process.

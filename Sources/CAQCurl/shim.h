@@ -23,6 +23,19 @@ static inline CURLcode aq_curl_easy_setopt_data_callback(CURL *handle, CURLoptio
 static inline CURLMcode aq_curl_multi_setopt_long(CURLM *handle, CURLMoption option, long value) {
     return curl_multi_setopt(handle, option, value);
 }
+static inline CURLMcode aq_curl_multi_setopt_ptr(CURLM *handle, CURLMoption option, void *value) {
+    return curl_multi_setopt(handle, option, value);
+}
+typedef int (*aq_curl_socket_callback)(CURL *easy, curl_socket_t s, int what, void *clientp, void *socketp);
+static inline CURLMcode aq_curl_multi_setopt_socket_callback(CURLM *handle, aq_curl_socket_callback value) {
+    return curl_multi_setopt(handle, CURLMOPT_SOCKETFUNCTION, value);
+}
+typedef int (*aq_curl_timer_callback)(CURLM *multi, long timeout_ms, void *clientp);
+static inline CURLMcode aq_curl_multi_setopt_timer_callback(CURLM *handle, aq_curl_timer_callback value) {
+    return curl_multi_setopt(handle, CURLMOPT_TIMERFUNCTION, value);
+}
+/* CURLMsg's `data` is a union; these read it without Swift union gymnastics. */
+static inline CURLcode aq_curl_msg_result(const CURLMsg *msg) { return msg->data.result; }
 static inline CURLcode aq_curl_easy_getinfo_long(CURL *handle, CURLINFO info, long *value) {
     return curl_easy_getinfo(handle, info, value);
 }

@@ -3,14 +3,26 @@ enum PublishCompletion: Sendable {
     case none
     case continuation(CheckedContinuation<AMQPPublishResult, any Error>)
     case future(AMQPPublishConfirm)
+    case onThread(ThreadCallback)
 
     func complete(_ result: Result<AMQPPublishResult, AMQPError>) {
         switch self {
         case .none: break
+        case .onThread(let callback): callback.body(result)
         case .continuation(let continuation): continuation.resume(with: result.mapError { $0 })
         case .future(let future): future.complete(result)
         }
     }
+}
+
+/// A completion that runs on the connection thread.
+///
+/// `@unchecked Sendable`: it is created by code running on the connection thread (through
+/// ``AMQPThreadContext``), stored in the thread's own state, and invoked only by that thread; it
+/// is never touched from elsewhere, so its non-Sendable closure is never shared between threads.
+final class ThreadCallback: @unchecked Sendable {
+    let body: (Result<AMQPPublishResult, AMQPError>) -> Void
+    init(_ body: @escaping (Result<AMQPPublishResult, AMQPError>) -> Void) { self.body = body }
 }
 
 /// A publish waiting for its confirm.
@@ -29,17 +41,30 @@ final class ConsumerState {
     let exclusive: Bool
     let noAck: Bool
     let arguments: AMQPTable
-    let buffer: DeliveryBuffer
+    /// Where deliveries go for an async-sequence consumer.
+    let buffer: DeliveryBuffer?
+    /// Or: called on the connection thread for each delivery (thread-hosted consumers).
+    let handler: ((AMQPDelivery) -> Void)?
+    /// Called on the connection thread when a thread-hosted consumer ends (nil: normally).
+    let onEnd: ((AMQPError?) -> Void)?
     /// Deliveries read in the current turn, appended to `buffer` in one go.
     var ready: [AMQPDelivery] = []
 
-    init(tag: String, queue: String, exclusive: Bool, noAck: Bool, arguments: AMQPTable, buffer: DeliveryBuffer) {
+    init(tag: String, queue: String, exclusive: Bool, noAck: Bool, arguments: AMQPTable, buffer: DeliveryBuffer?,
+         handler: ((AMQPDelivery) -> Void)? = nil, onEnd: ((AMQPError?) -> Void)? = nil) {
         self.tag = tag
         self.queue = queue
         self.exclusive = exclusive
         self.noAck = noAck
         self.arguments = arguments
         self.buffer = buffer
+        self.handler = handler
+        self.onEnd = onEnd
+    }
+
+    func end(_ error: AMQPError?) {
+        self.buffer?.finish(throwing: error)
+        self.onEnd?(error)
     }
 }
 

@@ -144,8 +144,12 @@ extension ConnectionDriver {
                 deliveryTag: deliver.delivery_tag, isRedelivered: deliver.redelivered != 0,
                 consumerTag: consumerTag, messageCount: nil,
                 acker: consumer.noAck ? nil : DeliveryAcker(shared: self.shared, channel: id, epoch: channel.epoch))
-            if consumer.ready.isEmpty { self.readyConsumers.append(consumer) }
-            consumer.ready.append(delivery)
+            if let handler = consumer.handler {
+                handler(delivery)
+            } else {
+                if consumer.ready.isEmpty { self.readyConsumers.append(consumer) }
+                consumer.ready.append(delivery)
+            }
 
         case AMQP_BASIC_ACK_METHOD:
             guard let decoded = method.decoded, let channel = self.channels[id] else { return }
@@ -197,7 +201,7 @@ extension ConnectionDriver {
             let tag = CDecode.string(cancel.consumer_tag)
             self.handOverDeliveries()
             if let consumer = channel.consumers.removeValue(forKey: tag) {
-                consumer.buffer.finish(throwing: AMQPError(
+                consumer.end(AMQPError(
                     code: .consumerCancelled,
                     message: "the broker cancelled consumer '\(tag)' on queue '\(consumer.queue)' (the queue was deleted or its node went away)"))
             }

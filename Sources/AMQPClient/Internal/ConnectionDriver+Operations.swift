@@ -49,7 +49,7 @@ extension ConnectionDriver {
         channel.tracker.reset { _, pending in pending.completion.complete(.failure(AMQPError(
             code: .connectionClosed, message: "the channel was closed before the broker confirmed the publish",
             isOutcomeUnknown: true))) }
-        for consumer in channel.consumers.values { consumer.buffer.finish() }
+        for consumer in channel.consumers.values { consumer.end(nil) }
         guard channel.isOpen, self.isConnected, let conn = self.conn else { return }
         _ = amqp_channel_close(conn, id, Int32(AMQP_REPLY_SUCCESS))
         try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "closing channel \(id)", reopenOnClose: false)
@@ -234,7 +234,7 @@ extension ConnectionDriver {
 
     func cancelConsumer(_ id: UInt16, tag: String) throws(AMQPError) {
         guard let channel = self.channels[id], let consumer = channel.consumers.removeValue(forKey: tag) else { return }
-        defer { consumer.buffer.finish() }
+        defer { consumer.end(nil) }
         guard channel.isOpen, self.isConnected, let conn = self.conn else { return }
         let arena = CArena()
         _ = amqp_basic_cancel(conn, id, arena.bytes(tag))

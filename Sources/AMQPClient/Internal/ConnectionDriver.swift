@@ -39,11 +39,16 @@ final class ConnectionDriver {
     /// Consumers with deliveries read in this turn, handed over at the end of the turn: one
     /// wake-up of a waiting consumer per burst of frames instead of one per message.
     var readyConsumers: [ConsumerState] = []
+    private var pollBuffer: [pollfd] = []
+    private var extensionRanges: [Range<Int>] = []
     /// Channels with acks queued in this turn.
     var channelsWithPendingAcks: [UInt16] = []
     /// Reused for every publish, so building properties costs no malloc.
     let publishArena = CArena(capacity: 16 * 1024)
     private var closeWaiters: [CheckedContinuation<Void, Never>] = []
+    /// Thread-hosted extensions (see ``AMQPConnectionExtension``).
+    var extensions: [any AMQPConnectionExtension] = []
+    lazy var context = AMQPThreadContext(driver: self)
 
     init(configuration: AMQPConfiguration, shared: ConnectionShared) {
         self.configuration = configuration
@@ -88,7 +93,9 @@ final class ConnectionDriver {
             self.runJobs()
             switch self.phase {
             case .connected: self.serviceConnection()
-            case .reconnecting: self.reconnectStep()
+            case .reconnecting:
+                if self.runExtensions() { continue }
+                self.reconnectStep()
             case .closed:
                 self.finish()
                 return
@@ -133,32 +140,54 @@ final class ConnectionDriver {
             }
         }
         self.handOverDeliveries()
+        let busy = self.runExtensions()
+        guard self.isConnected else { return }
         amqp_maybe_release_buffers(conn)
-        if frames >= 1024 || amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0 { return }
+        if busy || frames >= 1024 || amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0 { return }
+        self.wait(socket: self.sockfd, milliseconds: self.pollTimeoutMilliseconds)
+    }
+
+    /// One turn of every extension, then the acks they queued.
+    private func runExtensions() -> Bool {
+        guard !self.extensions.isEmpty else { return false }
+        var busy = false
+        for item in self.extensions where item.runTurn() { busy = true }
+        self.flushAcks()
+        return busy
+    }
+
+    /// Sleeps in poll on the AMQP socket (if any), the wake-up pipe and the extensions' descriptors.
+    private func wait(socket: Int32?, milliseconds: Int32) {
         guard self.shared.mailbox.beginSleep() else { return }
-        var fds = [
-            pollfd(fd: self.sockfd, events: Int16(POLLIN), revents: 0),
-            pollfd(fd: self.shared.mailbox.wakeReadFD, events: Int16(POLLIN), revents: 0),
-        ]
-        _ = poll(&fds, 2, self.pollTimeoutMilliseconds)
+        self.pollBuffer.removeAll(keepingCapacity: true)
+        self.pollBuffer.append(pollfd(fd: self.shared.mailbox.wakeReadFD, events: Int16(POLLIN), revents: 0))
+        if let socket { self.pollBuffer.append(pollfd(fd: socket, events: Int16(POLLIN), revents: 0)) }
+        var timeout = milliseconds
+        self.extensionRanges.removeAll(keepingCapacity: true)
+        for item in self.extensions {
+            let start = self.pollBuffer.count
+            if let limit = item.pollRequests(into: &self.pollBuffer) { timeout = min(timeout, limit) }
+            self.extensionRanges.append(start..<self.pollBuffer.count)
+        }
+        _ = poll(&self.pollBuffer, nfds_t(self.pollBuffer.count), max(0, timeout))
         self.shared.mailbox.endSleep()
+        for (item, range) in zip(self.extensions, self.extensionRanges) where !range.isEmpty {
+            item.handle(self.pollBuffer[range])
+        }
     }
 
     func handOverDeliveries() {
         guard !self.readyConsumers.isEmpty else { return }
         for consumer in self.readyConsumers {
-            consumer.buffer.append(consumer.ready)
+            consumer.buffer?.append(consumer.ready)
             consumer.ready.removeAll(keepingCapacity: true)
         }
         self.readyConsumers.removeAll(keepingCapacity: true)
     }
 
-    /// Sleeps on the wake-up pipe only (while disconnected), for at most `milliseconds`.
+    /// Sleeps while disconnected (wake-up pipe and extensions only), for at most `milliseconds`.
     private func idle(milliseconds: Int32) {
-        guard self.shared.mailbox.beginSleep() else { return }
-        var fds = [pollfd(fd: self.shared.mailbox.wakeReadFD, events: Int16(POLLIN), revents: 0)]
-        _ = poll(&fds, 1, max(1, milliseconds))
-        self.shared.mailbox.endSleep()
+        self.wait(socket: nil, milliseconds: max(1, milliseconds))
     }
 
     // MARK: - Connecting
@@ -360,7 +389,7 @@ final class ConnectionDriver {
                     } catch where error.code == .channelClosedByServer {
                         // The queue is gone or locked: end this consumer, reopen for the others.
                         channel.consumers[consumer.tag] = nil
-                        consumer.buffer.finish(throwing: error)
+                        consumer.end(error)
                         throw error
                     }
                 }
@@ -393,7 +422,7 @@ final class ConnectionDriver {
             self.phase = .reconnecting(attempt: 1, next: .now + self.jittered(self.configuration.recovery.delay(forAttempt: 1)))
         } else {
             for channel in self.channels.values {
-                for consumer in channel.consumers.values { consumer.buffer.finish(throwing: error) }
+                for consumer in channel.consumers.values { consumer.end(error) }
                 channel.consumers.removeAll()
             }
             self.phase = .closed
@@ -454,7 +483,7 @@ final class ConnectionDriver {
         self.destroyConnection()
         self.failInFlight(.connectionClosed())
         for channel in self.channels.values {
-            for consumer in channel.consumers.values { consumer.buffer.finish() }
+            for consumer in channel.consumers.values { consumer.end(nil) }
             channel.consumers.removeAll()
         }
         self.phase = .closed
@@ -465,10 +494,12 @@ final class ConnectionDriver {
         self.destroyConnection()
         let error = self.shared.status.withLock { $0.lastError }
         for channel in self.channels.values {
-            for consumer in channel.consumers.values { consumer.buffer.finish(throwing: error) }
+            for consumer in channel.consumers.values { consumer.end(error) }
         }
         self.channels.removeAll()
         for job in self.shared.mailbox.close() { job(self) }
+        for item in self.extensions { item.connectionClosed() }
+        self.extensions.removeAll()
         self.shared.emit(.closed)
         for waiter in self.closeWaiters { waiter.resume() }
         self.closeWaiters.removeAll()

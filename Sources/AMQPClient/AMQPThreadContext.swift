@@ -1,0 +1,97 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Work that lives on a connection's own thread, beside rabbitmq-c: the thread polls the
+/// extension's file descriptors together with the AMQP socket, and calls it every turn.
+///
+/// aq-bridge runs its libcurl transfers this way, so a task goes from delivery to HTTP request
+/// to acknowledgement without a thread hop or a lock. Everything here runs on the connection
+/// thread; never block in it (that would stop heartbeats).
+public protocol AMQPConnectionExtension: AnyObject {
+    /// Appends the descriptors to wait on; returns the longest wait allowed in ms (nil: any).
+    func pollRequests(into fds: inout [pollfd]) -> Int32?
+    /// What `poll` saw on the descriptors this extension asked for, in the same order.
+    func handle(_ fds: ArraySlice<pollfd>)
+    /// Called every turn of the loop. Return true when it did work (the thread then does not sleep).
+    func runTurn() -> Bool
+    /// The connection closed for good.
+    func connectionClosed()
+}
+
+/// The connection thread's own API, for ``AMQPConnectionExtension``s and code run with
+/// ``AMQPConnection/withThreadContext(_:)``. Valid on the connection thread only: it is neither
+/// `Sendable` nor to be stored elsewhere.
+public final class AMQPThreadContext {
+    unowned let driver: ConnectionDriver
+
+    init(driver: ConnectionDriver) { self.driver = driver }
+
+    public var isConnected: Bool { self.driver.isConnected }
+    public var isBlocked: Bool { self.driver.blocked }
+    public var extensions: [any AMQPConnectionExtension] { self.driver.extensions }
+
+    /// Adds an extension to the thread's loop.
+    public func install(_ extension: any AMQPConnectionExtension) {
+        self.driver.extensions.append(`extension`)
+    }
+
+    public func openChannel() throws(AMQPError) -> UInt16 { try self.driver.openChannel() }
+    public func enableConfirms(channel: UInt16) throws(AMQPError) { try self.driver.enableConfirms(channel) }
+    public func setPrefetch(channel: UInt16, count: UInt16) throws(AMQPError) {
+        try self.driver.setPrefetch(channel, count: count, global: false)
+    }
+
+    /// Starts a consumer whose deliveries are handed to `handler` on this thread as they are read.
+    /// It survives channel errors and recovery like any consumer; `onEnd` runs when it ends
+    /// (with the error when the broker cancelled it).
+    public func consume(
+        channel: UInt16, queue: String, tag: String? = nil, arguments: AMQPTable = [:],
+        handler: @escaping (AMQPDelivery) -> Void, onEnd: @escaping (AMQPError?) -> Void
+    ) throws(AMQPError) -> String {
+        let tag = tag ?? self.driver.makeConsumerTag()
+        let consumer = ConsumerState(tag: tag, queue: queue, exclusive: false, noAck: false, arguments: arguments,
+                                     buffer: nil, handler: handler, onEnd: onEnd)
+        try self.driver.consume(channel, consumer)
+        return tag
+    }
+
+    public func cancelConsumer(channel: UInt16, tag: String) throws(AMQPError) {
+        try self.driver.cancelConsumer(channel, tag: tag)
+    }
+
+    /// Acknowledges at the end of this turn (acks of one turn are coalesced).
+    public func ack(_ delivery: AMQPDelivery, multiple: Bool = false) {
+        guard let acker = delivery.acker else { return }
+        self.driver.acknowledge(acker.channel, epoch: acker.epoch, tag: delivery.deliveryTag, multiple: multiple, kind: .ack)
+    }
+
+    public func nack(_ delivery: AMQPDelivery, requeue: Bool) {
+        guard let acker = delivery.acker else { return }
+        self.driver.acknowledge(acker.channel, epoch: acker.epoch, tag: delivery.deliveryTag, multiple: false, kind: .nack(requeue: requeue))
+    }
+
+    /// True if acknowledging the delivery can still reach the broker (its channel was not reopened).
+    public func isCurrent(_ delivery: AMQPDelivery) -> Bool {
+        guard let acker = delivery.acker, let channel = self.driver.channels[acker.channel] else { return false }
+        return self.driver.isConnected && channel.isOpen && channel.epoch == acker.epoch
+    }
+
+    /// Publishes; `completion` runs on this thread with the broker's confirm (or the failure).
+    public func publish(
+        channel: UInt16, exchange: String, routingKey: String, properties: AMQPProperties, body: [UInt8],
+        mandatory: Bool = false, completion: @escaping (Result<AMQPPublishResult, AMQPError>) -> Void
+    ) {
+        self.driver.publish(channel, exchange: exchange, routingKey: routingKey, mandatory: mandatory, properties: properties,
+                            body: body, completion: .onThread(ThreadCallback(completion)))
+    }
+}
+
+extension AMQPConnection {
+    /// Runs `body` on the connection thread with its ``AMQPThreadContext``.
+    public func withThreadContext<T: Sendable>(_ body: @escaping @Sendable (AMQPThreadContext) throws -> T) async throws -> T {
+        try await self.shared.perform { driver throws(AMQPError) -> Result<T, any Error> in
+            Result { try body(driver.context) }
+        }.get()
+    }
+}

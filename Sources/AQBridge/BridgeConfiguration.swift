@@ -1,0 +1,156 @@
+import Foundation
+
+/// Everything aq-bridge can be told. Sources, later ones winning: defaults, the configuration
+/// file (`--config`, YAML), the environment (`AQ_…`), flags.
+public struct BridgeConfiguration: Sendable {
+    /// The broker (`AQ_AMQP_URL`).
+    public var amqpURL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    /// Topology files or directories (`AQ_TOPOLOGY`, comma-separated).
+    public var topology: [String] = ["topology"]
+    /// Work queues to serve, by name (`default`) or queue name (`aq.work.default`); empty = all
+    /// (`AQ_QUEUES` or `AQ_QUEUE`, comma-separated).
+    public var queues: [String] = []
+    /// Deliveries in flight per queue (the consumer prefetch) (`AQ_PREFETCH`).
+    public var prefetch = 256
+    /// Standard Webhooks secrets, `whsec_…`; the first signs first (`AQ_SIGNING_SECRETS`,
+    /// space- or comma-separated). Empty: requests are not signed.
+    public var signingSecrets: [String] = []
+    public var maxPayloadBytes = 1 << 20
+    public var maxResponseBytes = 1 << 20
+    /// The longest a task may ask for as its per-attempt `timeout`; keep it under the broker's
+    /// consumer_timeout (30 min by default).
+    public var maxTaskTimeout: Duration = .seconds(20 * 60)
+    public var webhookTimeout: Duration = .seconds(30)
+    /// Attempts at delivering one webhook before it is dead-lettered.
+    public var webhookAttempts = 8
+    /// One retry in four waits one tier longer, so failures spread out (`retry_jitter`).
+    public var retryJitter = true
+    /// Simultaneous HTTP connections.
+    public var httpConnections = 512
+    /// Health, readiness and metrics (`AQ_LISTEN`); empty disables.
+    public var listen = "127.0.0.1:9464"
+    /// How long SIGTERM waits for in-flight tasks before handing them back to the broker.
+    public var shutdownGrace: Duration = .seconds(30)
+    public var logLevel = "info"
+
+    public init() {}
+
+    public struct Invalid: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// Applies a YAML or JSON configuration file.
+    public mutating func apply(file path: String) throws {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw Invalid(description: "cannot read the configuration file \(path)")
+        }
+        try self.apply(yaml: String(decoding: data, as: UTF8.self), source: path)
+    }
+
+    public mutating func apply(environment: [String: String]) throws {
+        func list(_ value: String) -> [String] {
+            value.split(whereSeparator: { $0 == "," || $0 == " " }).map(String.init).filter { !$0.isEmpty }
+        }
+        if let v = environment["AQ_AMQP_URL"], !v.isEmpty { self.amqpURL = v }
+        if let v = environment["AQ_TOPOLOGY"], !v.isEmpty { self.topology = list(v) }
+        if let v = environment["AQ_QUEUES"] ?? environment["AQ_QUEUE"], !v.isEmpty { self.queues = list(v) }
+        if let v = environment["AQ_PREFETCH"], !v.isEmpty {
+            guard let n = Int(v), (1...65535).contains(n) else { throw Invalid(description: "AQ_PREFETCH must be 1...65535, not '\(v)'") }
+            self.prefetch = n
+        }
+        if let v = environment["AQ_SIGNING_SECRETS"], !v.isEmpty { self.signingSecrets = list(v) }
+        if let v = environment["AQ_LISTEN"] { self.listen = v }
+        if let v = environment["AQ_LOG_LEVEL"], !v.isEmpty { self.logLevel = v }
+    }
+
+    /// Keys: the property names in snake_case (amqp_url, topology, queues, prefetch,
+    /// signing_secrets, max_payload_bytes, max_response_bytes, max_task_timeout,
+    /// webhook_timeout, webhook_attempts, http_connections, listen, shutdown_grace, log_level).
+    public mutating func apply(yaml text: String, source: String) throws {
+        var values: [String: String] = [:]
+        var lists: [String: [String]] = [:]
+        var currentList: String?
+        for (index, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = rawLine.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
+            if line.trimmingCharacters(in: .whitespaces).isEmpty { continue }
+            if line.hasPrefix(" ") || line.hasPrefix("-") {
+                let item = line.trimmingCharacters(in: .whitespaces)
+                guard item.hasPrefix("- "), let key = currentList else {
+                    throw Invalid(description: "\(source):\(index + 1): expected 'key: value' or a '- item' under a list key")
+                }
+                lists[key, default: []].append(Self.unquote(String(item.dropFirst(2))))
+                continue
+            }
+            guard let colon = line.firstIndex(of: ":") else {
+                throw Invalid(description: "\(source):\(index + 1): expected 'key: value'")
+            }
+            let key = String(line[..<colon]).trimmingCharacters(in: .whitespaces)
+            let value = String(line[line.index(after: colon)...]).trimmingCharacters(in: .whitespaces)
+            if value.isEmpty { currentList = key; lists[key] = lists[key] ?? [] } else {
+                currentList = nil
+                if value.hasPrefix("[") && value.hasSuffix("]") {
+                    lists[key] = value.dropFirst().dropLast().split(separator: ",").map { Self.unquote($0.trimmingCharacters(in: .whitespaces)) }
+                } else {
+                    values[key] = Self.unquote(value)
+                }
+            }
+        }
+        func int(_ key: String, _ range: ClosedRange<Int>) throws -> Int? {
+            guard let v = values.removeValue(forKey: key) else { return nil }
+            guard let n = Int(v), range.contains(n) else { throw Invalid(description: "\(source): \(key) must be an integer in \(range), not '\(v)'") }
+            return n
+        }
+        func duration(_ key: String) throws -> Duration? {
+            guard let v = values.removeValue(forKey: key) else { return nil }
+            guard let seconds = Self.parseDuration(v) else { throw Invalid(description: "\(source): \(key) must be a duration like 30s or 5m, not '\(v)'") }
+            return seconds
+        }
+        if let v = values.removeValue(forKey: "amqp_url") { self.amqpURL = v }
+        if let v = lists.removeValue(forKey: "topology") ?? values.removeValue(forKey: "topology").map({ [$0] }) { self.topology = v }
+        if let v = lists.removeValue(forKey: "queues") ?? values.removeValue(forKey: "queues").map({ [$0] }) { self.queues = v }
+        if let v = lists.removeValue(forKey: "signing_secrets") { self.signingSecrets = v }
+        if let v = try int("prefetch", 1...65535) { self.prefetch = v }
+        if let v = try int("max_payload_bytes", 1...(1 << 30)) { self.maxPayloadBytes = v }
+        if let v = try int("max_response_bytes", 1...(1 << 30)) { self.maxResponseBytes = v }
+        if let v = try int("webhook_attempts", 1...100) { self.webhookAttempts = v }
+        if let v = try int("http_connections", 1...65535) { self.httpConnections = v }
+        if let v = try duration("max_task_timeout") { self.maxTaskTimeout = v }
+        if let v = try duration("webhook_timeout") { self.webhookTimeout = v }
+        if let v = try duration("shutdown_grace") { self.shutdownGrace = v }
+        if let v = values.removeValue(forKey: "listen") { self.listen = v }
+        if let v = values.removeValue(forKey: "retry_jitter") {
+            guard v == "true" || v == "false" else { throw Invalid(description: "\(source): retry_jitter must be true or false") }
+            self.retryJitter = v == "true"
+        }
+        if let v = values.removeValue(forKey: "log_level") { self.logLevel = v }
+        let unknown = Array(values.keys) + Array(lists.keys)
+        if !unknown.isEmpty {
+            throw Invalid(description: "\(source): unknown key(s) \(unknown.sorted().joined(separator: ", "))")
+        }
+    }
+
+    static func unquote(_ text: String) -> String {
+        if text.count >= 2, (text.hasPrefix("\"") && text.hasSuffix("\"")) || (text.hasPrefix("'") && text.hasSuffix("'")) {
+            return String(text.dropFirst().dropLast())
+        }
+        return text
+    }
+
+    public static func parseDuration(_ text: String) -> Duration? {
+        let digits = text.prefix { $0.isNumber }
+        guard let n = Int(digits) else { return nil }
+        switch text.dropFirst(digits.count) {
+        case "ms": return .milliseconds(n)
+        case "s", "": return .seconds(n)
+        case "m": return .seconds(n * 60)
+        case "h": return .seconds(n * 3600)
+        default: return nil
+        }
+    }
+
+    /// The configuration as a log line would show it: secrets and passwords replaced.
+    public var redactedDescription: String {
+        let url = self.amqpURL.replacingOccurrences(of: #"(://[^:/@]*:)[^@]*@"#, with: "$1***@", options: .regularExpression)
+        return "amqp_url=\(url) queues=\(self.queues.isEmpty ? "all" : self.queues.joined(separator: ",")) prefetch=\(self.prefetch) signing_secrets=\(self.signingSecrets.count) listen=\(self.listen.isEmpty ? "off" : self.listen)"
+    }
+}

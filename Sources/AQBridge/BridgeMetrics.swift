@@ -1,0 +1,65 @@
+import Synchronization
+
+/// Counters for `/metrics` (Prometheus text format). Bounded labels only: no URLs, no ids.
+public final class BridgeMetrics: Sendable {
+    public enum Counter: String, CaseIterable, Sendable {
+        case tasksReceived = "aq_bridge_tasks_received_total"
+        case tasksCompleted = "aq_bridge_tasks_completed_total"
+        case tasksRetried = "aq_bridge_tasks_retried_total"
+        case tasksFailed = "aq_bridge_tasks_failed_total"
+        case tasksMalformed = "aq_bridge_tasks_malformed_total"
+        case tasksRequeued = "aq_bridge_tasks_requeued_total"
+        case callbacks2xx = "aq_bridge_callbacks_2xx_total"
+        case callbacksFailed = "aq_bridge_callbacks_failed_total"
+        case webhooksDelivered = "aq_bridge_webhooks_delivered_total"
+        case webhooksRetried = "aq_bridge_webhooks_retried_total"
+        case webhooksFailed = "aq_bridge_webhooks_failed_total"
+        case deadLettered = "aq_bridge_dead_lettered_total"
+
+        var help: String {
+            switch self {
+            case .tasksReceived: return "Task deliveries taken from work queues."
+            case .tasksCompleted: return "Tasks whose callback answered 2xx (and whose webhook, if any, was delivered or scheduled)."
+            case .tasksRetried: return "Failed attempts sent to a retry tier."
+            case .tasksFailed: return "Tasks that failed for good (retries spent or not retryable)."
+            case .tasksMalformed: return "Messages that were not valid tasks, dead-lettered with the reason."
+            case .tasksRequeued: return "Deliveries handed back to the broker (shutdown, or a publish that failed)."
+            case .callbacks2xx: return "Callback requests answered 2xx."
+            case .callbacksFailed: return "Callback requests that failed (non-2xx or no answer)."
+            case .webhooksDelivered: return "Webhook requests answered 2xx."
+            case .webhooksRetried: return "Webhook deliveries sent to a retry tier."
+            case .webhooksFailed: return "Webhooks given up on and dead-lettered."
+            case .deadLettered: return "Messages published to the dead-letter exchange."
+            }
+        }
+    }
+
+    private let values = Mutex<[Int]>(Array(repeating: 0, count: Counter.allCases.count))
+    public let inFlight = Atomic<Int>(0)
+    public let connected = Atomic<Bool>(false)
+    public let consuming = Atomic<Bool>(false)
+
+    private static let index: [Counter: Int] = Dictionary(uniqueKeysWithValues: Counter.allCases.enumerated().map { ($1, $0) })
+
+    public init() {}
+
+    public func add(_ counter: Counter, _ n: Int = 1) {
+        let i = Self.index[counter] ?? 0
+        self.values.withLock { $0[i] += n }
+    }
+
+    public func value(_ counter: Counter) -> Int {
+        let i = Self.index[counter] ?? 0
+        return self.values.withLock { $0[i] }
+    }
+
+    public func prometheus() -> String {
+        var out = ""
+        for counter in Counter.allCases {
+            out += "# HELP \(counter.rawValue) \(counter.help)\n# TYPE \(counter.rawValue) counter\n\(counter.rawValue) \(self.value(counter))\n"
+        }
+        out += "# HELP aq_bridge_tasks_in_flight Deliveries being worked on.\n# TYPE aq_bridge_tasks_in_flight gauge\naq_bridge_tasks_in_flight \(self.inFlight.load(ordering: .relaxed))\n"
+        out += "# HELP aq_bridge_amqp_connected 1 while connected to the broker.\n# TYPE aq_bridge_amqp_connected gauge\naq_bridge_amqp_connected \(self.connected.load(ordering: .relaxed) ? 1 : 0)\n"
+        return out
+    }
+}

@@ -1,0 +1,260 @@
+/// A strict JSON reader that finds an object's top-level members and the exact bytes of each
+/// value, without building a tree: the task's `payload` is forwarded byte for byte, and a task
+/// costs one pass over its body.
+public enum JSONScan {
+    public enum Kind: Sendable, Equatable { case object, array, string, number, bool, null }
+
+    public struct Member: Sendable {
+        public var kind: Kind
+        /// The value's bytes in the document (for a string: including the quotes).
+        public var range: Range<Int>
+    }
+
+    public struct Failure: Error, Sendable, CustomStringConvertible {
+        public var offset: Int
+        public var reason: String
+        public var description: String { "\(self.reason) at byte \(self.offset)" }
+    }
+
+    /// The members of a top-level object (the last one wins on duplicate keys).
+    public static func members(_ bytes: [UInt8]) throws(Failure) -> [String: Member] {
+        var scanner = Scanner(bytes: bytes)
+        scanner.skipSpace()
+        guard scanner.peek == UInt8(ascii: "{") else {
+            if scanner.index >= bytes.count { throw Failure(offset: 0, reason: "empty body") }
+            throw Failure(offset: scanner.index, reason: "expected a JSON object")
+        }
+        var members: [String: Member] = [:]
+        scanner.index += 1
+        scanner.skipSpace()
+        if scanner.peek == UInt8(ascii: "}") {
+            scanner.index += 1
+        } else {
+            while true {
+                scanner.skipSpace()
+                let keyStart = scanner.index
+                try scanner.string()
+                let key = try Self.decodeString(bytes, keyStart..<scanner.index)
+                scanner.skipSpace()
+                try scanner.expect(UInt8(ascii: ":"))
+                scanner.skipSpace()
+                let valueStart = scanner.index
+                let kind = try scanner.value(depth: 0)
+                members[key] = Member(kind: kind, range: valueStart..<scanner.index)
+                scanner.skipSpace()
+                if scanner.peek == UInt8(ascii: ",") { scanner.index += 1; continue }
+                try scanner.expect(UInt8(ascii: "}"))
+                break
+            }
+        }
+        scanner.skipSpace()
+        guard scanner.index == bytes.count else { throw Failure(offset: scanner.index, reason: "unexpected data after the object") }
+        return members
+    }
+
+    /// True when `bytes` is one complete JSON value (surrounding whitespace allowed).
+    public static func isValid(_ bytes: [UInt8]) -> Bool {
+        var scanner = Scanner(bytes: bytes)
+        scanner.skipSpace()
+        do throws(Failure) {
+            _ = try scanner.value(depth: 0)
+        } catch {
+            return false
+        }
+        scanner.skipSpace()
+        return scanner.index == bytes.count
+    }
+
+    /// The text of a JSON string value (range including quotes).
+    public static func decodeString(_ bytes: [UInt8], _ range: Range<Int>) throws(Failure) -> String {
+        let inner = (range.lowerBound + 1)..<(range.upperBound - 1)
+        if !bytes[inner].contains(UInt8(ascii: "\\")) { return String(decoding: bytes[inner], as: UTF8.self) }
+        var out: [UInt8] = []
+        out.reserveCapacity(inner.count)
+        var i = inner.lowerBound
+        while i < inner.upperBound {
+            let b = bytes[i]
+            guard b == UInt8(ascii: "\\") else { out.append(b); i += 1; continue }
+            i += 1
+            switch bytes[i] {
+            case UInt8(ascii: "n"): out.append(10)
+            case UInt8(ascii: "t"): out.append(9)
+            case UInt8(ascii: "r"): out.append(13)
+            case UInt8(ascii: "b"): out.append(8)
+            case UInt8(ascii: "f"): out.append(12)
+            case UInt8(ascii: "u"):
+                var code = try Self.hex4(bytes, i + 1)
+                i += 4
+                if (0xD800...0xDBFF).contains(code), i + 6 < inner.upperBound, bytes[i + 1] == UInt8(ascii: "\\"), bytes[i + 2] == UInt8(ascii: "u") {
+                    let low = try Self.hex4(bytes, i + 3)
+                    if (0xDC00...0xDFFF).contains(low) {
+                        code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                        i += 6
+                    }
+                }
+                out.append(contentsOf: Array(String(Character(Unicode.Scalar(code) ?? "\u{FFFD}")).utf8))
+            default: out.append(bytes[i])  // \" \\ \/
+            }
+            i += 1
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    private static func hex4(_ bytes: [UInt8], _ at: Int) throws(Failure) -> UInt32 {
+        guard at + 4 <= bytes.count else { throw Failure(offset: at, reason: "bad \\u escape") }
+        var value: UInt32 = 0
+        for b in bytes[at..<(at + 4)] {
+            value <<= 4
+            switch b {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): value |= UInt32(b - UInt8(ascii: "0"))
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): value |= UInt32(b - UInt8(ascii: "a") + 10)
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): value |= UInt32(b - UInt8(ascii: "A") + 10)
+            default: throw Failure(offset: at, reason: "bad \\u escape")
+            }
+        }
+        return value
+    }
+
+    /// A JSON string literal for `text`.
+    public static func quote(_ text: String) -> String {
+        var out = "\""
+        out.reserveCapacity(text.utf8.count + 2)
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case let s where s.value < 0x20:
+                let hex = String(s.value, radix: 16)
+                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out + "\""
+    }
+
+    struct Scanner {
+        let bytes: [UInt8]
+        var index = 0
+
+        var peek: UInt8? { self.index < self.bytes.count ? self.bytes[self.index] : nil }
+
+        mutating func skipSpace() {
+            while self.index < self.bytes.count {
+                switch self.bytes[self.index] {
+                case 0x20, 0x0A, 0x0D, 0x09: self.index += 1
+                default: return
+                }
+            }
+        }
+
+        mutating func expect(_ byte: UInt8) throws(Failure) {
+            guard self.peek == byte else {
+                throw Failure(offset: self.index, reason: "expected '\(Character(Unicode.Scalar(byte)))'")
+            }
+            self.index += 1
+        }
+
+        mutating func value(depth: Int) throws(Failure) -> Kind {
+            guard depth < 512 else { throw Failure(offset: self.index, reason: "nested too deeply") }
+            guard let byte = self.peek else { throw Failure(offset: self.index, reason: "unexpected end") }
+            switch byte {
+            case UInt8(ascii: "{"):
+                self.index += 1
+                self.skipSpace()
+                if self.peek == UInt8(ascii: "}") { self.index += 1; return .object }
+                while true {
+                    self.skipSpace()
+                    try self.string()
+                    self.skipSpace()
+                    try self.expect(UInt8(ascii: ":"))
+                    self.skipSpace()
+                    _ = try self.value(depth: depth + 1)
+                    self.skipSpace()
+                    if self.peek == UInt8(ascii: ",") { self.index += 1; continue }
+                    try self.expect(UInt8(ascii: "}"))
+                    return .object
+                }
+            case UInt8(ascii: "["):
+                self.index += 1
+                self.skipSpace()
+                if self.peek == UInt8(ascii: "]") { self.index += 1; return .array }
+                while true {
+                    self.skipSpace()
+                    _ = try self.value(depth: depth + 1)
+                    self.skipSpace()
+                    if self.peek == UInt8(ascii: ",") { self.index += 1; continue }
+                    try self.expect(UInt8(ascii: "]"))
+                    return .array
+                }
+            case UInt8(ascii: "\""):
+                try self.string()
+                return .string
+            case UInt8(ascii: "t"): try self.literal("true"); return .bool
+            case UInt8(ascii: "f"): try self.literal("false"); return .bool
+            case UInt8(ascii: "n"): try self.literal("null"); return .null
+            default:
+                try self.number()
+                return .number
+            }
+        }
+
+        mutating func literal(_ word: StaticString) throws(Failure) {
+            let count = word.utf8CodeUnitCount
+            guard self.index + count <= self.bytes.count else { throw Failure(offset: self.index, reason: "unexpected end") }
+            for k in 0..<count where self.bytes[self.index + k] != word.utf8Start[k] {
+                throw Failure(offset: self.index, reason: "invalid literal")
+            }
+            self.index += count
+        }
+
+        mutating func string() throws(Failure) {
+            try self.expect(UInt8(ascii: "\""))
+            while let byte = self.peek {
+                self.index += 1
+                switch byte {
+                case UInt8(ascii: "\""): return
+                case UInt8(ascii: "\\"):
+                    guard let escaped = self.peek else { break }
+                    switch escaped {
+                    case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"), UInt8(ascii: "b"), UInt8(ascii: "f"),
+                         UInt8(ascii: "n"), UInt8(ascii: "r"), UInt8(ascii: "t"):
+                        self.index += 1
+                    case UInt8(ascii: "u"):
+                        _ = try JSONScan.hex4(self.bytes, self.index + 1)
+                        self.index += 5
+                    default: throw Failure(offset: self.index, reason: "invalid escape in a string")
+                    }
+                case 0..<0x20: throw Failure(offset: self.index - 1, reason: "control character in a string")
+                default: continue
+                }
+            }
+            throw Failure(offset: self.index, reason: "unterminated string")
+        }
+
+        mutating func number() throws(Failure) {
+            let start = self.index
+            if self.peek == UInt8(ascii: "-") { self.index += 1 }
+            func digits() -> Int {
+                var n = 0
+                while let b = self.peek, b >= UInt8(ascii: "0"), b <= UInt8(ascii: "9") { self.index += 1; n += 1 }
+                return n
+            }
+            let first = self.peek
+            let integerDigits = digits()
+            guard integerDigits > 0 else { throw Failure(offset: start, reason: "invalid value") }
+            if first == UInt8(ascii: "0") && integerDigits > 1 { throw Failure(offset: start, reason: "leading zero in a number") }
+            if self.peek == UInt8(ascii: ".") {
+                self.index += 1
+                guard digits() > 0 else { throw Failure(offset: self.index, reason: "invalid number") }
+            }
+            if self.peek == UInt8(ascii: "e") || self.peek == UInt8(ascii: "E") {
+                self.index += 1
+                if self.peek == UInt8(ascii: "+") || self.peek == UInt8(ascii: "-") { self.index += 1 }
+                guard digits() > 0 else { throw Failure(offset: self.index, reason: "invalid number") }
+            }
+        }
+    }
+}

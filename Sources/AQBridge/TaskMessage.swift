@@ -1,0 +1,118 @@
+import AMQPClient
+import Foundation
+
+/// A task as published on the wire (the README's "Wire format").
+public struct TaskSpec: Sendable, Equatable {
+    public var id: String
+    public var callbackURL: String
+    /// The `payload` value's exact JSON bytes (`null` when absent).
+    public var payload: [UInt8]
+    public var webhookURL: String?
+    public var retries: Int
+    public var timeout: Duration
+}
+
+/// Why a message is not a task. It is dead-lettered with this reason, never retried.
+public struct MalformedTask: Error, Sendable, Equatable, CustomStringConvertible {
+    public var reason: String
+    public var description: String { self.reason }
+}
+
+public struct TaskDefaults: Sendable {
+    public var retries: Int
+    public var timeout: Duration
+    public var maxTimeout: Duration
+    public var maxPayloadBytes: Int
+
+    public init(retries: Int = 3, timeout: Duration = .seconds(30), maxTimeout: Duration = .seconds(1200), maxPayloadBytes: Int = 1 << 20) {
+        self.retries = retries
+        self.timeout = timeout
+        self.maxTimeout = maxTimeout
+        self.maxPayloadBytes = maxPayloadBytes
+    }
+}
+
+public enum TaskParser {
+    public static let maxRetries = 100
+
+    /// Reads and checks a task body. `messageId` is the AMQP `message_id` (the task id).
+    public static func parse(_ body: [UInt8], messageId: String?, defaults: TaskDefaults) -> Result<TaskSpec, MalformedTask> {
+        func bad(_ reason: String) -> Result<TaskSpec, MalformedTask> { .failure(MalformedTask(reason: reason)) }
+        guard body.count <= defaults.maxPayloadBytes else {
+            return bad("the task is \(body.count) bytes, over the limit of \(defaults.maxPayloadBytes)")
+        }
+        let members: [String: JSONScan.Member]
+        do {
+            members = try JSONScan.members(body)
+        } catch {
+            return bad("the body is not a JSON object: \(error)")
+        }
+        func string(_ key: String) -> Result<String?, MalformedTask> {
+            guard let member = members[key] else { return .success(nil) }
+            switch member.kind {
+            case .null: return .success(nil)
+            case .string:
+                do { return .success(try JSONScan.decodeString(body, member.range)) } catch {
+                    return .failure(MalformedTask(reason: "\(key): \(error)"))
+                }
+            default: return .failure(MalformedTask(reason: "\(key) must be a string, not \(member.kind)"))
+            }
+        }
+        let callback: String
+        switch string("callbackUrl") {
+        case .failure(let error): return .failure(error)
+        case .success(nil): return bad("callbackUrl is missing")
+        case .success(let url?): callback = url
+        }
+        if let problem = Self.urlProblem(callback) { return bad("callbackUrl \(problem)") }
+        var webhook: String?
+        switch string("webhookUrl") {
+        case .failure(let error): return .failure(error)
+        case .success(let url):
+            webhook = url
+            if let url, let problem = Self.urlProblem(url) { return bad("webhookUrl \(problem)") }
+        }
+        var retries = defaults.retries
+        if let member = members["retries"], member.kind != .null {
+            let text = String(decoding: body[member.range], as: UTF8.self)
+            guard member.kind == .number, let value = Int(text), (0...Self.maxRetries).contains(value) else {
+                return bad("retries must be a whole number from 0 to \(Self.maxRetries), not \(text)")
+            }
+            retries = value
+        }
+        var timeout = defaults.timeout
+        if let member = members["timeout"], member.kind != .null {
+            let text = String(decoding: body[member.range], as: UTF8.self)
+            guard member.kind == .number, let seconds = Double(text), seconds > 0 else {
+                return bad("timeout must be a positive number of seconds, not \(text)")
+            }
+            let requested = Duration.milliseconds(Int64((seconds * 1000).rounded()))
+            guard requested <= defaults.maxTimeout else {
+                return bad("timeout \(text)s is over the bridge's limit of \(defaults.maxTimeout.components.seconds)s (it must stay under the broker's consumer_timeout)")
+            }
+            timeout = max(requested, .milliseconds(1))
+        }
+        let payload = members["payload"].map { Array(body[$0.range]) } ?? Array("null".utf8)
+        var id = messageId ?? ""
+        if id.isEmpty, case .success(let bodyId?) = string("taskId") { id = bodyId }
+        if id.isEmpty { id = UUID().uuidString.lowercased() }
+        guard id.utf8.count <= 255, !id.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else {
+            return bad("the task id (message_id) must be at most 255 bytes without control characters")
+        }
+        return .success(TaskSpec(id: id, callbackURL: callback, payload: payload, webhookURL: webhook, retries: retries, timeout: timeout))
+    }
+
+    /// Cheap checks; libcurl rejects the rest (and the task then fails as not retryable).
+    static func urlProblem(_ url: String) -> String? {
+        let lower = url.prefix(8).lowercased()
+        let rest: Substring
+        if lower.hasPrefix("http://") { rest = url.dropFirst(7) } else if lower.hasPrefix("https://") { rest = url.dropFirst(8) } else {
+            return "must be an http or https URL, not '\(url.prefix(80))'"
+        }
+        let host = rest.prefix { $0 != "/" && $0 != "?" && $0 != "#" }
+        if host.isEmpty || host.hasPrefix(":") { return "has no host: '\(url.prefix(80))'" }
+        if url.unicodeScalars.contains(where: { $0.value <= 0x20 || $0.value == 0x7F }) { return "contains spaces or control characters" }
+        if url.utf8.count > 8192 { return "is longer than 8192 bytes" }
+        return nil
+    }
+}

@@ -1,0 +1,83 @@
+import AQBridge
+import ArgumentParser
+import Foundation
+import Logging
+
+@main
+struct BridgeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "aq-bridge",
+        abstract: "Consume AsyncQueue tasks from RabbitMQ and deliver them to HTTP callbacks and webhooks.",
+        discussion: """
+            Settings come from, later winning: defaults, --config FILE, the environment (AQ_AMQP_URL, AQ_TOPOLOGY, \
+            AQ_QUEUES, AQ_PREFETCH, AQ_SIGNING_SECRETS, AQ_LISTEN, AQ_LOG_LEVEL), then these flags. \
+            SIGTERM or SIGINT stops it gracefully: no new tasks, in-flight tasks finish or go back to the broker.
+            """)
+
+    @Option(help: "A configuration file (YAML: amqp_url, topology, queues, prefetch, signing_secrets, listen, …).")
+    var config: String?
+
+    @Option(name: .customLong("amqp"), help: ArgumentHelp("The broker's AMQP URL (default $AQ_AMQP_URL).", valueName: "url"))
+    var amqpURL: String?
+
+    @Option(name: .customLong("topology"), help: "Topology files or directories (repeatable; default topology/).")
+    var topology: [String] = []
+
+    @Option(name: .customLong("queue"), help: "A work queue to serve, by name or queue name (repeatable; default: all in the topology).")
+    var queues: [String] = []
+
+    @Option(help: "Tasks in flight per queue (consumer prefetch).")
+    var prefetch: Int?
+
+    @Option(help: ArgumentHelp("Where to serve /healthz, /readyz and /metrics (HOST:PORT; empty disables).", valueName: "host:port"))
+    var listen: String?
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String?
+
+    @Option(help: "Longest per-attempt timeout a task may ask for, in seconds (keep under the broker's consumer_timeout).")
+    var maxTaskTimeout: Int?
+
+    @Option(help: "Largest task body accepted, in bytes; larger ones are dead-lettered.")
+    var maxPayloadBytes: Int?
+
+    @Option(help: "Largest callback answer read, in bytes; a larger one fails the attempt without retry.")
+    var maxResponseBytes: Int?
+
+    @Option(help: "Seconds SIGTERM waits for in-flight tasks before handing them back.")
+    var shutdownGrace: Int?
+
+    func run() async throws {
+        var configuration = BridgeConfiguration()
+        do {
+            if let config = self.config { try configuration.apply(file: config) }
+            try configuration.apply(environment: ProcessInfo.processInfo.environment)
+        } catch {
+            FileHandle.standardError.write(Data("aq-bridge: \(error)\n".utf8))
+            throw ExitCode.failure
+        }
+        if let v = self.amqpURL { configuration.amqpURL = v }
+        if !self.topology.isEmpty { configuration.topology = self.topology }
+        if !self.queues.isEmpty { configuration.queues = self.queues }
+        if let v = self.prefetch { configuration.prefetch = v }
+        if let v = self.listen { configuration.listen = v }
+        if let v = self.logLevel { configuration.logLevel = v }
+        if let v = self.maxTaskTimeout { configuration.maxTaskTimeout = .seconds(v) }
+        if let v = self.maxPayloadBytes { configuration.maxPayloadBytes = v }
+        if let v = self.maxResponseBytes { configuration.maxResponseBytes = v }
+        if let v = self.shutdownGrace { configuration.shutdownGrace = .seconds(v) }
+        guard let level = Logger.Level(rawValue: configuration.logLevel) else {
+            FileHandle.standardError.write(Data("aq-bridge: unknown log level '\(configuration.logLevel)'\n".utf8))
+            throw ExitCode.failure
+        }
+        LoggingSystem.bootstrap { label in LogfmtHandler(label: label, level: level) }
+        let logger = Logger(label: "aq-bridge")
+        let service = BridgeService(configuration: configuration, logger: logger)
+        do {
+            try await service.run()
+        } catch {
+            logger.critical("aq-bridge cannot run", metadata: ["error": "\(error)"])
+            throw ExitCode.failure
+        }
+    }
+}

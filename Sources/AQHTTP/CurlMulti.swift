@@ -1,0 +1,276 @@
+internal import CAQCurl
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An HTTP request for ``CurlMulti``.
+public struct HTTPRequest: Sendable {
+    public var url: String
+    public var method: String
+    /// Complete header lines, e.g. `Content-Type: application/json`.
+    public var headers: [String]
+    public var body: [UInt8]
+    public var timeout: Duration
+    /// A larger answer fails the request (`tooLarge`) instead of filling memory.
+    public var maxResponseBytes: Int
+
+    public init(url: String, method: String = "POST", headers: [String] = [], body: [UInt8] = [],
+                timeout: Duration = .seconds(30), maxResponseBytes: Int = 1 << 20) {
+        self.url = url
+        self.method = method
+        self.headers = headers
+        self.body = body
+        self.timeout = timeout
+        self.maxResponseBytes = maxResponseBytes
+    }
+}
+
+/// The answer headers a task bridge acts on, kept without building a list of every header.
+public struct HTTPAnswer: Sendable {
+    public var status: Int
+    public var body: [UInt8]
+    /// `Retry-After`, as sent.
+    public var retryAfter: String?
+    /// `AsyncQueue-No-Retry` (or `X-AsyncQueue-No-Retry`), as sent.
+    public var noRetry: String?
+    public var contentType: String?
+}
+
+/// Many HTTP requests at once over libcurl's multi-socket interface, driven by someone else's
+/// event loop: it says which sockets to poll (``pollRequests(into:)``), is told what happened
+/// (``handle(_:)``) and finishes transfers in ``runTurn()``. Not thread-safe: one thread owns it
+/// (in aq-bridge, the AMQP connection's thread, so a task costs no thread hop).
+public final class CurlMulti {
+    public typealias Completion = (Result<HTTPAnswer, HTTPError>) -> Void
+
+    final class Transfer {
+        let easy: UnsafeMutableRawPointer
+        var request: HTTPRequest
+        var headerList: UnsafeMutablePointer<curl_slist>?
+        var response: [UInt8] = []
+        var retryAfter: String?
+        var noRetry: String?
+        var contentType: String?
+        var overflow = false
+        var completion: Completion?
+
+        init(easy: UnsafeMutableRawPointer, request: HTTPRequest) {
+            self.easy = easy
+            self.request = request
+        }
+    }
+
+    private let multi: UnsafeMutableRawPointer
+    /// Sockets curl wants watched, with the poll events.
+    private var sockets: [Int32: Int16] = [:]
+    private var timerDeadline: ContinuousClock.Instant?
+    private var idleHandles: [UnsafeMutableRawPointer] = []
+    private var transfers: [UnsafeMutableRawPointer: Transfer] = [:]
+    private var stillRunning: Int32 = 0
+    /// Transfers waiting for a free slot (over `maxInFlight`).
+    private var waiting: [(HTTPRequest, Completion)] = []
+    public let maxInFlight: Int
+    public private(set) var startedCount = 0
+
+    public var inFlight: Int { self.transfers.count + self.waiting.count }
+
+    public init(maxInFlight: Int = 1024, maxConnections: Int = 512) {
+        _ = CurlGlobal.initialized
+        guard let multi = curl_multi_init() else { fatalError("libcurl could not create a multi handle") }
+        self.multi = multi
+        self.maxInFlight = maxInFlight
+        let me = Unmanaged.passUnretained(self).toOpaque()
+        _ = aq_curl_multi_setopt_ptr(multi, CURLMOPT_SOCKETDATA, me)
+        _ = aq_curl_multi_setopt_ptr(multi, CURLMOPT_TIMERDATA, me)
+        _ = aq_curl_multi_setopt_socket_callback(multi) { _, socket, what, clientp, _ in
+            guard let clientp else { return 0 }
+            let this = Unmanaged<CurlMulti>.fromOpaque(clientp).takeUnretainedValue()
+            switch what {
+            case Int32(CURL_POLL_REMOVE): this.sockets[socket] = nil
+            case Int32(CURL_POLL_IN): this.sockets[socket] = Int16(POLLIN)
+            case Int32(CURL_POLL_OUT): this.sockets[socket] = Int16(POLLOUT)
+            default: this.sockets[socket] = Int16(POLLIN | POLLOUT)
+            }
+            return 0
+        }
+        _ = aq_curl_multi_setopt_timer_callback(multi) { _, timeout, clientp in
+            guard let clientp else { return 0 }
+            let this = Unmanaged<CurlMulti>.fromOpaque(clientp).takeUnretainedValue()
+            this.timerDeadline = timeout < 0 ? nil : ContinuousClock.now + .milliseconds(timeout)
+            return 0
+        }
+        _ = aq_curl_multi_setopt_long(multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, maxConnections)
+        _ = aq_curl_multi_setopt_long(multi, CURLMOPT_MAXCONNECTS, maxConnections)
+    }
+
+    deinit {
+        for (_, transfer) in self.transfers {
+            curl_multi_remove_handle(self.multi, transfer.easy)
+            curl_easy_cleanup(transfer.easy)
+            curl_slist_free_all(transfer.headerList)
+        }
+        for easy in self.idleHandles { curl_easy_cleanup(easy) }
+        curl_multi_cleanup(self.multi)
+    }
+
+    /// Starts a request; `completion` runs later, inside ``runTurn()`` or ``handle(_:)``.
+    public func start(_ request: HTTPRequest, completion: @escaping Completion) {
+        guard self.transfers.count < self.maxInFlight else {
+            self.waiting.append((request, completion))
+            return
+        }
+        guard let easy = self.idleHandles.popLast() ?? curl_easy_init() else {
+            completion(.failure(HTTPError(kind: .other, message: "libcurl could not create a handle")))
+            return
+        }
+        let transfer = Transfer(easy: easy, request: request)
+        transfer.completion = completion
+        for header in request.headers { transfer.headerList = curl_slist_append(transfer.headerList, header) }
+        // No "Expect: 100-continue" round trip for larger bodies.
+        transfer.headerList = curl_slist_append(transfer.headerList, "Expect:")
+        let context = Unmanaged.passRetained(transfer).toOpaque()
+        _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_PRIVATE, context)
+        _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_URL, request.url)
+        _ = aq_curl_easy_setopt_long(easy, CURLOPT_NOSIGNAL, 1)
+        _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_PROTOCOLS_STR, "http,https")
+        _ = aq_curl_easy_setopt_long(easy, CURLOPT_TIMEOUT_MS, Self.milliseconds(request.timeout))
+        _ = aq_curl_easy_setopt_long(easy, CURLOPT_CONNECTTIMEOUT_MS, min(Self.milliseconds(request.timeout), 10_000))
+        _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_CUSTOMREQUEST, request.method == "POST" ? nil : request.method)
+        _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_HTTPHEADER, transfer.headerList)
+        if request.method == "GET" {
+            _ = aq_curl_easy_setopt_long(easy, CURLOPT_HTTPGET, 1)
+        } else {
+            _ = aq_curl_easy_setopt_long(easy, CURLOPT_POSTFIELDSIZE, transfer.request.body.count)
+            // The body array lives in the transfer until the request ends.
+            transfer.request.body.withUnsafeBytes { raw in
+                _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_POSTFIELDS, raw.baseAddress ?? UnsafeRawPointer(bitPattern: 1))
+            }
+        }
+        _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_WRITEDATA, context)
+        _ = aq_curl_easy_setopt_data_callback(easy, CURLOPT_WRITEFUNCTION) { data, size, count, context in
+            guard let context else { return 0 }
+            let transfer = Unmanaged<Transfer>.fromOpaque(context).takeUnretainedValue()
+            let length = size * count
+            guard let data, length > 0 else { return length }
+            if transfer.response.count + length > transfer.request.maxResponseBytes {
+                transfer.overflow = true
+                return 0  // aborts with CURLE_WRITE_ERROR
+            }
+            transfer.response.append(contentsOf: UnsafeRawBufferPointer(start: data, count: length))
+            return length
+        }
+        _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_HEADERDATA, context)
+        _ = aq_curl_easy_setopt_data_callback(easy, CURLOPT_HEADERFUNCTION) { data, size, count, context in
+            let length = size * count
+            guard let data, let context, length > 12 else { return length }
+            let transfer = Unmanaged<Transfer>.fromOpaque(context).takeUnretainedValue()
+            let raw = UnsafeRawBufferPointer(start: data, count: length)
+            // Only the few headers the bridge acts on; others cost nothing beyond this check.
+            switch raw[0] | 0x20 {
+            case UInt8(ascii: "r"), UInt8(ascii: "a"), UInt8(ascii: "x"), UInt8(ascii: "c"):
+                let line = String(decoding: raw, as: UTF8.self)
+                guard let colon = line.firstIndex(of: ":") else { return length }
+                let name = line[..<colon].lowercased()
+                let value = line[line.index(after: colon)...].trimmingCharacters(in: .whitespacesAndNewlines)
+                switch name {
+                case "retry-after": transfer.retryAfter = value
+                case "asyncqueue-no-retry", "x-asyncqueue-no-retry": transfer.noRetry = value
+                case "content-type": transfer.contentType = value
+                default: break
+                }
+            default: break
+            }
+            return length
+        }
+        self.transfers[context] = transfer
+        self.startedCount += 1
+        let code = curl_multi_add_handle(self.multi, easy)
+        if code != CURLM_OK {
+            self.finish(context, result: .failure(HTTPError(kind: .other, message: "libcurl refused the request: \(String(cString: curl_multi_strerror(code)))")))
+        }
+    }
+
+    static func milliseconds(_ d: Duration) -> Int {
+        Int(d.components.seconds) * 1000 + Int(d.components.attoseconds / 1_000_000_000_000_000)
+    }
+
+    /// Adds the sockets curl is waiting on; returns the longest wait curl allows, in ms.
+    public func pollRequests(into fds: inout [pollfd]) -> Int32? {
+        for (socket, events) in self.sockets { fds.append(pollfd(fd: socket, events: events, revents: 0)) }
+        guard let deadline = self.timerDeadline else { return nil }
+        let left = deadline - ContinuousClock.now
+        return left <= .zero ? 0 : Int32(clamping: Self.milliseconds(left) + 1)
+    }
+
+    /// Tells curl what poll saw on its sockets.
+    public func handle(_ fds: ArraySlice<pollfd>) {
+        for fd in fds where fd.revents != 0 {
+            var mask: Int32 = 0
+            if fd.revents & Int16(POLLIN) != 0 { mask |= CURL_CSELECT_IN }
+            if fd.revents & Int16(POLLOUT) != 0 { mask |= CURL_CSELECT_OUT }
+            if fd.revents & Int16(POLLERR | POLLHUP) != 0 { mask |= CURL_CSELECT_ERR }
+            _ = curl_multi_socket_action(self.multi, fd.fd, mask, &self.stillRunning)
+        }
+    }
+
+    /// Fires curl's timer when due and completes finished transfers. Returns true when it did
+    /// something (the caller should not sleep yet).
+    @discardableResult
+    public func runTurn() -> Bool {
+        var didWork = false
+        if let deadline = self.timerDeadline, deadline <= ContinuousClock.now {
+            self.timerDeadline = nil
+            _ = curl_multi_socket_action(self.multi, CURL_SOCKET_TIMEOUT, 0, &self.stillRunning)
+            didWork = true
+        }
+        var left: Int32 = 0
+        while let message = curl_multi_info_read(self.multi, &left) {
+            guard message.pointee.msg == CURLMSG_DONE, let easy = message.pointee.easy_handle else { continue }
+            let code = aq_curl_msg_result(message)
+            var privatePointer: UnsafeMutableRawPointer?
+            _ = aq_curl_easy_getinfo_ptr(easy, CURLINFO_PRIVATE, &privatePointer)
+            guard let context = privatePointer, let transfer = self.transfers[context] else { continue }
+            let result: Result<HTTPAnswer, HTTPError>
+            if code == CURLE_OK {
+                var status = 0
+                _ = aq_curl_easy_getinfo_long(easy, CURLINFO_RESPONSE_CODE, &status)
+                result = .success(HTTPAnswer(status: status, body: transfer.response, retryAfter: transfer.retryAfter,
+                                             noRetry: transfer.noRetry, contentType: transfer.contentType))
+            } else if transfer.overflow {
+                result = .failure(HTTPError(kind: .tooLarge, message: "the answer exceeded \(transfer.request.maxResponseBytes) bytes", curlCode: Int32(code.rawValue)))
+            } else {
+                let text = String(cString: curl_easy_strerror(code))
+                result = .failure(HTTPError(kind: CurlGlobal.kind(of: code), message: text, curlCode: Int32(code.rawValue)))
+            }
+            self.finish(context, result: result)
+            didWork = true
+        }
+        while self.transfers.count < self.maxInFlight, !self.waiting.isEmpty {
+            let (request, completion) = self.waiting.removeFirst()
+            self.start(request, completion: completion)
+            didWork = true
+        }
+        return didWork
+    }
+
+    private func finish(_ context: UnsafeMutableRawPointer, result: Result<HTTPAnswer, HTTPError>) {
+        guard let transfer = self.transfers.removeValue(forKey: context) else { return }
+        curl_multi_remove_handle(self.multi, transfer.easy)
+        curl_slist_free_all(transfer.headerList)
+        transfer.headerList = nil
+        Unmanaged<Transfer>.fromOpaque(context).release()
+        if self.idleHandles.count < 1024 { self.idleHandles.append(transfer.easy) } else { curl_easy_cleanup(transfer.easy) }
+        let completion = transfer.completion
+        transfer.completion = nil
+        completion?(result)
+    }
+
+    /// Fails every transfer (used at shutdown).
+    public func cancelAll(_ error: HTTPError) {
+        let waiting = self.waiting
+        self.waiting.removeAll()
+        for (_, completion) in waiting { completion(.failure(error)) }
+        for context in Array(self.transfers.keys) { self.finish(context, result: .failure(error)) }
+    }
+}

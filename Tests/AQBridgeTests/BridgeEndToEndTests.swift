@@ -1,0 +1,233 @@
+import AMQPClient
+import AQBridge
+import AQHTTP
+import AsyncQueue
+import Foundation
+import Testing
+
+@Suite(.serialized, .timeLimit(.minutes(3))) struct BridgeEndToEndTests {
+    @Test func fireAndForgetPostsThePayloadExactlyAndAcks() async throws {
+        let receiver = try Receiver()
+        let bridge = try await BridgeHarness.start()
+        let id = try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/send-welcome-email"))","payload":{"userId":42,"email":"ada@example.com","note":"a } and \"quotes\""}}"#)
+        let calls = try await receiver.wait("/send-welcome-email", count: 1)
+        let request = calls[0].request
+        #expect(request.method == "POST")
+        #expect(request.bodyString == #"{"userId":42,"email":"ada@example.com","note":"a } and \"quotes\""}"#)
+        #expect(request.header("Content-Type") == "application/json")
+        #expect(request.header("webhook-id") == id)
+        #expect(request.header("AsyncQueue-Task-Id") == id)
+        #expect(request.header("AsyncQueue-Attempt") == "1")
+        try await bridge.waitIdle()
+        #expect(try await bridge.depth("aq.work.default") == 0)
+        #expect(try await bridge.depth("aq.dead") == 0)
+        #expect(bridge.service.metrics.value(.tasksCompleted) == 1)
+        await bridge.stop()
+    }
+
+    @Test func requestReplyDeliversTheCallbacksJSONAsResult() async throws {
+        let receiver = try Receiver()
+        receiver.on("/generate-report") { request, _ in
+            let jobId = (request.json?["jobId"] as? String) ?? "?"
+            return .json(#"{"jobId":"\#(jobId)","reportUrl":"https://files.example/\#(jobId).pdf"}"#)
+        }
+        let bridge = try await BridgeHarness.start()
+        let aq = try await AsyncQueue(connection: bridge.connection)
+        let id = try await aq.tasks.create(
+            callbackUrl: receiver.url("/generate-report"), payload: ["jobId": "job-7", "params": ["year": 2026]],
+            webhookUrl: receiver.url("/on-report-ready"), retries: 2, timeout: 120)
+        let hooks = try await receiver.wait("/on-report-ready", count: 1)
+        let body = try #require(hooks[0].request.json)
+        #expect(body["taskId"] as? String == id)
+        #expect(body["status"] as? String == "completed")
+        #expect(body["attempts"] as? Int == 1)
+        let result = try #require(body["result"] as? [String: Any])
+        #expect(result["jobId"] as? String == "job-7")
+        #expect(result["reportUrl"] as? String == "https://files.example/job-7.pdf")
+        #expect(hooks[0].request.header("webhook-id") == "\(id):result")
+        try await bridge.waitIdle()
+        #expect(receiver.requests("/on-report-ready").count == 1, "never a webhook per attempt")
+        await bridge.stop()
+    }
+
+    @Test func retriesThatSucceedAtTheThirdAttempt() async throws {
+        let receiver = try Receiver()
+        receiver.on("/flaky") { _, nth in nth < 3 ? .text("busy", status: 503) : .json(#"{"done":true}"#) }
+        let bridge = try await BridgeHarness.start()
+        let id = try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/flaky"))","payload":{"n":1},"webhookUrl":"\#(receiver.url("/hook"))","retries":3}"#)
+        let hook = try await receiver.wait("/hook", count: 1)
+        let calls = receiver.requests("/flaky")
+        #expect(calls.count == 3)
+        #expect(calls.map { $0.request.header("AsyncQueue-Attempt") } == ["1", "2", "3"])
+        #expect(Set(calls.map { $0.request.header("webhook-id") }) == [id], "the idempotency key stays the same")
+        // Backoff through the tiers: 1s, then 3s.
+        #expect(calls[1].at - calls[0].at >= .milliseconds(900))
+        #expect(calls[2].at - calls[1].at >= .milliseconds(2900))
+        let body = try #require(hook[0].request.json)
+        #expect(body["status"] as? String == "completed")
+        #expect(body["attempts"] as? Int == 3)
+        #expect((body["result"] as? [String: Any])?["done"] as? Bool == true)
+        try await bridge.waitIdle()
+        #expect(bridge.service.metrics.value(.tasksRetried) == 2)
+        await bridge.stop()
+    }
+
+    @Test func retriesExhaustedDeadLettersThenTellsTheWebhook() async throws {
+        let receiver = try Receiver()
+        receiver.on("/down") { _, _ in .text("down for maintenance", status: 500) }
+        let bridge = try await BridgeHarness.start()
+        let id = try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/down"))","payload":{},"webhookUrl":"\#(receiver.url("/on-task-failed"))","retries":1}"#)
+        let hook = try await receiver.wait("/on-task-failed", count: 1)
+        #expect(receiver.requests("/down").count == 2)
+        let body = try #require(hook[0].request.json)
+        #expect(body["taskId"] as? String == id)
+        #expect(body["status"] as? String == "failed")
+        #expect(body["attempts"] as? Int == 2)
+        let error = try #require(body["error"] as? [String: Any])
+        #expect(error["status"] as? Int == 500)
+        #expect(error["body"] as? String == "down for maintenance")
+        #expect(error["reason"] as? String == "HTTP 500")
+        try await bridge.waitIdle()
+        let dead = try await bridge.deadLetters()
+        #expect(dead.count == 1)
+        let headers = try #require(dead.first?.properties.headers)
+        #expect(headers["aq-reason"]?.stringValue == "retries-exhausted")
+        #expect(headers["aq-attempts"]?.intValue == 2)
+        #expect(headers["aq-last-status"]?.intValue == 500)
+        #expect(headers["aq-task-id"]?.stringValue == id)
+        #expect(dead.first?.properties.messageId == id)
+        await bridge.stop()
+    }
+
+    @Test func fireAndForgetFailureWithoutWebhookOnlyDeadLetters() async throws {
+        let receiver = try Receiver()
+        receiver.on("/gone") { _, _ in .text("no", status: 410) }
+        let bridge = try await BridgeHarness.start()
+        try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/gone"))","payload":1,"retries":5}"#)
+        try await bridge.waitDepth("aq.dead", 1)
+        #expect(receiver.requests("/gone").count == 1, "410 is not retried")
+        let dead = try await bridge.deadLetters()
+        #expect(dead.first?.properties.headers?["aq-reason"]?.stringValue == "not-retryable")
+        await bridge.stop()
+    }
+
+    @Test func retryAfterIsHonoured() async throws {
+        let receiver = try Receiver()
+        receiver.on("/limited") { _, nth in nth == 1 ? HTTPServer.Response(status: 429, headers: [("Retry-After", "3")]) : .json("{}") }
+        let bridge = try await BridgeHarness.start()
+        try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/limited"))","payload":{},"retries":2}"#)
+        let calls = try await receiver.wait("/limited", count: 2)
+        // Without Retry-After the first retry waits in the 1s tier; with "3" it waits in the 3s tier.
+        #expect(calls[1].at - calls[0].at >= .milliseconds(2900))
+        await bridge.stop()
+    }
+
+    @Test func nonRetryableAnswersAndTheNoRetryHeaderFailAtOnce() async throws {
+        let receiver = try Receiver()
+        receiver.on("/bad") { _, _ in .json(#"{"error":"invalid"}"#, status: 422) }
+        receiver.on("/stop") { _, _ in HTTPServer.Response(status: 503, headers: [("AsyncQueue-No-Retry", "true")]) }
+        let bridge = try await BridgeHarness.start()
+        try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/bad"))","payload":{},"webhookUrl":"\#(receiver.url("/hook"))","retries":3}"#)
+        try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/stop"))","payload":{},"retries":3}"#)
+        let hook = try await receiver.wait("/hook", count: 1)
+        #expect((hook[0].request.json?["error"] as? [String: Any])?["status"] as? Int == 422)
+        try await bridge.waitDepth("aq.dead", 2)
+        #expect(receiver.requests("/bad").count == 1)
+        #expect(receiver.requests("/stop").count == 1)
+        await bridge.stop()
+    }
+
+    @Test func aCallbackThatNeverAnswersTimesOut() async throws {
+        let receiver = try Receiver()
+        receiver.on("/slow") { _, _ in nil }  // never answers
+        let bridge = try await BridgeHarness.start()
+        let start = ContinuousClock.now
+        try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/slow"))","payload":{},"webhookUrl":"\#(receiver.url("/hook"))","retries":0,"timeout":1}"#)
+        let hook = try await receiver.wait("/hook", count: 1)
+        #expect(ContinuousClock.now - start >= .milliseconds(900))
+        let error = try #require(hook[0].request.json?["error"] as? [String: Any])
+        #expect((error["reason"] as? String)?.contains("no answer within 1s") == true)
+        #expect(error["status"] is NSNull)
+        await bridge.stop()
+    }
+
+    @Test func aWebhookThatFailsTwiceIsRetriedWithoutRunningTheCallbackAgain() async throws {
+        let receiver = try Receiver()
+        receiver.on("/work") { _, _ in .json(#"{"v":1}"#) }
+        receiver.on("/hook") { _, nth in nth <= 2 ? .text("no", status: 502) : .json("{}") }
+        let bridge = try await BridgeHarness.start()
+        let id = try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/work"))","payload":{},"webhookUrl":"\#(receiver.url("/hook"))"}"#)
+        let hooks = try await receiver.wait("/hook", count: 3)
+        #expect(receiver.requests("/work").count == 1)
+        #expect(Set(hooks.map { $0.request.bodyString }).count == 1, "the same body each time")
+        #expect(Set(hooks.map { $0.request.header("webhook-id") }) == ["\(id):result"])
+        #expect(hooks.map { $0.request.header("AsyncQueue-Attempt") } == ["1", "2", "3"])
+        try await bridge.waitIdle()
+        #expect(receiver.requests("/hook").count == 3)
+        #expect(try await bridge.depth("aq.dead") == 0)
+        await bridge.stop()
+    }
+
+    @Test func malformedTasksAreDeadLetteredWithTheReasonAndTheBridgeCarriesOn() async throws {
+        let receiver = try Receiver()
+        let bridge = try await BridgeHarness.start { $0.maxPayloadBytes = 2000 }
+        let cases: [(String, String)] = [
+            ("not json at all", "not a JSON object"),
+            ("[1,2,3]", "expected a JSON object"),
+            (#"{"payload":{}}"#, "callbackUrl is missing"),
+            (#"{"callbackUrl":"ftp://files.example/x","payload":{}}"#, "must be an http or https URL"),
+            (#"{"callbackUrl":42,"payload":{}}"#, "callbackUrl must be a string"),
+            (#"{"callbackUrl":"http://127.0.0.1:1/x","retries":"3"}"#, "retries must be a whole number"),
+            (#"{"callbackUrl":"http://127.0.0.1:1/x","timeout":-5}"#, "timeout must be a positive number"),
+            (#"{"callbackUrl":"http://127.0.0.1:1/x","webhookUrl":"not a url"}"#, "webhookUrl must be an http or https URL"),
+            (#"{"callbackUrl":"http://127.0.0.1:1/x","payload":""# + String(repeating: "x", count: 3000) + #""}"#, "over the limit of 2000"),
+            (#"{"callbackUrl":"http://127.0.0.1:1/x","payload":{"unterminated":}"#, "not a JSON object"),
+        ]
+        for (body, _) in cases { try await bridge.publish(body) }
+        // A good task after the bad ones still works.
+        try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/ok"))","payload":{}}"#)
+        _ = try await receiver.wait("/ok", count: 1)
+        try await bridge.waitDepth("aq.dead", UInt32(cases.count))
+        let dead = try await bridge.deadLetters()
+        #expect(dead.count == cases.count)
+        for (index, (body, reason)) in cases.enumerated() {
+            let letter = dead.first { $0.body == Array(body.utf8) }
+            #expect(letter?.properties.headers?["aq-reason"]?.stringValue == "malformed", "case \(index)")
+            #expect(letter?.properties.headers?["aq-error"]?.stringValue?.contains(reason) == true,
+                    "case \(index): \(letter?.properties.headers?["aq-error"]?.stringValue ?? "nothing")")
+        }
+        #expect(bridge.service.metrics.value(.tasksMalformed) == cases.count)
+        await bridge.stop()
+    }
+
+    @Test func unreachableHostsDNSFailuresAndHugeAnswersEndInADocumentedFailure() async throws {
+        let receiver = try Receiver()
+        receiver.on("/huge") { _, _ in .text(String(repeating: "x", count: 200_000)) }
+        let bridge = try await BridgeHarness.start { $0.maxResponseBytes = 100_000 }
+        try await bridge.publish(#"{"callbackUrl":"http://127.0.0.1:1/refused","payload":{},"webhookUrl":"\#(receiver.url("/h1"))","retries":1}"#)
+        try await bridge.publish(#"{"callbackUrl":"http://no-such-host.invalid/x","payload":{},"webhookUrl":"\#(receiver.url("/h2"))","retries":0}"#)
+        try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/huge"))","payload":{},"webhookUrl":"\#(receiver.url("/h3"))","retries":3}"#)
+        let refused = try await receiver.wait("/h1", count: 1)[0].request.json?["error"] as? [String: Any]
+        #expect((refused?["reason"] as? String)?.contains("could not connect") == true)
+        let dns = try await receiver.wait("/h2", count: 1)[0].request.json?["error"] as? [String: Any]
+        #expect((dns?["reason"] as? String)?.contains("DNS") == true)
+        let huge = try await receiver.wait("/h3", count: 1)[0].request.json?["error"] as? [String: Any]
+        #expect((huge?["reason"] as? String)?.contains("exceeded 100000 bytes") == true)
+        #expect(receiver.requests("/huge").count == 1, "a huge answer is not retried")
+        try await bridge.waitIdle()
+        let reasons = try await bridge.deadLetters().compactMap { $0.properties.headers?["aq-reason"]?.stringValue }.sorted()
+        #expect(reasons == ["not-retryable", "retries-exhausted", "retries-exhausted"])
+        await bridge.stop()
+    }
+
+    @Test func healthReadinessAndMetrics() async throws {
+        let bridge = try await BridgeHarness.start()
+        let port = try #require(bridge.service.healthPort)
+        #expect(try await BlockingHTTP.request(method: "GET", url: "http://127.0.0.1:\(port)/healthz").status == 200)
+        #expect(try await BlockingHTTP.request(method: "GET", url: "http://127.0.0.1:\(port)/readyz").status == 200)
+        let metrics = try await BlockingHTTP.request(method: "GET", url: "http://127.0.0.1:\(port)/metrics").bodyString
+        #expect(metrics.contains("# TYPE aq_bridge_tasks_completed_total counter"))
+        #expect(metrics.contains("aq_bridge_amqp_connected 1"))
+        await bridge.stop()
+    }
+}
