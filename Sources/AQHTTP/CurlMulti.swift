@@ -35,6 +35,14 @@ public struct HTTPAnswer: Sendable {
     /// `AsyncQueue-No-Retry` (or `X-AsyncQueue-No-Retry`), as sent.
     public var noRetry: String?
     public var contentType: String?
+
+    public init(status: Int, body: [UInt8], retryAfter: String? = nil, noRetry: String? = nil, contentType: String? = nil) {
+        self.status = status
+        self.body = body
+        self.retryAfter = retryAfter
+        self.noRetry = noRetry
+        self.contentType = contentType
+    }
 }
 
 /// Many HTTP requests at once over libcurl's multi-socket interface, driven by someone else's
