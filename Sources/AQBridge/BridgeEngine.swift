@@ -152,10 +152,12 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     // MARK: Callback
 
-    private func headers(id: String, attempt: Int, queue: String, body: [UInt8]) -> [String] {
+    /// `id` is the Standard Webhooks message id (the idempotency key): the task id for the
+    /// callback, `<task id>:result` for the webhook.
+    private func headers(id: String, taskId: String, attempt: Int, queue: String, body: [UInt8]) -> [String] {
         var headers = [
             "Content-Type: application/json", Self.userAgent,
-            "AsyncQueue-Task-Id: \(id)", "AsyncQueue-Attempt: \(attempt)", "AsyncQueue-Queue: \(queue)",
+            "AsyncQueue-Task-Id: \(taskId)", "AsyncQueue-Attempt: \(attempt)", "AsyncQueue-Queue: \(queue)",
         ]
         if self.settings.signer.isEnabled {
             let timestamp = Int(Date().timeIntervalSince1970)
@@ -170,7 +172,7 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     private func callback(_ run: Run, _ task: TaskSpec) {
         let request = HTTPRequest(
-            url: task.callbackURL, headers: self.headers(id: task.id, attempt: run.attempt, queue: run.queue.name, body: task.payload),
+            url: task.callbackURL, headers: self.headers(id: task.id, taskId: task.id, attempt: run.attempt, queue: run.queue.name, body: task.payload),
             body: task.payload, timeout: task.timeout, maxResponseBytes: self.settings.maxResponseBytes)
         self.http.start(request) { [unowned self] result in
             guard self.isActive(run) else { return }
@@ -289,7 +291,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     private func webhook(_ run: Run, url: String, taskId: String, body: [UInt8], attempt: Int) {
         let id = "\(taskId):result"
         let timeout = self.settings.webhookTimeout
-        let request = HTTPRequest(url: url, headers: self.headers(id: id, attempt: attempt, queue: run.queue.name, body: body),
+        let request = HTTPRequest(url: url, headers: self.headers(id: id, taskId: taskId, attempt: attempt, queue: run.queue.name, body: body),
                                   body: body, timeout: timeout, maxResponseBytes: 64 * 1024)
         self.http.start(request) { [unowned self] result in
             guard self.isActive(run) else { return }

@@ -106,7 +106,8 @@ final class BridgeHarness: Sendable {
         guard (200..<300).contains(response.status) else { throw HarnessError(description: "\(method) \(path): \(response.status)") }
     }
 
-    static func start(configure: (inout BridgeConfiguration) -> Void = { _ in }) async throws -> BridgeHarness {
+    /// A fresh virtual host with the topology applied: (vhost, AMQP URL, topology directory).
+    static func prepareVHost() async throws -> (String, String, URL) {
         let vhost = "aq-bridge-test-\(UUID().uuidString.prefix(8).lowercased())"
         try await self.management("PUT", "/api/vhosts/\(vhost)")
         let base = try AMQPConfiguration(url: self.baseURL)
@@ -117,6 +118,11 @@ final class BridgeHarness: Sendable {
         try self.topologyYAML.write(to: dir.appendingPathComponent("asyncqueue.yaml"), atomically: true, encoding: .utf8)
         let spec = try TopologyLoader.load(paths: [dir.path])
         try await TopologyApplier.apply(spec, on: try BrokerTarget(amqpURL: url, managementURL: self.managementURL))
+        return (vhost, url, dir)
+    }
+
+    static func start(configure: (inout BridgeConfiguration) -> Void = { _ in }) async throws -> BridgeHarness {
+        let (vhost, url, dir) = try await self.prepareVHost()
 
         var configuration = BridgeConfiguration()
         configuration.amqpURL = url

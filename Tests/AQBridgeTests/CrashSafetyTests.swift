@@ -1,0 +1,116 @@
+import AMQPClient
+import AQHTTP
+import Foundation
+import Synchronization
+import Testing
+
+/// The real aq-bridge binary, killed and restarted: nothing is lost.
+@Suite(.serialized, .timeLimit(.minutes(3))) struct CrashSafetyTests {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    static var binary: URL {
+        for dir in [Bundle.main.bundleURL, Bundle.main.bundleURL.deletingLastPathComponent(), root.appendingPathComponent(".build/debug")] {
+            let url = dir.appendingPathComponent("aq-bridge")
+            if FileManager.default.isExecutableFile(atPath: url.path) { return url }
+        }
+        return root.appendingPathComponent(".build/debug/aq-bridge")
+    }
+
+    func launch(url: String, topology: URL, prefetch: Int = 500) throws -> Process {
+        let process = Process()
+        process.executableURL = Self.binary
+        process.arguments = ["--prefetch", "\(prefetch)", "--listen", "", "--log-level", "warning", "--shutdown-grace", "20"]
+        process.environment = ["AQ_AMQP_URL": url, "AQ_TOPOLOGY": topology.path, "PATH": "/usr/bin:/bin"]
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        return process
+    }
+
+
+    @Test func killDashNineWithThousandsInFlightLosesNothing() async throws {
+        let (vhost, url, dir) = try await BridgeHarness.prepareVHost()
+        let received = Mutex<[String: Int]>([:])
+        let server = try HTTPServer { request, responder in
+            if request.path == "/hook", let id = request.header("AsyncQueue-Task-Id") {
+                received.withLock { $0[id, default: 0] += 1 }
+                return responder.respond(.json("{}"))
+            }
+            // Callbacks answer after 20 ms, from another thread.
+            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(20)) { responder.respond(.json(#"{"ok":true}"#)) }
+        }
+        defer { server.shutdown() }
+        let connection = try await AMQPConnection.connect(url)
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let total = 5000
+        var confirms: [AMQPPublishConfirm] = []
+        for index in 0..<total {
+            let body = #"{"callbackUrl":"http://127.0.0.1:\#(server.port)/cb","payload":{"i":\#(index)},"webhookUrl":"http://127.0.0.1:\#(server.port)/hook"}"#
+            confirms.append(channel.beginPublish(Array(body.utf8), exchange: "aq.tasks", routingKey: "default",
+                                                 properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, messageId: "t-\(index)")))
+        }
+        for confirm in confirms { _ = try await confirm.result() }
+
+        var bridge = try self.launch(url: url, topology: dir, prefetch: 2000)
+        // Let it get going, then kill it with thousands of tasks in flight or queued.
+        let deadline = ContinuousClock.now + .seconds(60)
+        while received.withLock({ $0.count }) < 500 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        kill(bridge.processIdentifier, SIGKILL)
+        bridge.waitUntilExit()
+        let beforeRestart = received.withLock { $0.count }
+        #expect(beforeRestart < total, "the kill came while work was left")
+
+        bridge = try self.launch(url: url, topology: dir)
+        let finish = ContinuousClock.now + .seconds(90)
+        while received.withLock({ $0.count }) < total && ContinuousClock.now < finish { try await Task.sleep(for: .milliseconds(20)) }
+        let delivered = received.withLock { $0 }
+        #expect(delivered.count == total, "every task's webhook arrived at least once (\(delivered.count) of \(total))")
+        let missing = (0..<total).map { "t-\($0)" }.filter { delivered[$0] == nil }
+        #expect(missing.count == 0, "\(missing.count) missing, e.g. \(missing.prefix(5))")
+        // Nothing left behind, nothing dead-lettered.
+        for queue in ["aq.work.default", "aq.retry.1s", "aq.retry.3s", "aq.dead"] {
+            #expect(try await channel.declareQueue(queue, passive: true).messageCount == 0, "\(queue) is empty")
+        }
+
+        // SIGTERM: a graceful stop, exit status 0.
+        bridge.terminate()
+        bridge.waitUntilExit()
+        #expect(bridge.terminationStatus == 0)
+        await connection.close()
+        try? await BridgeHarness.management("DELETE", "/api/vhosts/\(vhost)")
+    }
+
+    @Test func sigtermFinishesTheTasksInFlightAndLeavesTheRestQueued() async throws {
+        let (vhost, url, dir) = try await BridgeHarness.prepareVHost()
+        let started = Atomic<Int>(0)
+        let finished = Atomic<Int>(0)
+        let server = try HTTPServer { request, responder in
+            started.add(1, ordering: .relaxed)
+            // Each callback takes 1.5 s: SIGTERM arrives while they run.
+            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(1500)) {
+                finished.add(1, ordering: .relaxed)
+                responder.respond(.json("{}"))
+            }
+        }
+        defer { server.shutdown() }
+        let connection = try await AMQPConnection.connect(url)
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        for index in 0..<20 {
+            try await channel.publish(#"{"callbackUrl":"http://127.0.0.1:\#(server.port)/cb","payload":{}}"#, exchange: "aq.tasks", routingKey: "default",
+                                      properties: AMQPProperties(deliveryMode: .persistent, messageId: "g-\(index)"))
+        }
+        let bridge = try self.launch(url: url, topology: dir, prefetch: 5)
+        while started.load(ordering: .relaxed) < 5 { try await Task.sleep(for: .milliseconds(10)) }
+        bridge.terminate()
+        bridge.waitUntilExit()
+        #expect(bridge.terminationStatus == 0)
+        #expect(finished.load(ordering: .relaxed) >= 5, "the tasks in flight finished before exit")
+        // Those done were acked; the rest wait in the queue for the next bridge.
+        let left = try await channel.declareQueue("aq.work.default", passive: true).messageCount
+        #expect(Int(left) + started.load(ordering: .relaxed) >= 20)
+        #expect(Int(left) == 20 - finished.load(ordering: .relaxed))
+        await connection.close()
+        try? await BridgeHarness.management("DELETE", "/api/vhosts/\(vhost)")
+    }
+}

@@ -1,0 +1,46 @@
+import AMQPClient
+import AQBridge
+import Foundation
+import Testing
+
+/// Other languages' clients against the bridge: a task published by Python's pika with the
+/// documented wire format, and signatures checked with the `standardwebhooks` package.
+@Suite(.serialized, .timeLimit(.minutes(2))) struct InteropTests {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    static var python: String {
+        ProcessInfo.processInfo.environment["AQ_TEST_PYTHON"].flatMap { $0.isEmpty ? nil : $0 }
+            ?? root.appendingPathComponent(".venv/bin/python").path
+    }
+
+    @Test func aTaskFromPikaIsDeliveredAndSignedForStandardWebhooks() async throws {
+        let secret = "whsec_" + Data((0..<24).map { _ in UInt8.random(in: 0...255) }).base64EncodedString()
+        let bridge = try await BridgeHarness.start { $0.signingSecrets = [secret, "whsec_" + Data("an-older-secret-1".utf8).base64EncodedString()] }
+        defer { Task { await bridge.stop() } }
+        guard FileManager.default.isExecutableFile(atPath: Self.python) else {
+            Issue.record("needs Python with pika and standardwebhooks at \(Self.python) (scripts/test installs them)")
+            return
+        }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Self.python)
+        process.arguments = [Self.root.appendingPathComponent("Tests/interop/pika_publisher.py").path, bridge.amqpURL, secret]
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = output
+        try process.run()
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        let text = String(decoding: data, as: UTF8.self)
+        #expect(process.terminationStatus == 0, "\(text)")
+        let report = try #require(try JSONSerialization.jsonObject(with: Data((text.split(separator: "\n").last ?? "").utf8)) as? [String: Any], "\(text)")
+        let seen = try #require(report["seen"] as? [String: [String: Any]])
+        let taskId = try #require(report["taskId"] as? String)
+        #expect(seen["/cb"]?["verified"] as? Bool == true, "\(seen)")
+        #expect(seen["/hook"]?["verified"] as? Bool == true, "\(seen)")
+        #expect(seen["/cb"]?["id"] as? String == taskId)
+        #expect((seen["/cb"]?["body"] as? [String: Any])?["from"] as? String == "pika")
+        let hook = try #require(seen["/hook"]?["body"] as? [String: Any])
+        #expect(hook["status"] as? String == "completed")
+        #expect(((hook["result"] as? [String: Any])?["echo"] as? [String: Any])?["n"] as? Int == 7)
+    }
+}
