@@ -15,6 +15,7 @@ let package = Package(
         .executable(name: "aq-bridge", targets: ["AQBridgeCommand"]),
         .library(name: "AsyncQueue", targets: ["AsyncQueue"]),
         .executable(name: "aq-amqp-bench", targets: ["AMQPBenchmark"]),
+        .executable(name: "aq-examples", targets: ["aq-examples"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
@@ -76,6 +77,14 @@ let package = Package(
         .executableTarget(
             name: "AQCommand",
             dependencies: ["AQTopology", "AMQPClient", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: swiftSettings
+        ),
+
+        // The seed's patterns, run against aq-bridge by scripts/run.
+        .executableTarget(
+            name: "aq-examples",
+            dependencies: ["AsyncQueue", "AQHTTP"],
+            path: "examples/patterns",
             swiftSettings: swiftSettings
         ),
 

@@ -1,0 +1,96 @@
+// The seed guide's patterns against a running aq-bridge: fire-and-forget (with and without a
+// failure webhook) and request-reply. A small app serves the callback and webhook endpoints on
+// 127.0.0.1, publishes the tasks with the AsyncQueue Swift client, and prints what its webhooks
+// receive.
+//
+// usage: aq-examples [--amqp URL] [--port N]      (AQ_AMQP_URL works too)
+import AQHTTP
+import AsyncQueue
+import Foundation
+import Synchronization
+
+let arguments = CommandLine.arguments
+func option(_ name: String) -> String? {
+    guard let index = arguments.firstIndex(of: name), index + 1 < arguments.count else { return nil }
+    return arguments[index + 1]
+}
+let amqpURL = option("--amqp") ?? ProcessInfo.processInfo.environment["AQ_AMQP_URL"] ?? "amqp://guest:guest@127.0.0.1:5672/%2F"
+let port = Int(option("--port") ?? "0") ?? 0
+
+// --- The app: callback and webhook endpoints -------------------------------------------------
+let webhooks = Mutex<[(String, String)]>([])
+let app = try HTTPServer(port: port) { request, responder in
+    let body = (try? JSONSerialization.jsonObject(with: Data(request.body))) as? [String: Any] ?? [:]
+    switch request.path {
+    case "/api/send-welcome-email":
+        // Callback: "send" the email. A mailbox that does not exist is a permanent failure.
+        if (body["email"] as? String)?.hasPrefix("nobody@") == true {
+            responder.respond(.json(#"{"error":"mailbox does not exist"}"#, status: 422))
+        } else {
+            responder.respond(.json(#"{"sent":true}"#))
+        }
+    case "/api/generate-report":
+        // Callback: do the work, answer with the result.
+        let jobId = body["jobId"] as? String ?? "?"
+        responder.respond(.json(#"{"jobId":"\#(jobId)","reportUrl":"https://files.example/reports/\#(jobId).pdf"}"#))
+    case "/api/on-task-failed", "/api/on-report-ready":
+        // Webhooks: the outcome arrives here once.
+        webhooks.withLock { $0.append((request.path, request.bodyString)) }
+        responder.respond(.json(#"{"received":true}"#))
+    default:
+        responder.respond(.text("not found\n", status: 404))
+    }
+}
+let base = "http://127.0.0.1:\(app.port)"
+print("example app listening on \(base)")
+
+let aq = try await AsyncQueue.connect(amqpURL)
+
+// --- Step 1: fire-and-forget --------------------------------------------------------------
+// Send a welcome email; nobody waits for the result.
+struct Welcome: Encodable, Sendable { var userId: Int; var email: String }
+let welcome = try await aq.tasks.create(
+    callbackUrl: "\(base)/api/send-welcome-email",
+    payload: Welcome(userId: 1, email: "ada@example.com"))
+print("fire-and-forget: task \(welcome) published")
+
+// With a failure webhook: it fires only when the task fails for good.
+let failing = try await aq.tasks.create(
+    callbackUrl: "\(base)/api/send-welcome-email",
+    payload: Welcome(userId: 2, email: "nobody@example.com"),
+    webhookUrl: "\(base)/api/on-task-failed",
+    retries: 3)
+print("fire-and-forget with failure webhook: task \(failing) published")
+
+// --- Step 2: request-reply with webhooks ----------------------------------------------------
+let jobId = UUID().uuidString.lowercased()
+let report = try await aq.tasks.create(
+    callbackUrl: "\(base)/api/generate-report",
+    payload: ["jobId": .string(jobId), "params": ["year": 2026]],
+    webhookUrl: "\(base)/api/on-report-ready",
+    retries: 2,
+    timeout: 120)
+print("request-reply: task \(report) published for job \(jobId)")
+
+// Wait for both webhooks (bounded).
+let deadline = ContinuousClock.now + .seconds(60)
+while webhooks.withLock({ $0.count }) < 2 && ContinuousClock.now < deadline {
+    try await Task.sleep(for: .milliseconds(50))
+}
+for (path, body) in webhooks.withLock({ $0 }) {
+    print("webhook \(path): \(body)")
+}
+let received = webhooks.withLock { $0.count }
+await aq.close()
+app.shutdown()
+if received < 2 {
+    print("expected 2 webhooks, got \(received): is aq-bridge running against \(AMQPURLRedaction.redact(amqpURL))?")
+    exit(1)
+}
+print("all patterns ran")
+
+enum AMQPURLRedaction {
+    static func redact(_ url: String) -> String {
+        url.replacingOccurrences(of: #"(://[^:/@]*:)[^@]*@"#, with: "$1***@", options: .regularExpression)
+    }
+}
