@@ -25,8 +25,10 @@ public struct BridgeConfiguration: Sendable {
     public var webhookAttempts = 8
     /// One retry in four waits one tier longer, so failures spread out (`retry_jitter`).
     public var retryJitter = true
-    /// Simultaneous HTTP connections.
-    public var httpConnections = 512
+    /// HTTP requests in flight at once (and connections kept open); more tasks wait their turn
+    /// in memory. libcurl's connection reuse scans the connections to a host, so a few dozen
+    /// busy connections beat hundreds.
+    public var httpConnections = 64
     /// Health, readiness and metrics (`AQ_LISTEN`); empty disables.
     public var listen = "127.0.0.1:9464"
     /// How long SIGTERM waits for in-flight tasks before handing them back to the broker.

@@ -57,14 +57,13 @@ final class BridgeEngine: AMQPConnectionExtension {
     var runs: [ObjectIdentifier: Run] = [:]
     var draining = false
     var onDrained: (() -> Void)?
-    private static let userAgent = "User-Agent: AsyncQueue-Bridge/1.0"
 
     init(context: AMQPThreadContext, settings: Settings, metrics: BridgeMetrics, logger: Logger) {
         self.context = context
         self.settings = settings
         self.metrics = metrics
         self.logger = logger
-        self.http = CurlMulti(maxInFlight: max(settings.httpConnections * 4, 64), maxConnections: settings.httpConnections)
+        self.http = CurlMulti(maxInFlight: settings.httpConnections, maxConnections: settings.httpConnections)
     }
 
     /// Opens the channels and starts a consumer per queue.
@@ -156,7 +155,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// callback, `<task id>:result` for the webhook.
     private func headers(id: String, taskId: String, attempt: Int, queue: String, body: [UInt8]) -> [String] {
         var headers = [
-            "Content-Type: application/json", Self.userAgent,
+            "Content-Type: application/json",
             "AsyncQueue-Task-Id: \(taskId)", "AsyncQueue-Attempt: \(attempt)", "AsyncQueue-Queue: \(queue)",
         ]
         if self.settings.signer.isEnabled {

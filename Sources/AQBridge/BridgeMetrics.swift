@@ -16,6 +16,23 @@ public final class BridgeMetrics: Sendable {
         case webhooksFailed = "aq_bridge_webhooks_failed_total"
         case deadLettered = "aq_bridge_dead_lettered_total"
 
+        var index: Int {
+            switch self {
+            case .tasksReceived: return 0
+            case .tasksCompleted: return 1
+            case .tasksRetried: return 2
+            case .tasksFailed: return 3
+            case .tasksMalformed: return 4
+            case .tasksRequeued: return 5
+            case .callbacks2xx: return 6
+            case .callbacksFailed: return 7
+            case .webhooksDelivered: return 8
+            case .webhooksRetried: return 9
+            case .webhooksFailed: return 10
+            case .deadLettered: return 11
+            }
+        }
+
         var help: String {
             switch self {
             case .tasksReceived: return "Task deliveries taken from work queues."
@@ -39,17 +56,15 @@ public final class BridgeMetrics: Sendable {
     public let connected = Atomic<Bool>(false)
     public let consuming = Atomic<Bool>(false)
 
-    private static let index: [Counter: Int] = Dictionary(uniqueKeysWithValues: Counter.allCases.enumerated().map { ($1, $0) })
-
     public init() {}
 
     public func add(_ counter: Counter, _ n: Int = 1) {
-        let i = Self.index[counter] ?? 0
+        let i = counter.index
         self.values.withLock { $0[i] += n }
     }
 
     public func value(_ counter: Counter) -> Int {
-        let i = Self.index[counter] ?? 0
+        let i = counter.index
         return self.values.withLock { $0[i] }
     }
 

@@ -59,7 +59,6 @@ public final class CurlMulti {
         var response: [UInt8] = []
         var retryAfter: String?
         var noRetry: String?
-        var contentType: String?
         var overflow = false
         var completion: Completion?
 
@@ -79,6 +78,8 @@ public final class CurlMulti {
     /// Transfers waiting for a free slot (over `maxInFlight`).
     private var waiting: [(HTTPRequest, Completion)] = []
     public let maxInFlight: Int
+    /// Sent as `User-Agent` on every request.
+    public static let userAgent = "AsyncQueue/1.0"
     public private(set) var startedCount = 0
 
     public var inFlight: Int { self.transfers.count + self.waiting.count }
@@ -110,6 +111,7 @@ public final class CurlMulti {
         }
         _ = aq_curl_multi_setopt_long(multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, maxConnections)
         _ = aq_curl_multi_setopt_long(multi, CURLMOPT_MAXCONNECTS, maxConnections)
+        _ = aq_curl_multi_setopt_long(multi, CURLMOPT_MAX_HOST_CONNECTIONS, maxConnections)
     }
 
     deinit {
@@ -128,7 +130,9 @@ public final class CurlMulti {
             self.waiting.append((request, completion))
             return
         }
-        guard let easy = self.idleHandles.popLast() ?? curl_easy_init() else {
+        let reused = self.idleHandles.popLast()
+        let fresh = reused == nil
+        guard let easy = reused ?? curl_easy_init() else {
             completion(.failure(HTTPError(kind: .other, message: "libcurl could not create a handle")))
             return
         }
@@ -140,8 +144,13 @@ public final class CurlMulti {
         let context = Unmanaged.passRetained(transfer).toOpaque()
         _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_PRIVATE, context)
         _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_URL, request.url)
-        _ = aq_curl_easy_setopt_long(easy, CURLOPT_NOSIGNAL, 1)
-        _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_PROTOCOLS_STR, "http,https")
+        if fresh {
+            _ = aq_curl_easy_setopt_long(easy, CURLOPT_NOSIGNAL, 1)
+            _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_PROTOCOLS_STR, "http,https")
+            // libcurl 7.88 gives every handle a 64 KiB upload buffer; bodies go by POSTFIELDS.
+            _ = aq_curl_easy_setopt_long(easy, CURLOPT_UPLOAD_BUFFERSIZE, 16 * 1024)
+            _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_USERAGENT, CurlMulti.userAgent)
+        }
         _ = aq_curl_easy_setopt_long(easy, CURLOPT_TIMEOUT_MS, Self.milliseconds(request.timeout))
         _ = aq_curl_easy_setopt_long(easy, CURLOPT_CONNECTTIMEOUT_MS, min(Self.milliseconds(request.timeout), 10_000))
         _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_CUSTOMREQUEST, request.method == "POST" ? nil : request.method)
@@ -174,19 +183,14 @@ public final class CurlMulti {
             guard let data, let context, length > 12 else { return length }
             let transfer = Unmanaged<Transfer>.fromOpaque(context).takeUnretainedValue()
             let raw = UnsafeRawBufferPointer(start: data, count: length)
-            // Only the few headers the bridge acts on; others cost nothing beyond this check.
+            // Only the two headers the bridge acts on; the others cost one byte comparison.
             switch raw[0] | 0x20 {
-            case UInt8(ascii: "r"), UInt8(ascii: "a"), UInt8(ascii: "x"), UInt8(ascii: "c"):
-                let line = String(decoding: raw, as: UTF8.self)
-                guard let colon = line.firstIndex(of: ":") else { return length }
-                let name = line[..<colon].lowercased()
-                let value = line[line.index(after: colon)...].trimmingCharacters(in: .whitespacesAndNewlines)
-                switch name {
-                case "retry-after": transfer.retryAfter = value
-                case "asyncqueue-no-retry", "x-asyncqueue-no-retry": transfer.noRetry = value
-                case "content-type": transfer.contentType = value
-                default: break
-                }
+            case UInt8(ascii: "r"):
+                if let value = CurlMulti.headerValue(raw, name: "retry-after:") { transfer.retryAfter = value }
+            case UInt8(ascii: "a"):
+                if let value = CurlMulti.headerValue(raw, name: "asyncqueue-no-retry:") { transfer.noRetry = value }
+            case UInt8(ascii: "x"):
+                if let value = CurlMulti.headerValue(raw, name: "x-asyncqueue-no-retry:") { transfer.noRetry = value }
             default: break
             }
             return length
@@ -197,6 +201,23 @@ public final class CurlMulti {
         if code != CURLM_OK {
             self.finish(context, result: .failure(HTTPError(kind: .other, message: "libcurl refused the request: \(String(cString: curl_multi_strerror(code)))")))
         }
+    }
+
+    /// The trimmed value when the header line starts with `name` (lowercase, with the colon),
+    /// compared without regard to case.
+    static func headerValue(_ line: UnsafeRawBufferPointer, name: StaticString) -> String? {
+        let count = name.utf8CodeUnitCount
+        guard line.count > count else { return nil }
+        let expected = name.utf8Start
+        for i in 0..<count {
+            var byte = line[i]
+            if byte >= 0x41 && byte <= 0x5A { byte |= 0x20 }
+            if byte != expected[i] { return nil }
+        }
+        var start = count, end = line.count
+        while start < end, line[start] == 0x20 || line[start] == 0x09 { start += 1 }
+        while end > start, line[end - 1] == 0x0A || line[end - 1] == 0x0D || line[end - 1] == 0x20 { end -= 1 }
+        return String(decoding: UnsafeRawBufferPointer(rebasing: line[start..<end]), as: UTF8.self)
     }
 
     static func milliseconds(_ d: Duration) -> Int {
@@ -244,7 +265,7 @@ public final class CurlMulti {
                 var status = 0
                 _ = aq_curl_easy_getinfo_long(easy, CURLINFO_RESPONSE_CODE, &status)
                 result = .success(HTTPAnswer(status: status, body: transfer.response, retryAfter: transfer.retryAfter,
-                                             noRetry: transfer.noRetry, contentType: transfer.contentType))
+                                             noRetry: transfer.noRetry))
             } else if transfer.overflow {
                 result = .failure(HTTPError(kind: .tooLarge, message: "the answer exceeded \(transfer.request.maxResponseBytes) bytes", curlCode: Int32(code.rawValue)))
             } else {
