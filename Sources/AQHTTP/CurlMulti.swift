@@ -150,6 +150,9 @@ public final class CurlMulti {
             // libcurl 7.88 gives every handle a 64 KiB upload buffer; bodies go by POSTFIELDS.
             _ = aq_curl_easy_setopt_long(easy, CURLOPT_UPLOAD_BUFFERSIZE, 16 * 1024)
             _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_USERAGENT, CurlMulti.userAgent)
+            // No proxy from the environment: libcurl would read http_proxy/no_proxy on every
+            // request. Set CURLOPT_PROXY per handle if a deployment needs one.
+            _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_PROXY, "")
         }
         _ = aq_curl_easy_setopt_long(easy, CURLOPT_TIMEOUT_MS, Self.milliseconds(request.timeout))
         _ = aq_curl_easy_setopt_long(easy, CURLOPT_CONNECTTIMEOUT_MS, min(Self.milliseconds(request.timeout), 10_000))
