@@ -226,8 +226,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         properties.headers = headers
         properties.messageId = task.id
         properties.deliveryMode = .persistent
-        self.context.publish(channel: self.publishChannel, exchange: self.settings.spec.retryExchange, routingKey: run.queue.queueName,
-                             properties: properties, body: run.delivery.body) { [unowned self] result in
+        self.publish(exchange: self.settings.spec.retryExchange, routingKey: run.queue.queueName,
+                     properties: properties, body: run.delivery.body) { [unowned self] result in
             guard self.isActive(run) else { return }
             switch result {
             case .success:
@@ -272,8 +272,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         headers["retry-tier"] = nil
         properties.headers = headers
         properties.deliveryMode = .persistent
-        self.context.publish(channel: self.publishChannel, exchange: self.settings.spec.deadLetterExchange, routingKey: run.queue.queueName,
-                             properties: properties, body: run.delivery.body) { [unowned self] result in
+        self.publish(exchange: self.settings.spec.deadLetterExchange, routingKey: run.queue.queueName,
+                     properties: properties, body: run.delivery.body) { [unowned self] result in
             guard self.isActive(run) else { return }
             switch result {
             case .success:
@@ -309,8 +309,8 @@ final class BridgeEngine: AMQPConnectionExtension {
                               "aq-attempt": .int32(Int32(attempt + 1)), "retry-tier": .string(self.settings.spec.retryTierHeader(for: tier)),
                               "aq-last-error": .string(String(outcome.reason.prefix(200)))],
                     deliveryMode: .persistent, messageId: id)
-                self.context.publish(channel: self.publishChannel, exchange: self.settings.spec.retryExchange,
-                                     routingKey: run.queue.queueName, properties: properties, body: body) { [unowned self] published in
+                self.publish(exchange: self.settings.spec.retryExchange,
+                             routingKey: run.queue.queueName, properties: properties, body: body) { [unowned self] published in
                     guard self.isActive(run) else { return }
                     switch published {
                     case .success:
@@ -330,8 +330,8 @@ final class BridgeEngine: AMQPConnectionExtension {
             properties.headers?["aq-error"] = .string(String(outcome.reason.prefix(500)))
             properties.headers?["aq-attempts"] = .int32(Int32(attempt))
             if let status = outcome.status { properties.headers?["aq-last-status"] = .int32(Int32(status)) }
-            self.context.publish(channel: self.publishChannel, exchange: self.settings.spec.deadLetterExchange,
-                                 routingKey: run.queue.queueName, properties: properties, body: body) { [unowned self] published in
+            self.publish(exchange: self.settings.spec.deadLetterExchange,
+                         routingKey: run.queue.queueName, properties: properties, body: body) { [unowned self] published in
                 guard self.isActive(run) else { return }
                 switch published {
                 case .success:
@@ -355,6 +355,21 @@ final class BridgeEngine: AMQPConnectionExtension {
             return
         }
         self.webhook(run, url: url, taskId: taskId, body: run.delivery.body, attempt: run.attempt)
+    }
+
+    /// Publishes with `mandatory`, so a message no queue takes (a retry tier missing from the
+    /// broker, say) comes back as a failure instead of vanishing; `done` runs on this thread.
+    private func publish(exchange: String, routingKey: String, properties: AMQPProperties, body: [UInt8],
+                         _ done: @escaping (Result<Void, AMQPError>) -> Void) {
+        self.context.publish(channel: self.publishChannel, exchange: exchange, routingKey: routingKey, properties: properties,
+                             body: body, mandatory: true) { result in
+            switch result {
+            case .success(.returned(let returned)):
+                done(.failure(AMQPError(code: .invalidArgument, message: "no queue took the message on exchange '\(exchange)' (\(returned.replyText)); is the topology applied?")))
+            case .success: done(.success(()))
+            case .failure(let error): done(.failure(error))
+            }
+        }
     }
 
     // MARK: Shutdown

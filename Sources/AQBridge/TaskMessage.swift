@@ -104,15 +104,30 @@ public enum TaskParser {
 
     /// Cheap checks; libcurl rejects the rest (and the task then fails as not retryable).
     static func urlProblem(_ url: String) -> String? {
-        let lower = url.prefix(8).lowercased()
-        let rest: Substring
-        if lower.hasPrefix("http://") { rest = url.dropFirst(7) } else if lower.hasPrefix("https://") { rest = url.dropFirst(8) } else {
-            return "must be an http or https URL, not '\(url.prefix(80))'"
+        var url = url
+        return url.withUTF8 { bytes -> String? in
+            func lower(_ b: UInt8) -> UInt8 { b >= 0x41 && b <= 0x5A ? b | 0x20 : b }
+            func hasPrefix(_ p: StaticString) -> Bool {
+                guard bytes.count >= p.utf8CodeUnitCount else { return false }
+                for i in 0..<p.utf8CodeUnitCount where lower(bytes[i]) != p.utf8Start[i] { return false }
+                return true
+            }
+            let hostStart: Int
+            if hasPrefix("http://") { hostStart = 7 } else if hasPrefix("https://") { hostStart = 8 } else {
+                return "must be an http or https URL, not '\(String(decoding: bytes.prefix(80), as: UTF8.self))'"
+            }
+            if bytes.count > 8192 { return "is longer than 8192 bytes" }
+            var hostLength = 0
+            var index = hostStart
+            while index < bytes.count, bytes[index] != UInt8(ascii: "/"), bytes[index] != UInt8(ascii: "?"), bytes[index] != UInt8(ascii: "#") {
+                index += 1
+                hostLength += 1
+            }
+            if hostLength == 0 || bytes[hostStart] == UInt8(ascii: ":") {
+                return "has no host: '\(String(decoding: bytes.prefix(80), as: UTF8.self))'"
+            }
+            for byte in bytes where byte <= 0x20 || byte == 0x7F { return "contains spaces or control characters" }
+            return nil
         }
-        let host = rest.prefix { $0 != "/" && $0 != "?" && $0 != "#" }
-        if host.isEmpty || host.hasPrefix(":") { return "has no host: '\(url.prefix(80))'" }
-        if url.unicodeScalars.contains(where: { $0.value <= 0x20 || $0.value == 0x7F }) { return "contains spaces or control characters" }
-        if url.utf8.count > 8192 { return "is longer than 8192 bytes" }
-        return nil
     }
 }

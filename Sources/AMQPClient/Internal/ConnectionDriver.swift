@@ -40,6 +40,9 @@ final class ConnectionDriver {
     /// wake-up of a waiting consumer per burst of frames instead of one per message.
     var readyConsumers: [ConsumerState] = []
     private var pollBuffer: [pollfd] = []
+    /// Whether the last poll saw the AMQP socket readable (or we could not tell).
+    private var socketReadable = true
+    private var lastRead = ContinuousClock.now
     private var extensionRanges: [Range<Int>] = []
     /// Channels with acks queued in this turn.
     var channelsWithPendingAcks: [UInt16] = []
@@ -123,7 +126,16 @@ final class ConnectionDriver {
     private func serviceConnection() {
         guard let conn = self.conn else { return }
         var frames = 0
-        while frames < 1024 {
+        // Skip the read (a recv that would say EAGAIN) when poll saw nothing on the socket and
+        // rabbitmq-c holds nothing; still enter the library often enough for heartbeats.
+        let now = ContinuousClock.now
+        let mustRead = self.socketReadable || amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0
+            || now - self.lastRead > .milliseconds(50)
+        if mustRead {
+            self.lastRead = now
+            self.socketReadable = false
+        }
+        while mustRead && frames < 1024 {
             var frame = amqp_frame_t()
             var zero = timeval(tv_sec: 0, tv_usec: 0)
             let status = amqp_simple_wait_frame_noblock(conn, &frame, &zero)
@@ -143,8 +155,11 @@ final class ConnectionDriver {
         let busy = self.runExtensions()
         guard self.isConnected else { return }
         amqp_maybe_release_buffers(conn)
-        if busy || frames >= 1024 || amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0 { return }
-        self.wait(socket: self.sockfd, milliseconds: self.pollTimeoutMilliseconds)
+        if busy || frames >= 1024 || amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0 {
+            self.socketReadable = true
+            return
+        }
+        self.wait(socket: self.sockfd, milliseconds: min(self.pollTimeoutMilliseconds, 50))
     }
 
     /// One turn of every extension, then the acks they queued.
@@ -158,7 +173,10 @@ final class ConnectionDriver {
 
     /// Sleeps in poll on the AMQP socket (if any), the wake-up pipe and the extensions' descriptors.
     private func wait(socket: Int32?, milliseconds: Int32) {
-        guard self.shared.mailbox.beginSleep() else { return }
+        guard self.shared.mailbox.beginSleep() else {
+            self.socketReadable = true  // no poll this turn: we cannot tell, so read
+            return
+        }
         self.pollBuffer.removeAll(keepingCapacity: true)
         self.pollBuffer.append(pollfd(fd: self.shared.mailbox.wakeReadFD, events: Int16(POLLIN), revents: 0))
         if let socket { self.pollBuffer.append(pollfd(fd: socket, events: Int16(POLLIN), revents: 0)) }
@@ -170,6 +188,7 @@ final class ConnectionDriver {
             self.extensionRanges.append(start..<self.pollBuffer.count)
         }
         _ = poll(&self.pollBuffer, nfds_t(self.pollBuffer.count), max(0, timeout))
+        if socket != nil, self.pollBuffer[1].revents != 0 { self.socketReadable = true }
         self.shared.mailbox.endSleep()
         for (item, range) in zip(self.extensions, self.extensionRanges) where !range.isEmpty {
             item.handle(self.pollBuffer[range])
