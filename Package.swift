@@ -95,6 +95,9 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
 
+        // Helpers shared by the test targets (a plain target, not a product).
+        .target(name: "AQTestSupport", path: "Tests/AQTestSupport", swiftSettings: swiftSettings),
+
         .testTarget(
             name: "AMQPClientTests",
             dependencies: ["AMQPClient", "CAQRabbitMQ", "CAQCurl"],
@@ -102,17 +105,17 @@ let package = Package(
         ),
         .testTarget(
             name: "AQTopologyTests",
-            dependencies: ["AQTopology", "AMQPClient", "AQCommand"],
+            dependencies: ["AQTopology", "AMQPClient", "AQCommand", "AQTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "AQBridgeTests",
-            dependencies: ["AQBridge", "AQHTTP", "AQTopology", "AMQPClient", "AsyncQueue"],
+            dependencies: ["AQBridge", "AQHTTP", "AQTopology", "AMQPClient", "AsyncQueue", "AQTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "AMQPClientIntegrationTests",
-            dependencies: ["AMQPClient"],
+            dependencies: ["AMQPClient", "AQTestSupport"],
             swiftSettings: swiftSettings
         ),
     ]

@@ -1,18 +1,12 @@
 import AMQPClient
+import AQTestSupport
 import Foundation
 import Testing
 
 /// The real RabbitMQ the integration tests use: `AQ_TEST_AMQP_URL`, or the private node that
 /// `scripts/test` starts (`scripts/broker start`). There is no mock: a missing broker fails.
 enum TestBroker {
-    static let repositoryRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
-        .deletingLastPathComponent().deletingLastPathComponent()
-
-    static var url: String {
-        if let url = ProcessInfo.processInfo.environment["AQ_TEST_AMQP_URL"], !url.isEmpty { return url }
-        let port = ProcessInfo.processInfo.environment["AQ_BROKER_PORT"] ?? "35700"
-        return "amqp://guest:guest@127.0.0.1:\(port)/%2F"
-    }
+    static var url: String { TestEnvironment.amqpURL }
 
     static func connect(name: String = #function, heartbeat: Int? = nil) async throws -> AMQPConnection {
         var configuration = try AMQPConfiguration(url: self.url)
@@ -31,26 +25,9 @@ enum TestBroker {
         "\(prefix).\(UUID().uuidString.lowercased().prefix(12))"
     }
 
-    /// Runs rabbitmqctl against the test broker (`AQ_TEST_RABBITMQCTL`, default `scripts/broker ctl`).
     @discardableResult
     static func rabbitmqctl(_ arguments: String...) throws -> String {
-        let process = Process()
-        let command = ProcessInfo.processInfo.environment["AQ_TEST_RABBITMQCTL"]
-            .map { $0.split(separator: " ").map(String.init) }
-            ?? [self.repositoryRoot.appendingPathComponent("scripts/broker").path, "ctl"]
-        process.executableURL = URL(fileURLWithPath: command[0])
-        process.arguments = Array(command.dropFirst()) + arguments
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
-        guard process.terminationStatus == 0 else {
-            throw BrokerUnavailable(description: "rabbitmqctl \(arguments.joined(separator: " ")) failed: \(text)")
-        }
-        return text
+        try TestEnvironment.rabbitmqctl(arguments: arguments)
     }
 
     /// The broker-side pid of the connection with the given client-provided name.

@@ -1,6 +1,7 @@
 import AMQPClient
 import AQBridge
 import AQHTTP
+import AQTestSupport
 import AsyncQueue
 import Foundation
 import Testing
@@ -239,9 +240,9 @@ import Testing
         try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/before"))","payload":{}}"#)
         _ = try await receiver.wait("/before", count: 1)
         // Close the bridge's connection from the broker side.
-        let listing = try rabbitmqctl("-q", "list_connections", "pid", "vhost", "client_properties")
+        let listing = try TestEnvironment.rabbitmqctl("-q", "list_connections", "pid", "vhost", "client_properties")
         let line = try #require(listing.split(separator: "\n").first { $0.contains("\t\(bridge.vhost)\t") && $0.contains("aq-bridge") })
-        try rabbitmqctl("close_connection", String(line.split(separator: "\t")[0]), "test: broker restart")
+        try TestEnvironment.rabbitmqctl("close_connection", String(line.split(separator: "\t")[0]), "test: broker restart")
         try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/after"))","payload":{},"webhookUrl":"\#(receiver.url("/hook"))"}"#)
         _ = try await receiver.wait("/after", count: 1)
         _ = try await receiver.wait("/hook", count: 1)
@@ -251,20 +252,3 @@ import Testing
     }
 }
 
-@discardableResult
-func rabbitmqctl(_ arguments: String...) throws -> String {
-    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-    let command = ProcessInfo.processInfo.environment["AQ_TEST_RABBITMQCTL"].map { $0.split(separator: " ").map(String.init) }
-        ?? [root.appendingPathComponent("scripts/broker").path, "ctl"]
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: command[0])
-    process.arguments = Array(command.dropFirst()) + arguments
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = pipe
-    try process.run()
-    let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else { throw HarnessError(description: "rabbitmqctl \(arguments): \(output)") }
-    return output
-}

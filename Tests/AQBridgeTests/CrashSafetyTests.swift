@@ -1,20 +1,13 @@
 import AMQPClient
 import AQHTTP
+import AQTestSupport
 import Foundation
 import Synchronization
 import Testing
 
 /// The real aq-bridge binary, killed and restarted: nothing is lost.
 @Suite(.serialized, .timeLimit(.minutes(3))) struct CrashSafetyTests {
-    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-
-    static var binary: URL {
-        for dir in [Bundle.main.bundleURL, Bundle.main.bundleURL.deletingLastPathComponent(), root.appendingPathComponent(".build/debug")] {
-            let url = dir.appendingPathComponent("aq-bridge")
-            if FileManager.default.isExecutableFile(atPath: url.path) { return url }
-        }
-        return root.appendingPathComponent(".build/debug/aq-bridge")
-    }
+    static var binary: URL { TestEnvironment.builtProgram("aq-bridge") }
 
     func launch(url: String, topology: URL, prefetch: Int = 500) throws -> Process {
         let process = Process()

@@ -1,6 +1,7 @@
 import AMQPClient
 import AQBridge
 import AQHTTP
+import AQTestSupport
 import AQTopology
 import Foundation
 import Logging
@@ -84,12 +85,8 @@ final class BridgeHarness: Sendable {
     let connection: AMQPConnection
     let channel: AMQPChannel
 
-    static var baseURL: String {
-        ProcessInfo.processInfo.environment["AQ_TEST_AMQP_URL"].flatMap { $0.isEmpty ? nil : $0 } ?? "amqp://guest:guest@127.0.0.1:35700/%2F"
-    }
-    static var managementURL: String {
-        ProcessInfo.processInfo.environment["AQ_TEST_MANAGEMENT_URL"].flatMap { $0.isEmpty ? nil : $0 } ?? "http://127.0.0.1:35701"
-    }
+    static var baseURL: String { TestEnvironment.amqpURL }
+    static var managementURL: String { TestEnvironment.managementURL }
 
     static let topologyYAML = """
         work_queues:

@@ -1,12 +1,13 @@
 import AMQPClient
 import AQBridge
+import AQTestSupport
 import Foundation
 import Testing
 
 /// Other languages' clients against the bridge: a task published by Python's pika with the
 /// documented wire format, and signatures checked with the `standardwebhooks` package.
 @Suite(.serialized, .timeLimit(.minutes(2))) struct InteropTests {
-    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    static let root = TestEnvironment.repositoryRoot
 
     static var python: String {
         ProcessInfo.processInfo.environment["AQ_TEST_PYTHON"].flatMap { $0.isEmpty ? nil : $0 }
@@ -21,18 +22,11 @@ import Testing
             Issue.record("needs Python with pika and standardwebhooks at \(Self.python) (scripts/test installs them)")
             return
         }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: Self.python)
-        process.arguments = [Self.root.appendingPathComponent("Tests/interop/pika_publisher.py").path, bridge.amqpURL, secret]
-        let output = Pipe()
-        process.standardOutput = output
-        process.standardError = output
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
-        #expect(process.terminationStatus == 0, "\(text)")
-        let report = try #require(try JSONSerialization.jsonObject(with: Data((text.split(separator: "\n").last ?? "").utf8)) as? [String: Any], "\(text)")
+        let result = try TestEnvironment.run(URL(fileURLWithPath: Self.python),
+                                             [Self.root.appendingPathComponent("Tests/interop/pika_publisher.py").path, bridge.amqpURL, secret])
+        let text = result.out + result.err
+        #expect(result.status == 0, "\(text)")
+        let report = try #require(try JSONSerialization.jsonObject(with: Data((result.out.split(separator: "\n").last ?? "").utf8)) as? [String: Any], "\(text)")
         let seen = try #require(report["seen"] as? [String: [String: Any]])
         let taskId = try #require(report["taskId"] as? String)
         #expect(seen["/cb"]?["verified"] as? Bool == true, "\(seen)")

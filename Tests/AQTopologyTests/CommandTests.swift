@@ -1,34 +1,11 @@
+import AQTestSupport
 import Foundation
 import Testing
 
 /// Runs the built `aq` binary, as an operator would.
 @Suite struct CommandTests {
-    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-
-    static var aq: URL {
-        // The test bundle sits next to the executables it was built with.
-        let candidates = [Bundle.main.bundleURL, Bundle.main.bundleURL.deletingLastPathComponent()]
-            + [root.appendingPathComponent(".build/debug")]
-        for dir in candidates {
-            let url = dir.appendingPathComponent("aq")
-            if FileManager.default.isExecutableFile(atPath: url.path) { return url }
-        }
-        return root.appendingPathComponent(".build/debug/aq")
-    }
-
-    func run(_ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, out: String, err: String) {
-        let process = Process()
-        process.executableURL = Self.aq
-        process.arguments = arguments
-        process.currentDirectoryURL = Self.root
-        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    func run(_ arguments: [String]) throws -> (status: Int32, out: String, err: String) {
+        try TestEnvironment.run(TestEnvironment.builtProgram("aq"), arguments, directory: TestEnvironment.repositoryRoot)
     }
 
     @Test func validateTheShippedFiles() throws {

@@ -1,5 +1,6 @@
 import AMQPClient
 import AQHTTP
+import AQTestSupport
 import AQTopology
 import Foundation
 import Testing
@@ -11,13 +12,8 @@ struct TestVHost {
     let managementURL: String
     var target: BrokerTarget { get throws { try BrokerTarget(amqpURL: self.amqpURL, managementURL: self.managementURL) } }
 
-    static var baseAMQP: String {
-        ProcessInfo.processInfo.environment["AQ_TEST_AMQP_URL"].flatMap { $0.isEmpty ? nil : $0 }
-            ?? "amqp://guest:guest@127.0.0.1:35700/%2F"
-    }
-    static var management: String {
-        ProcessInfo.processInfo.environment["AQ_TEST_MANAGEMENT_URL"].flatMap { $0.isEmpty ? nil : $0 } ?? "http://127.0.0.1:35701"
-    }
+    static var baseAMQP: String { TestEnvironment.amqpURL }
+    static var management: String { TestEnvironment.managementURL }
 
     static func make() async throws -> TestVHost {
         let name = "aq-test-\(UUID().uuidString.prefix(8).lowercased())"
@@ -222,18 +218,5 @@ struct TestVHost {
 
 @discardableResult
 func rabbitmqctl(_ arguments: String...) throws -> String {
-    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-    let command = ProcessInfo.processInfo.environment["AQ_TEST_RABBITMQCTL"].map { $0.split(separator: " ").map(String.init) }
-        ?? [root.appendingPathComponent("scripts/broker").path, "ctl"]
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: command[0])
-    process.arguments = Array(command.dropFirst()) + arguments
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = pipe
-    try process.run()
-    let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else { throw ApplyFailure(description: "rabbitmqctl \(arguments): \(output)") }
-    return output
+    try TestEnvironment.rabbitmqctl(arguments: arguments)
 }

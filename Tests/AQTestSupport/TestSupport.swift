@@ -1,0 +1,69 @@
+import Foundation
+
+/// Shared by the test targets: where the repository is, which broker to use, and how to run
+/// rabbitmqctl and other programs.
+public enum TestEnvironment {
+    public static let repositoryRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .deletingLastPathComponent().deletingLastPathComponent()
+
+    /// `AQ_TEST_AMQP_URL`, or the private node `scripts/test` starts.
+    public static var amqpURL: String {
+        if let url = ProcessInfo.processInfo.environment["AQ_TEST_AMQP_URL"], !url.isEmpty { return url }
+        let port = ProcessInfo.processInfo.environment["AQ_BROKER_PORT"] ?? "35700"
+        return "amqp://guest:guest@127.0.0.1:\(port)/%2F"
+    }
+
+    /// `AQ_TEST_MANAGEMENT_URL`, or the private node's management API.
+    public static var managementURL: String {
+        if let url = ProcessInfo.processInfo.environment["AQ_TEST_MANAGEMENT_URL"], !url.isEmpty { return url }
+        let port = Int(ProcessInfo.processInfo.environment["AQ_BROKER_PORT"] ?? "35700").map { $0 + 1 } ?? 35701
+        return "http://127.0.0.1:\(port)"
+    }
+
+    /// A program built beside the tests (`aq`, `aq-bridge`).
+    public static func builtProgram(_ name: String) -> URL {
+        for dir in [Bundle.main.bundleURL, Bundle.main.bundleURL.deletingLastPathComponent(), repositoryRoot.appendingPathComponent(".build/debug")] {
+            let url = dir.appendingPathComponent(name)
+            if FileManager.default.isExecutableFile(atPath: url.path) { return url }
+        }
+        return repositoryRoot.appendingPathComponent(".build/debug/\(name)")
+    }
+
+    public struct Failure: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// Runs a program to its end: its status, standard output and standard error.
+    public static func run(_ executable: URL, _ arguments: [String], environment: [String: String] = [:],
+                           directory: URL? = nil) throws -> (status: Int32, out: String, err: String) {
+        let process = Process()
+        process.executableURL = executable
+        process.arguments = arguments
+        if let directory { process.currentDirectoryURL = directory }
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    }
+
+    /// rabbitmqctl against the test broker (`AQ_TEST_RABBITMQCTL`, default `scripts/broker ctl`).
+    @discardableResult
+    public static func rabbitmqctl(_ arguments: String...) throws -> String {
+        try self.rabbitmqctl(arguments: arguments)
+    }
+
+    @discardableResult
+    public static func rabbitmqctl(arguments: [String]) throws -> String {
+        let command = ProcessInfo.processInfo.environment["AQ_TEST_RABBITMQCTL"].map { $0.split(separator: " ").map(String.init) }
+            ?? [self.repositoryRoot.appendingPathComponent("scripts/broker").path, "ctl"]
+        let result = try self.run(URL(fileURLWithPath: command[0]), Array(command.dropFirst()) + arguments)
+        guard result.status == 0 else {
+            throw Failure(description: "rabbitmqctl \(arguments.joined(separator: " ")) failed: \(result.out)\(result.err)")
+        }
+        return result.out
+    }
+}
