@@ -2,6 +2,14 @@ import Foundation
 import Yams
 
 extension Reader {
+    /// `[A-Za-z0-9][A-Za-z0-9_.-]*`, checked without a regular-expression engine.
+    static func isRoutingKeyName(_ name: String) -> Bool {
+        func alnum(_ b: UInt8) -> Bool { (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) }
+        let bytes = Array(name.utf8)
+        guard let first = bytes.first, alnum(first) else { return false }
+        return bytes.allSatisfy { alnum($0) || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: "-") }
+    }
+
     static let topKeys = ["tasks", "work_queues", "retry", "dead_letter", "fan_in", "chains", "broker", "objects"]
 
     mutating func readDocument(_ node: Node, into spec: inout TopologySpec, sectionOwners: inout [String: SourceLocation]) {
@@ -49,7 +57,7 @@ extension Reader {
     private mutating func readWorkQueues(_ node: Node, _ path: String, _ spec: inout TopologySpec) {
         for entry in self.mapping(node, path, allowed: nil) ?? [] {
             let here = self.location(entry.node, entry.path)
-            guard entry.key.range(of: "^[A-Za-z0-9][A-Za-z0-9_.-]*$", options: .regularExpression) != nil else {
+            guard Self.isRoutingKeyName(entry.key) else {
                 self.fail("work queue names use letters, digits, '.', '_' and '-' (they are routing keys), not '\(entry.key)'", at: here)
                 continue
             }
