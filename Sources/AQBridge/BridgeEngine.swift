@@ -55,6 +55,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     var consumeChannel: UInt16 = 0
     var consumers: [(channel: UInt16, tag: String)] = []
     var runs: [ObjectIdentifier: Run] = [:]
+    /// `Content-Type` and `AsyncQueue-Queue`, built once per queue.
+    private var sharedHeaderLists: [String: SharedHeaders] = [:]
     var draining = false
     var onDrained: (() -> Void)?
 
@@ -151,13 +153,17 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     // MARK: Callback
 
+    private func sharedHeaders(_ queue: String) -> SharedHeaders {
+        if let shared = self.sharedHeaderLists[queue] { return shared }
+        let shared = SharedHeaders(["Content-Type: application/json", "AsyncQueue-Queue: \(queue)"])
+        self.sharedHeaderLists[queue] = shared
+        return shared
+    }
+
     /// `id` is the Standard Webhooks message id (the idempotency key): the task id for the
     /// callback, `<task id>:result` for the webhook.
     private func headers(id: String, taskId: String, attempt: Int, queue: String, body: [UInt8]) -> [String] {
-        var headers = [
-            "Content-Type: application/json",
-            "AsyncQueue-Task-Id: \(taskId)", "AsyncQueue-Attempt: \(attempt)", "AsyncQueue-Queue: \(queue)",
-        ]
+        var headers = ["AsyncQueue-Task-Id: \(taskId)", "AsyncQueue-Attempt: \(attempt)"]
         if self.settings.signer.isEnabled {
             let timestamp = Int(Date().timeIntervalSince1970)
             headers.append("webhook-id: \(id)")
@@ -172,7 +178,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     private func callback(_ run: Run, _ task: TaskSpec) {
         let request = HTTPRequest(
             url: task.callbackURL, headers: self.headers(id: task.id, taskId: task.id, attempt: run.attempt, queue: run.queue.name, body: task.payload),
-            body: task.payload, timeout: task.timeout, maxResponseBytes: self.settings.maxResponseBytes)
+            body: task.payload, timeout: task.timeout, maxResponseBytes: self.settings.maxResponseBytes,
+            sharedHeaders: self.sharedHeaders(run.queue.name))
         self.http.start(request) { [unowned self] result in
             guard self.isActive(run) else { return }
             let outcome = RetryPolicy.classify(result, timeout: task.timeout)
@@ -291,7 +298,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         let id = "\(taskId):result"
         let timeout = self.settings.webhookTimeout
         let request = HTTPRequest(url: url, headers: self.headers(id: id, taskId: taskId, attempt: attempt, queue: run.queue.name, body: body),
-                                  body: body, timeout: timeout, maxResponseBytes: 64 * 1024)
+                                  body: body, timeout: timeout, maxResponseBytes: 64 * 1024, sharedHeaders: self.sharedHeaders(run.queue.name))
         self.http.start(request) { [unowned self] result in
             guard self.isActive(run) else { return }
             let outcome = RetryPolicy.classify(result, timeout: timeout)

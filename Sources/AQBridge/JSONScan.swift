@@ -18,13 +18,22 @@ public enum JSONScan {
 
     /// The members of a top-level object (the last one wins on duplicate keys).
     public static func members(_ bytes: [UInt8]) throws(Failure) -> [String: Member] {
+        var members: [String: Member] = [:]
+        try self.forEachMember(bytes) { (keyRange: Range<Int>, member: Member) throws(Failure) in
+            members[try Self.decodeString(bytes, keyRange)] = member
+        }
+        return members
+    }
+
+    /// Calls `body` with each top-level member's key (its range, quotes included) and value,
+    /// without building strings or a dictionary.
+    public static func forEachMember(_ bytes: [UInt8], _ body: (Range<Int>, Member) throws(Failure) -> Void) throws(Failure) {
         var scanner = Scanner(bytes: bytes)
         scanner.skipSpace()
         guard scanner.peek == UInt8(ascii: "{") else {
             if scanner.index >= bytes.count { throw Failure(offset: 0, reason: "empty body") }
             throw Failure(offset: scanner.index, reason: "expected a JSON object")
         }
-        var members: [String: Member] = [:]
         scanner.index += 1
         scanner.skipSpace()
         if scanner.peek == UInt8(ascii: "}") {
@@ -34,13 +43,13 @@ public enum JSONScan {
                 scanner.skipSpace()
                 let keyStart = scanner.index
                 try scanner.string()
-                let key = try Self.decodeString(bytes, keyStart..<scanner.index)
+                let keyRange = keyStart..<scanner.index
                 scanner.skipSpace()
                 try scanner.expect(UInt8(ascii: ":"))
                 scanner.skipSpace()
                 let valueStart = scanner.index
                 let kind = try scanner.value(depth: 0)
-                members[key] = Member(kind: kind, range: valueStart..<scanner.index)
+                try body(keyRange, Member(kind: kind, range: valueStart..<scanner.index))
                 scanner.skipSpace()
                 if scanner.peek == UInt8(ascii: ",") { scanner.index += 1; continue }
                 try scanner.expect(UInt8(ascii: "}"))
@@ -49,7 +58,15 @@ public enum JSONScan {
         }
         scanner.skipSpace()
         guard scanner.index == bytes.count else { throw Failure(offset: scanner.index, reason: "unexpected data after the object") }
-        return members
+    }
+
+    /// True when the string at `range` (quotes included) is exactly `key`, with no escapes.
+    public static func keyEquals(_ bytes: [UInt8], _ range: Range<Int>, _ key: StaticString) -> Bool {
+        let count = key.utf8CodeUnitCount
+        guard range.count == count + 2 else { return false }
+        let start = key.utf8Start
+        for i in 0..<count where bytes[range.lowerBound + 1 + i] != start[i] { return false }
+        return true
     }
 
     /// True when `bytes` is one complete JSON value (surrounding whitespace allowed).

@@ -41,14 +41,43 @@ public enum TaskParser {
         guard body.count <= defaults.maxPayloadBytes else {
             return bad("the task is \(body.count) bytes, over the limit of \(defaults.maxPayloadBytes)")
         }
-        let members: [String: JSONScan.Member]
+        // One pass; known keys are matched on their bytes (a key written with escapes is decoded).
+        var callbackMember, payloadMember, webhookMember, retriesMember, timeoutMember, taskIdMember: JSONScan.Member?
         do {
-            members = try JSONScan.members(body)
+            try JSONScan.forEachMember(body) { (key: Range<Int>, member: JSONScan.Member) throws(JSONScan.Failure) in
+                if JSONScan.keyEquals(body, key, "callbackUrl") { callbackMember = member }
+                else if JSONScan.keyEquals(body, key, "payload") { payloadMember = member }
+                else if JSONScan.keyEquals(body, key, "webhookUrl") { webhookMember = member }
+                else if JSONScan.keyEquals(body, key, "retries") { retriesMember = member }
+                else if JSONScan.keyEquals(body, key, "timeout") { timeoutMember = member }
+                else if JSONScan.keyEquals(body, key, "taskId") { taskIdMember = member }
+                else if body[key].contains(UInt8(ascii: "\\")) {
+                    switch try JSONScan.decodeString(body, key) {
+                    case "callbackUrl": callbackMember = member
+                    case "payload": payloadMember = member
+                    case "webhookUrl": webhookMember = member
+                    case "retries": retriesMember = member
+                    case "timeout": timeoutMember = member
+                    case "taskId": taskIdMember = member
+                    default: break
+                    }
+                }
+            }
         } catch {
             return bad("the body is not a JSON object: \(error)")
         }
+        func lookup(_ key: String) -> JSONScan.Member? {
+            switch key {
+            case "callbackUrl": return callbackMember
+            case "payload": return payloadMember
+            case "webhookUrl": return webhookMember
+            case "retries": return retriesMember
+            case "timeout": return timeoutMember
+            default: return taskIdMember
+            }
+        }
         func string(_ key: String) -> Result<String?, MalformedTask> {
-            guard let member = members[key] else { return .success(nil) }
+            guard let member = lookup(key) else { return .success(nil) }
             switch member.kind {
             case .null: return .success(nil)
             case .string:
@@ -73,7 +102,7 @@ public enum TaskParser {
             if let url, let problem = Self.urlProblem(url) { return bad("webhookUrl \(problem)") }
         }
         var retries = defaults.retries
-        if let member = members["retries"], member.kind != .null {
+        if let member = retriesMember, member.kind != .null {
             let text = String(decoding: body[member.range], as: UTF8.self)
             guard member.kind == .number, let value = Int(text), (0...Self.maxRetries).contains(value) else {
                 return bad("retries must be a whole number from 0 to \(Self.maxRetries), not \(text)")
@@ -81,7 +110,7 @@ public enum TaskParser {
             retries = value
         }
         var timeout = defaults.timeout
-        if let member = members["timeout"], member.kind != .null {
+        if let member = timeoutMember, member.kind != .null {
             let text = String(decoding: body[member.range], as: UTF8.self)
             guard member.kind == .number, let seconds = Double(text), seconds > 0 else {
                 return bad("timeout must be a positive number of seconds, not \(text)")
@@ -92,7 +121,7 @@ public enum TaskParser {
             }
             timeout = max(requested, .milliseconds(1))
         }
-        let payload = members["payload"].map { Array(body[$0.range]) } ?? Array("null".utf8)
+        let payload = payloadMember.map { Array(body[$0.range]) } ?? Array("null".utf8)
         var id = messageId ?? ""
         if id.isEmpty, case .success(let bodyId?) = string("taskId") { id = bodyId }
         if id.isEmpty { id = UUID().uuidString.lowercased() }

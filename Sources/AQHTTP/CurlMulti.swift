@@ -4,6 +4,22 @@ import Foundation
 import Glibc
 #endif
 
+/// Header lines shared by many requests (built once, linked after each request's own lines).
+///
+/// `@unchecked Sendable`: the C list is built in `init` and never changed afterwards; libcurl only
+/// reads it, and it is freed in `deinit` when no request refers to it any more.
+public final class SharedHeaders: @unchecked Sendable {
+    let list: UnsafeMutablePointer<curl_slist>?
+
+    public init(_ lines: [String]) {
+        var list: UnsafeMutablePointer<curl_slist>?
+        for line in lines { list = curl_slist_append(list, line) }
+        self.list = list
+    }
+
+    deinit { curl_slist_free_all(self.list) }
+}
+
 /// An HTTP request for ``CurlMulti``.
 public struct HTTPRequest: Sendable {
     public var url: String
@@ -14,9 +30,12 @@ public struct HTTPRequest: Sendable {
     public var timeout: Duration
     /// A larger answer fails the request (`tooLarge`) instead of filling memory.
     public var maxResponseBytes: Int
+    /// Lines sent after `headers`, shared between requests.
+    public var sharedHeaders: SharedHeaders?
 
     public init(url: String, method: String = "POST", headers: [String] = [], body: [UInt8] = [],
-                timeout: Duration = .seconds(30), maxResponseBytes: Int = 1 << 20) {
+                timeout: Duration = .seconds(30), maxResponseBytes: Int = 1 << 20, sharedHeaders: SharedHeaders? = nil) {
+        self.sharedHeaders = sharedHeaders
         self.url = url
         self.method = method
         self.headers = headers
@@ -55,7 +74,9 @@ public final class CurlMulti {
     final class Transfer {
         let easy: UnsafeMutableRawPointer
         var request: HTTPRequest
+        /// This request's own header nodes; the last one points into `request.sharedHeaders`.
         var headerList: UnsafeMutablePointer<curl_slist>?
+        var lastOwnHeader: UnsafeMutablePointer<curl_slist>?
         var response: [UInt8] = []
         var retryAfter: String?
         var noRetry: String?
@@ -118,7 +139,7 @@ public final class CurlMulti {
         for (_, transfer) in self.transfers {
             curl_multi_remove_handle(self.multi, transfer.easy)
             curl_easy_cleanup(transfer.easy)
-            curl_slist_free_all(transfer.headerList)
+            Self.freeOwnHeaders(transfer)
         }
         for easy in self.idleHandles { curl_easy_cleanup(easy) }
         curl_multi_cleanup(self.multi)
@@ -141,6 +162,12 @@ public final class CurlMulti {
         for header in request.headers { transfer.headerList = curl_slist_append(transfer.headerList, header) }
         // No "Expect: 100-continue" round trip for larger bodies.
         transfer.headerList = curl_slist_append(transfer.headerList, "Expect:")
+        if let shared = request.sharedHeaders?.list {
+            var last = transfer.headerList
+            while let next = last?.pointee.next { last = next }
+            last?.pointee.next = shared
+            transfer.lastOwnHeader = last
+        }
         let context = Unmanaged.passRetained(transfer).toOpaque()
         _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_PRIVATE, context)
         _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_URL, request.url)
@@ -223,6 +250,14 @@ public final class CurlMulti {
         return String(decoding: UnsafeRawBufferPointer(rebasing: line[start..<end]), as: UTF8.self)
     }
 
+    /// Frees the request's own header nodes, never the shared tail.
+    static func freeOwnHeaders(_ transfer: Transfer) {
+        transfer.lastOwnHeader?.pointee.next = nil
+        curl_slist_free_all(transfer.headerList)
+        transfer.headerList = nil
+        transfer.lastOwnHeader = nil
+    }
+
     static func milliseconds(_ d: Duration) -> Int {
         Int(d.components.seconds) * 1000 + Int(d.components.attoseconds / 1_000_000_000_000_000)
     }
@@ -289,8 +324,7 @@ public final class CurlMulti {
     private func finish(_ context: UnsafeMutableRawPointer, result: Result<HTTPAnswer, HTTPError>) {
         guard let transfer = self.transfers.removeValue(forKey: context) else { return }
         curl_multi_remove_handle(self.multi, transfer.easy)
-        curl_slist_free_all(transfer.headerList)
-        transfer.headerList = nil
+        Self.freeOwnHeaders(transfer)
         Unmanaged<Transfer>.fromOpaque(context).release()
         if self.idleHandles.count < 1024 { self.idleHandles.append(transfer.easy) } else { curl_easy_cleanup(transfer.easy) }
         let completion = transfer.completion

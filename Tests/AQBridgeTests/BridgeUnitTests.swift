@@ -73,6 +73,13 @@ import Testing
         #expect(error.reason.contains(expected), "\(error.reason)")
     }
 
+    @Test func keysWrittenWithEscapesStillCount() throws {
+        let body = Array(#"{"callback\u0055rl":"http://a/","pay\u006coad":[1]}"#.utf8)
+        let task = try TaskParser.parse(body, messageId: "x", defaults: self.defaults).get()
+        #expect(task.callbackURL == "http://a/")
+        #expect(task.payload == Array("[1]".utf8))
+    }
+
     @Test func rejectsIdsThatCouldInjectHeaders() {
         let result = TaskParser.parse(Array(#"{"callbackUrl":"http://a/"}"#.utf8), messageId: "x\r\nX-Evil: 1", defaults: self.defaults)
         #expect((try? result.get()) == nil)
