@@ -4,6 +4,7 @@ import AQHTTP
 import AQTestSupport
 import AsyncQueue
 import Foundation
+import Synchronization
 import Testing
 
 @Suite(.serialized, .timeLimit(.minutes(3))) struct BridgeEndToEndTests {
@@ -215,9 +216,20 @@ import Testing
         let huge = try await receiver.wait("/h3", count: 1)[0].request.json?["error"] as? [String: Any]
         #expect((huge?["reason"] as? String)?.contains("exceeded 100000 bytes") == true)
         #expect(receiver.requests("/huge").count == 1, "a huge answer is not retried")
+        // TLS spoken to a plain HTTP server: no handshake completes; a documented, retryable failure.
+        try await bridge.publish(#"{"callbackUrl":"https://127.0.0.1:\#(receiver.port)/tls","payload":{},"webhookUrl":"\#(receiver.url("/h4"))","retries":0,"timeout":2}"#)
+        let tls = try await receiver.wait("/h4", count: 1)[0].request.json?["error"] as? [String: Any]
+        #expect(tls?["status"] is NSNull)
+        #expect(tls?["retryable"] as? Bool == true, "\(tls ?? [:])")
+        // A server that accepts and closes at once (connection reset / empty reply).
+        let closer = try ClosingListener()
+        try await bridge.publish(#"{"callbackUrl":"http://127.0.0.1:\#(closer.port)/x","payload":{},"webhookUrl":"\#(receiver.url("/h5"))","retries":1}"#)
+        let reset = try await receiver.wait("/h5", count: 1)[0].request.json?["error"] as? [String: Any]
+        #expect(reset?["retryable"] as? Bool == true, "\(reset ?? [:])")
+        #expect(closer.accepted.load(ordering: .relaxed) >= 2, "tried twice")
         try await bridge.waitIdle()
         let reasons = try await bridge.deadLetters().compactMap { $0.properties.headers?["aq-reason"]?.stringValue }.sorted()
-        #expect(reasons == ["not-retryable", "retries-exhausted", "retries-exhausted"])
+        #expect(reasons == ["not-retryable", "retries-exhausted", "retries-exhausted", "retries-exhausted", "retries-exhausted"])
         await bridge.stop()
     }
 
@@ -231,6 +243,41 @@ import Testing
         #expect(metrics.contains("aq_bridge_amqp_connected 1"))
         await bridge.stop()
     }
+}
+
+/// Accepts TCP connections on 127.0.0.1 and closes each at once.
+final class ClosingListener: Sendable {
+    let port: Int
+    let accepted = Atomic<Int>(0)
+    private let fd: Int32
+
+    init() throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard fd >= 0, bound == 0, listen(fd, 16) == 0 else { throw HarnessError(description: "cannot listen") }
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+        self.fd = fd
+        self.port = Int(UInt16(bigEndian: address.sin_port))
+        let thread = Thread { [self] in
+            while true {
+                let client = accept(self.fd, nil, nil)
+                guard client >= 0 else { return }
+                self.accepted.add(1, ordering: .relaxed)
+                var linger = Glibc.linger(l_onoff: 1, l_linger: 0)  // RST, not FIN
+                _ = setsockopt(client, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+                close(client)
+            }
+        }
+        thread.start()
+    }
+
+    deinit { shutdown(self.fd, Int32(SHUT_RDWR)); close(self.fd) }
 }
 
 @Suite(.serialized, .timeLimit(.minutes(2))) struct BridgeRecoveryTests {
