@@ -139,8 +139,8 @@ public struct BridgeConfiguration: Sendable {
     }
 
     public static func parseDuration(_ text: String) -> Duration? {
-        let digits = text.prefix { $0.isNumber }
-        guard let n = Int(digits) else { return nil }
+        let digits = text.prefix { $0.isASCII && $0.isNumber }
+        guard let n = Int(digits), n <= 10_000_000 else { return nil }
         switch text.dropFirst(digits.count) {
         case "ms": return .milliseconds(n)
         case "s", "": return .seconds(n)

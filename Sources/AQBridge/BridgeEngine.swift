@@ -130,7 +130,7 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     func received(_ delivery: AMQPDelivery, queue: ServedQueue) {
         let headers = delivery.properties.headers
-        let attempt = max(1, Int(headers?["aq-attempt"]?.intValue ?? 1))
+        let attempt = Int(min(max(1, headers?["aq-attempt"]?.intValue ?? 1), 1_000_000))
         let run = Run(delivery: delivery, queue: queue, attempt: attempt)
         self.begin(run)
         if headers?["aq-kind"]?.stringValue == "webhook" {
@@ -228,7 +228,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         var properties = run.delivery.properties
         var headers = properties.headers ?? [:]
         headers["retry-tier"] = .string(self.settings.spec.retryTierHeader(for: tier))
-        headers["aq-attempt"] = .int32(Int32(run.attempt + 1))
+        headers["aq-attempt"] = .int32(Int32(clamping: run.attempt + 1))
         headers["aq-last-error"] = .string(String(reason.prefix(200)))
         properties.headers = headers
         properties.messageId = task.id
@@ -271,9 +271,9 @@ final class BridgeEngine: AMQPConnectionExtension {
         var headers = properties.headers ?? [:]
         headers["aq-reason"] = .string(reason)
         headers["aq-error"] = .string(String(error.prefix(500)))
-        headers["aq-attempts"] = .int32(Int32(run.attempt))
+        headers["aq-attempts"] = .int32(Int32(clamping: run.attempt))
         headers["aq-queue"] = .string(run.queue.name)
-        if let status { headers["aq-last-status"] = .int32(Int32(status)) }
+        if let status { headers["aq-last-status"] = .int32(Int32(clamping: status)) }
         if let taskId { headers["aq-task-id"] = .string(taskId) }
         headers["aq-dead-lettered-at"] = .timestamp(UInt64(Date().timeIntervalSince1970))
         headers["retry-tier"] = nil
@@ -313,7 +313,7 @@ final class BridgeEngine: AMQPConnectionExtension {
                 let properties = AMQPProperties(
                     contentType: "application/json",
                     headers: ["aq-kind": "webhook", "aq-webhook-url": .string(url), "aq-task-id": .string(taskId),
-                              "aq-attempt": .int32(Int32(attempt + 1)), "retry-tier": .string(self.settings.spec.retryTierHeader(for: tier)),
+                              "aq-attempt": .int32(Int32(clamping: attempt + 1)), "retry-tier": .string(self.settings.spec.retryTierHeader(for: tier)),
                               "aq-last-error": .string(String(outcome.reason.prefix(200)))],
                     deliveryMode: .persistent, messageId: id)
                 self.publish(exchange: self.settings.spec.retryExchange,
@@ -335,8 +335,8 @@ final class BridgeEngine: AMQPConnectionExtension {
                                             deliveryMode: .persistent, messageId: id)
             properties.headers?["aq-reason"] = "webhook-failed"
             properties.headers?["aq-error"] = .string(String(outcome.reason.prefix(500)))
-            properties.headers?["aq-attempts"] = .int32(Int32(attempt))
-            if let status = outcome.status { properties.headers?["aq-last-status"] = .int32(Int32(status)) }
+            properties.headers?["aq-attempts"] = .int32(Int32(clamping: attempt))
+            if let status = outcome.status { properties.headers?["aq-last-status"] = .int32(Int32(clamping: status)) }
             self.publish(exchange: self.settings.spec.deadLetterExchange,
                          routingKey: run.queue.queueName, properties: properties, body: body) { [unowned self] published in
                 guard self.isActive(run) else { return }

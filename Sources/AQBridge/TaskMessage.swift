@@ -112,14 +112,14 @@ public enum TaskParser {
         var timeout = defaults.timeout
         if let member = timeoutMember, member.kind != .null {
             let text = String(decoding: body[member.range], as: UTF8.self)
-            guard member.kind == .number, let seconds = Double(text), seconds > 0 else {
+            guard member.kind == .number, let seconds = Double(text), seconds.isFinite, seconds > 0 else {
                 return bad("timeout must be a positive number of seconds, not \(text)")
             }
-            let requested = Duration.milliseconds(Int64((seconds * 1000).rounded()))
-            guard requested <= defaults.maxTimeout else {
+            let limit = Double(defaults.maxTimeout.components.seconds) + Double(defaults.maxTimeout.components.attoseconds) / 1e18
+            guard seconds <= limit else {
                 return bad("timeout \(text)s is over the bridge's limit of \(defaults.maxTimeout.components.seconds)s (it must stay under the broker's consumer_timeout)")
             }
-            timeout = max(requested, .milliseconds(1))
+            timeout = max(Duration.milliseconds(Int64((seconds * 1000).rounded())), .milliseconds(1))
         }
         let payload = payloadMember.map { Array(body[$0.range]) } ?? Array("null".utf8)
         var id = messageId ?? ""

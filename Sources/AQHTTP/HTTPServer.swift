@@ -75,6 +75,7 @@ public final class HTTPServer: Sendable {
 
     /// Listens on `host:port` (port 0 picks a free one; see ``port``).
     public init(host: String = "127.0.0.1", port: Int = 0, maxBodyBytes: Int = 16 << 20, handler: @escaping Handler) throws {
+        guard (0...65535).contains(port) else { throw StartError(description: "port \(port) is out of range") }
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw StartError(description: "socket: \(String(cString: strerror(errno)))") }
         var yes: Int32 = 1

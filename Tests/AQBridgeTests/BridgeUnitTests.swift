@@ -63,6 +63,9 @@ import Testing
         (#"{"callbackUrl":"http:///nohost"}"#, "has no host"),
         (#"{"callbackUrl":"http://a b/"}"#, "spaces"),
         (#"{"callbackUrl":"http://a/","webhookUrl":5}"#, "webhookUrl must be a string"),
+        (#"{"callbackUrl":"http://a/","timeout":1e400}"#, "positive number of seconds"),
+        (#"{"callbackUrl":"http://a/","timeout":1e30}"#, "over the bridge's limit"),
+        (#"{"callbackUrl":"http://a/","retries":99999999999999999999}"#, "whole number"),
     ])
     func rejectsBadFields(_ body: String, _ expected: String) {
         let result = TaskParser.parse(Array(body.utf8), messageId: "id", defaults: self.defaults)
@@ -217,6 +220,7 @@ import Testing
         #expect(throws: BridgeConfiguration.Invalid.self) { try config.apply(yaml: "prefetch: lots\n", source: "f") }
         #expect(throws: BridgeConfiguration.Invalid.self) { try config.apply(yaml: "colour: blue\n", source: "f") }
         #expect(throws: BridgeConfiguration.Invalid.self) { try config.apply(environment: ["AQ_PREFETCH": "0"]) }
+        #expect(throws: BridgeConfiguration.Invalid.self) { try config.apply(yaml: "webhook_timeout: 99999999999999999h\n", source: "f") }
     }
 
     @Test func servedQueuesByNameOrQueueName() throws {
