@@ -58,6 +58,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// `Content-Type` and `AsyncQueue-Queue`, built once per queue.
     private var sharedHeaderLists: [String: SharedHeaders] = [:]
     var draining = false
+    private var pendingCounts = [Int](repeating: 0, count: BridgeMetrics.Counter.allCases.count)
+    private var countsDirty = false
     var onDrained: (() -> Void)?
 
     init(context: AMQPThreadContext, settings: Settings, metrics: BridgeMetrics, logger: Logger) {
@@ -93,7 +95,9 @@ final class BridgeEngine: AMQPConnectionExtension {
     func handle(_ fds: ArraySlice<pollfd>) { self.http.handle(fds) }
     func runTurn() -> Bool {
         self.metrics.connected.store(self.context.isConnected, ordering: .relaxed)
-        return self.http.runTurn()
+        let busy = self.http.runTurn()
+        self.publishMetrics()
+        return busy
     }
     func connectionClosed() {
         self.http.cancelAll(HTTPError(kind: .other, message: "the bridge is shutting down"))
@@ -103,15 +107,28 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     private func begin(_ run: Run) {
         self.runs[ObjectIdentifier(run)] = run
-        self.metrics.inFlight.add(1, ordering: .relaxed)
+        self.countsDirty = true
     }
 
     private func isActive(_ run: Run) -> Bool { self.runs[ObjectIdentifier(run)] != nil }
 
+    /// Counts locally; ``publishMetrics()`` hands them to the shared metrics once per turn.
+    private func count(_ counter: BridgeMetrics.Counter) {
+        self.pendingCounts[counter.index] += 1
+        self.countsDirty = true
+    }
+
+    private func publishMetrics() {
+        guard self.countsDirty else { return }
+        self.countsDirty = false
+        self.metrics.merge(&self.pendingCounts)
+        self.metrics.inFlight.store(self.runs.count, ordering: .relaxed)
+    }
+
     /// The delivery is settled (acked, handed back, or abandoned to the broker's redelivery).
     private func end(_ run: Run) {
         guard self.runs.removeValue(forKey: ObjectIdentifier(run)) != nil else { return }
-        self.metrics.inFlight.subtract(1, ordering: .relaxed)
+        self.countsDirty = true
         if self.draining && self.runs.isEmpty { self.onDrained?() }
     }
 
@@ -123,7 +140,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// Hands the delivery back (it will be delivered again), e.g. when a publish failed.
     private func requeue(_ run: Run, _ why: String) {
         if self.context.isCurrent(run.delivery) { self.context.nack(run.delivery, requeue: true) }
-        self.metrics.add(.tasksRequeued)
+        self.count(.tasksRequeued)
         self.logger.warning("task handed back to the broker", metadata: ["queue": "\(run.queue.name)", "reason": "\(why)"])
         self.end(run)
     }
@@ -137,10 +154,10 @@ final class BridgeEngine: AMQPConnectionExtension {
             self.webhookJob(run)
             return
         }
-        self.metrics.add(.tasksReceived)
+        self.count(.tasksReceived)
         switch TaskParser.parse(delivery.body, messageId: delivery.properties.messageId, defaults: queue.defaults) {
         case .failure(let malformed):
-            self.metrics.add(.tasksMalformed)
+            self.count(.tasksMalformed)
             self.logger.warning("malformed task dead-lettered", metadata: ["queue": "\(queue.name)", "reason": "\(malformed.reason)"])
             self.deadLetter(run, reason: "malformed", error: malformed.reason, status: nil, taskId: delivery.properties.messageId) { [unowned self] in
                 self.ack(run)
@@ -185,14 +202,14 @@ final class BridgeEngine: AMQPConnectionExtension {
             let outcome = RetryPolicy.classify(result, timeout: task.timeout)
             switch outcome {
             case .success:
-                self.metrics.add(.callbacks2xx)
+                self.count(.callbacks2xx)
                 let answer = try? result.get()
                 self.completed(run, task, result: Self.resultJSON(answer?.body ?? []))
             case .retryable(let reason, _, let retryAfter) where run.attempt <= task.retries:
-                self.metrics.add(.callbacksFailed)
+                self.count(.callbacksFailed)
                 self.retry(run, task, reason: reason, retryAfter: retryAfter)
             default:
-                self.metrics.add(.callbacksFailed)
+                self.count(.callbacksFailed)
                 let body = (try? result.get())?.body ?? []
                 self.failed(run, task, outcome: outcome, responseBody: body)
             }
@@ -209,14 +226,14 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     private func completed(_ run: Run, _ task: TaskSpec, result: [UInt8]) {
         guard let webhook = task.webhookURL else {
-            self.metrics.add(.tasksCompleted)
+            self.count(.tasksCompleted)
             self.ack(run)
             return
         }
         var body = Array("{\"taskId\":\(JSONScan.quote(task.id)),\"status\":\"completed\",\"queue\":\(JSONScan.quote(run.queue.name)),\"attempts\":\(run.attempt),\"result\":".utf8)
         body += result
         body.append(UInt8(ascii: "}"))
-        self.metrics.add(.tasksCompleted)
+        self.count(.tasksCompleted)
         self.webhook(run, url: webhook, taskId: task.id, body: body, attempt: 1)
     }
 
@@ -238,7 +255,7 @@ final class BridgeEngine: AMQPConnectionExtension {
             guard self.isActive(run) else { return }
             switch result {
             case .success:
-                self.metrics.add(.tasksRetried)
+                self.count(.tasksRetried)
                 self.logger.debug("task retry scheduled", metadata: ["task.id": "\(task.id)", "attempt": "\(run.attempt)", "tier": "\(tier)", "reason": "\(reason)"])
                 self.ack(run)
             case .failure(let error):
@@ -252,7 +269,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         let exhausted: Bool
         if case .retryable = outcome { exhausted = true } else { exhausted = false }
         let reason = exhausted ? "retries-exhausted" : "not-retryable"
-        self.metrics.add(.tasksFailed)
+        self.count(.tasksFailed)
         self.logger.info("task failed", metadata: ["task.id": "\(task.id)", "queue": "\(run.queue.name)", "attempts": "\(run.attempt)", "reason": "\(reason)", "error": "\(outcome.reason)"])
         self.deadLetter(run, reason: reason, error: outcome.reason, status: outcome.status, taskId: task.id) { [unowned self] in
             guard let webhook = task.webhookURL else { return self.ack(run) }
@@ -284,7 +301,7 @@ final class BridgeEngine: AMQPConnectionExtension {
             guard self.isActive(run) else { return }
             switch result {
             case .success:
-                self.metrics.add(.deadLettered)
+                self.count(.deadLettered)
                 then()
             case .failure(let error):
                 self.requeue(run, "could not dead-letter: \(error)")
@@ -303,7 +320,7 @@ final class BridgeEngine: AMQPConnectionExtension {
             guard self.isActive(run) else { return }
             let outcome = RetryPolicy.classify(result, timeout: timeout)
             if case .success = outcome {
-                self.metrics.add(.webhooksDelivered)
+                self.count(.webhooksDelivered)
                 return self.ack(run)
             }
             guard self.context.isCurrent(run.delivery) else { return self.end(run) }
@@ -321,14 +338,14 @@ final class BridgeEngine: AMQPConnectionExtension {
                     guard self.isActive(run) else { return }
                     switch published {
                     case .success:
-                        self.metrics.add(.webhooksRetried)
+                        self.count(.webhooksRetried)
                         self.ack(run)
                     case .failure(let error): self.requeue(run, "could not schedule the webhook retry: \(error)")
                     }
                 }
                 return
             }
-            self.metrics.add(.webhooksFailed)
+            self.count(.webhooksFailed)
             self.logger.warning("webhook given up", metadata: ["task.id": "\(taskId)", "attempts": "\(attempt)", "error": "\(outcome.reason)"])
             var properties = AMQPProperties(contentType: "application/json",
                                             headers: ["aq-kind": "webhook", "aq-webhook-url": .string(url), "aq-task-id": .string(taskId)],
@@ -342,7 +359,7 @@ final class BridgeEngine: AMQPConnectionExtension {
                 guard self.isActive(run) else { return }
                 switch published {
                 case .success:
-                    self.metrics.add(.deadLettered)
+                    self.count(.deadLettered)
                     self.ack(run)
                 case .failure(let error): self.requeue(run, "could not dead-letter the webhook: \(error)")
                 }

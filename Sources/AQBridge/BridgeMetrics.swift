@@ -63,6 +63,14 @@ public final class BridgeMetrics: Sendable {
         self.values.withLock { $0[i] += n }
     }
 
+    /// Adds counts gathered elsewhere (the bridge's thread batches them: one lock per loop turn).
+    func merge(_ deltas: inout [Int]) {
+        self.values.withLock { values in
+            for i in deltas.indices where deltas[i] != 0 { values[i] += deltas[i] }
+        }
+        for i in deltas.indices { deltas[i] = 0 }
+    }
+
     public func value(_ counter: Counter) -> Int {
         let i = counter.index
         return self.values.withLock { $0[i] }
