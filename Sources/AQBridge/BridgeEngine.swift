@@ -39,6 +39,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         let queue: ServedQueue
         let attempt: Int
         var task: TaskSpec?
+        /// In flight: not yet acked, handed back or abandoned.
+        var active = false
         init(delivery: AMQPDelivery, queue: ServedQueue, attempt: Int) {
             self.delivery = delivery
             self.queue = queue
@@ -106,11 +108,12 @@ final class BridgeEngine: AMQPConnectionExtension {
     // MARK: Deliveries
 
     private func begin(_ run: Run) {
+        run.active = true
         self.runs[ObjectIdentifier(run)] = run
         self.countsDirty = true
     }
 
-    private func isActive(_ run: Run) -> Bool { self.runs[ObjectIdentifier(run)] != nil }
+    private func isActive(_ run: Run) -> Bool { run.active }
 
     /// Counts locally; ``publishMetrics()`` hands them to the shared metrics once per turn.
     private func count(_ counter: BridgeMetrics.Counter) {
@@ -127,7 +130,9 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     /// The delivery is settled (acked, handed back, or abandoned to the broker's redelivery).
     private func end(_ run: Run) {
-        guard self.runs.removeValue(forKey: ObjectIdentifier(run)) != nil else { return }
+        guard run.active else { return }
+        run.active = false
+        self.runs[ObjectIdentifier(run)] = nil
         self.countsDirty = true
         if self.draining && self.runs.isEmpty { self.onDrained?() }
     }
@@ -179,7 +184,7 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     /// `id` is the Standard Webhooks message id (the idempotency key): the task id for the
     /// callback, `<task id>:result` for the webhook.
-    private func headers(id: String, taskId: String, attempt: Int, queue: String, body: [UInt8]) -> [String] {
+    private func headers(id: String, taskId: String, attempt: Int, body: [UInt8]) -> [String] {
         var headers = ["AsyncQueue-Task-Id: \(taskId)", "AsyncQueue-Attempt: \(attempt)"]
         if self.settings.signer.isEnabled {
             let timestamp = Int(Date().timeIntervalSince1970)
@@ -194,7 +199,7 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     private func callback(_ run: Run, _ task: TaskSpec) {
         let request = HTTPRequest(
-            url: task.callbackURL, headers: self.headers(id: task.id, taskId: task.id, attempt: run.attempt, queue: run.queue.name, body: task.payload),
+            url: task.callbackURL, headers: self.headers(id: task.id, taskId: task.id, attempt: run.attempt, body: task.payload),
             body: task.payload, timeout: task.timeout, maxResponseBytes: self.settings.maxResponseBytes,
             sharedHeaders: self.sharedHeaders(run.queue.name))
         self.http.start(request) { [unowned self] result in
@@ -250,18 +255,9 @@ final class BridgeEngine: AMQPConnectionExtension {
         properties.headers = headers
         properties.messageId = task.id
         properties.deliveryMode = .persistent
-        self.publish(exchange: self.settings.spec.retryExchange, routingKey: run.queue.queueName,
-                     properties: properties, body: run.delivery.body) { [unowned self] result in
-            guard self.isActive(run) else { return }
-            switch result {
-            case .success:
-                self.count(.tasksRetried)
-                self.logger.debug("task retry scheduled", metadata: ["task.id": "\(task.id)", "attempt": "\(run.attempt)", "tier": "\(tier)", "reason": "\(reason)"])
-                self.ack(run)
-            case .failure(let error):
-                self.requeue(run, "could not publish the retry: \(error)")
-            }
-        }
+        self.logger.debug("task retry scheduled", metadata: ["task.id": "\(task.id)", "attempt": "\(run.attempt)", "tier": "\(tier)", "reason": "\(reason)"])
+        self.publishThenAck(run, exchange: self.settings.spec.retryExchange, properties: properties, body: run.delivery.body,
+                            counting: .tasksRetried, "the retry")
     }
 
     private func failed(_ run: Run, _ task: TaskSpec, outcome: AttemptOutcome, responseBody: [UInt8]) {
@@ -281,14 +277,17 @@ final class BridgeEngine: AMQPConnectionExtension {
     }
 
     /// Publishes a copy to the dead-letter exchange with the reason in headers; `then` after
-    /// the broker confirmed it.
-    private func deadLetter(_ run: Run, reason: String, error: String, status: Int?, taskId: String?, then: @escaping () -> Void) {
+    /// the broker confirmed it. `base` and `body` default to the delivery itself (a webhook that
+    /// is given up on dead-letters the webhook's body instead).
+    private func deadLetter(_ run: Run, reason: String, error: String, status: Int?, taskId: String?,
+                            attempts: Int? = nil, base: AMQPProperties? = nil, body: [UInt8]? = nil,
+                            then: @escaping () -> Void) {
         guard self.context.isCurrent(run.delivery) else { return self.end(run) }
-        var properties = run.delivery.properties
+        var properties = base ?? run.delivery.properties
         var headers = properties.headers ?? [:]
         headers["aq-reason"] = .string(reason)
         headers["aq-error"] = .string(String(error.prefix(500)))
-        headers["aq-attempts"] = .int32(Int32(clamping: run.attempt))
+        headers["aq-attempts"] = .int32(Int32(clamping: attempts ?? run.attempt))
         headers["aq-queue"] = .string(run.queue.name)
         if let status { headers["aq-last-status"] = .int32(Int32(clamping: status)) }
         if let taskId { headers["aq-task-id"] = .string(taskId) }
@@ -297,7 +296,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         properties.headers = headers
         properties.deliveryMode = .persistent
         self.publish(exchange: self.settings.spec.deadLetterExchange, routingKey: run.queue.queueName,
-                     properties: properties, body: run.delivery.body) { [unowned self] result in
+                     properties: properties, body: body ?? run.delivery.body) { [unowned self] result in
             guard self.isActive(run) else { return }
             switch result {
             case .success:
@@ -309,12 +308,28 @@ final class BridgeEngine: AMQPConnectionExtension {
         }
     }
 
+    /// Publishes what comes next (a retry copy, a webhook job), waits for the broker's confirm,
+    /// then acks the delivery; hands the delivery back if the publish failed.
+    private func publishThenAck(_ run: Run, exchange: String, properties: AMQPProperties, body: [UInt8],
+                                counting counter: BridgeMetrics.Counter, _ what: String) {
+        self.publish(exchange: exchange, routingKey: run.queue.queueName, properties: properties, body: body) { [unowned self] result in
+            guard self.isActive(run) else { return }
+            switch result {
+            case .success:
+                self.count(counter)
+                self.ack(run)
+            case .failure(let error):
+                self.requeue(run, "could not publish \(what): \(error)")
+            }
+        }
+    }
+
     // MARK: Webhooks
 
     private func webhook(_ run: Run, url: String, taskId: String, body: [UInt8], attempt: Int) {
         let id = "\(taskId):result"
         let timeout = self.settings.webhookTimeout
-        let request = HTTPRequest(url: url, headers: self.headers(id: id, taskId: taskId, attempt: attempt, queue: run.queue.name, body: body),
+        let request = HTTPRequest(url: url, headers: self.headers(id: id, taskId: taskId, attempt: attempt, body: body),
                                   body: body, timeout: timeout, maxResponseBytes: 64 * 1024, sharedHeaders: self.sharedHeaders(run.queue.name))
         self.http.start(request) { [unowned self] result in
             guard self.isActive(run) else { return }
@@ -333,36 +348,17 @@ final class BridgeEngine: AMQPConnectionExtension {
                               "aq-attempt": .int32(Int32(clamping: attempt + 1)), "retry-tier": .string(self.settings.spec.retryTierHeader(for: tier)),
                               "aq-last-error": .string(String(outcome.reason.prefix(200)))],
                     deliveryMode: .persistent, messageId: id)
-                self.publish(exchange: self.settings.spec.retryExchange,
-                             routingKey: run.queue.queueName, properties: properties, body: body) { [unowned self] published in
-                    guard self.isActive(run) else { return }
-                    switch published {
-                    case .success:
-                        self.count(.webhooksRetried)
-                        self.ack(run)
-                    case .failure(let error): self.requeue(run, "could not schedule the webhook retry: \(error)")
-                    }
-                }
+                self.publishThenAck(run, exchange: self.settings.spec.retryExchange, properties: properties, body: body,
+                                    counting: .webhooksRetried, "the webhook retry")
                 return
             }
             self.count(.webhooksFailed)
             self.logger.warning("webhook given up", metadata: ["task.id": "\(taskId)", "attempts": "\(attempt)", "error": "\(outcome.reason)"])
-            var properties = AMQPProperties(contentType: "application/json",
-                                            headers: ["aq-kind": "webhook", "aq-webhook-url": .string(url), "aq-task-id": .string(taskId)],
-                                            deliveryMode: .persistent, messageId: id)
-            properties.headers?["aq-reason"] = "webhook-failed"
-            properties.headers?["aq-error"] = .string(String(outcome.reason.prefix(500)))
-            properties.headers?["aq-attempts"] = .int32(Int32(clamping: attempt))
-            if let status = outcome.status { properties.headers?["aq-last-status"] = .int32(Int32(clamping: status)) }
-            self.publish(exchange: self.settings.spec.deadLetterExchange,
-                         routingKey: run.queue.queueName, properties: properties, body: body) { [unowned self] published in
-                guard self.isActive(run) else { return }
-                switch published {
-                case .success:
-                    self.count(.deadLettered)
-                    self.ack(run)
-                case .failure(let error): self.requeue(run, "could not dead-letter the webhook: \(error)")
-                }
+            let base = AMQPProperties(contentType: "application/json",
+                                      headers: ["aq-kind": "webhook", "aq-webhook-url": .string(url)], messageId: id)
+            self.deadLetter(run, reason: "webhook-failed", error: outcome.reason, status: outcome.status, taskId: taskId,
+                            attempts: attempt, base: base, body: body) { [unowned self] in
+                self.ack(run)
             }
         }
     }

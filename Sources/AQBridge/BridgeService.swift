@@ -18,6 +18,7 @@ public final class BridgeService: Sendable {
         var connection: AMQPConnection?
         var server: HTTPServer?
         var stopping = false
+        var stopWaiters: [CheckedContinuation<Void, Never>] = []
     }
 
     public init(configuration: BridgeConfiguration, logger: Logger) {
@@ -102,22 +103,21 @@ public final class BridgeService: Sendable {
         await self.shutdown(connection)
     }
 
-    private let stopSignal = Mutex<[CheckedContinuation<Void, Never>]>([])
-    private let stopped = Atomic<Bool>(false)
-
     /// Asks a running service to shut down gracefully.
     public func stop() {
-        self.state.withLock { $0.stopping = true }
-        self.stopped.store(true, ordering: .relaxed)
-        let waiters = self.stopSignal.withLock { w -> [CheckedContinuation<Void, Never>] in defer { w.removeAll() }; return w }
+        let waiters = self.state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            state.stopping = true
+            defer { state.stopWaiters.removeAll() }
+            return state.stopWaiters
+        }
         for waiter in waiters { waiter.resume() }
     }
 
     private func waitForStop() async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let already = self.stopSignal.withLock { waiters -> Bool in
-                if self.stopped.load(ordering: .relaxed) { return true }
-                waiters.append(continuation)
+            let already = self.state.withLock { state -> Bool in
+                if state.stopping { return true }
+                state.stopWaiters.append(continuation)
                 return false
             }
             if already { continuation.resume() }

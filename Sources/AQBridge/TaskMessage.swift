@@ -66,18 +66,8 @@ public enum TaskParser {
         } catch {
             return bad("the body is not a JSON object: \(error)")
         }
-        func lookup(_ key: String) -> JSONScan.Member? {
-            switch key {
-            case "callbackUrl": return callbackMember
-            case "payload": return payloadMember
-            case "webhookUrl": return webhookMember
-            case "retries": return retriesMember
-            case "timeout": return timeoutMember
-            default: return taskIdMember
-            }
-        }
-        func string(_ key: String) -> Result<String?, MalformedTask> {
-            guard let member = lookup(key) else { return .success(nil) }
+        func string(_ member: JSONScan.Member?, _ key: String) -> Result<String?, MalformedTask> {
+            guard let member else { return .success(nil) }
             switch member.kind {
             case .null: return .success(nil)
             case .string:
@@ -88,14 +78,14 @@ public enum TaskParser {
             }
         }
         let callback: String
-        switch string("callbackUrl") {
+        switch string(callbackMember, "callbackUrl") {
         case .failure(let error): return .failure(error)
         case .success(nil): return bad("callbackUrl is missing")
         case .success(let url?): callback = url
         }
         if let problem = Self.urlProblem(callback) { return bad("callbackUrl \(problem)") }
         var webhook: String?
-        switch string("webhookUrl") {
+        switch string(webhookMember, "webhookUrl") {
         case .failure(let error): return .failure(error)
         case .success(let url):
             webhook = url
@@ -123,7 +113,7 @@ public enum TaskParser {
         }
         let payload = payloadMember.map { Array(body[$0.range]) } ?? Array("null".utf8)
         var id = messageId ?? ""
-        if id.isEmpty, case .success(let bodyId?) = string("taskId") { id = bodyId }
+        if id.isEmpty, case .success(let bodyId?) = string(taskIdMember, "taskId") { id = bodyId }
         if id.isEmpty { id = UUID().uuidString.lowercased() }
         guard id.utf8.count <= 255, !id.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else {
             return bad("the task id (message_id) must be at most 255 bytes without control characters")

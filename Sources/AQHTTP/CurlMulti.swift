@@ -53,14 +53,12 @@ public struct HTTPAnswer: Sendable {
     public var retryAfter: String?
     /// `AsyncQueue-No-Retry` (or `X-AsyncQueue-No-Retry`), as sent.
     public var noRetry: String?
-    public var contentType: String?
 
-    public init(status: Int, body: [UInt8], retryAfter: String? = nil, noRetry: String? = nil, contentType: String? = nil) {
+    public init(status: Int, body: [UInt8], retryAfter: String? = nil, noRetry: String? = nil) {
         self.status = status
         self.body = body
         self.retryAfter = retryAfter
         self.noRetry = noRetry
-        self.contentType = contentType
     }
 }
 

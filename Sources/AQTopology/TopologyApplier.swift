@@ -69,11 +69,7 @@ public enum TopologyApplier {
                 done += 1
             }
             for binding in plan.bindingsToCreate {
-                if binding.destinationType == .queue {
-                    try await channel.bindQueue(binding.destination, to: binding.source, routingKey: binding.routingKey, arguments: binding.arguments.amqpTable)
-                } else {
-                    try await channel.bindExchange(binding.destination, to: binding.source, routingKey: binding.routingKey, arguments: binding.arguments.amqpTable)
-                }
+                try await Self.bind(binding, on: channel, unbind: false)
                 log("+ binding \(binding.source) → \(binding.destination) '\(binding.routingKey)'")
                 done += 1
             }
@@ -84,11 +80,7 @@ public enum TopologyApplier {
             }
             if deleteExtra {
                 for binding in plan.extraBindings {
-                    if binding.destinationType == .queue {
-                        try await channel.unbindQueue(binding.destination, from: binding.source, routingKey: binding.routingKey, arguments: binding.arguments.amqpTable)
-                    } else {
-                        try await channel.unbindExchange(binding.destination, from: binding.source, routingKey: binding.routingKey, arguments: binding.arguments.amqpTable)
-                    }
+                    try await Self.bind(binding, on: channel, unbind: true)
                     log("- binding \(binding.source) → \(binding.destination)")
                     done += 1
                 }
@@ -114,6 +106,16 @@ public enum TopologyApplier {
         }
         await connection.close()
         return plan
+    }
+
+    private static func bind(_ b: Topology.Binding, on channel: AMQPChannel, unbind: Bool) async throws {
+        let args = b.arguments.amqpTable
+        switch (b.destinationType, unbind) {
+        case (.queue, false): try await channel.bindQueue(b.destination, to: b.source, routingKey: b.routingKey, arguments: args)
+        case (.queue, true): try await channel.unbindQueue(b.destination, from: b.source, routingKey: b.routingKey, arguments: args)
+        case (.exchange, false): try await channel.bindExchange(b.destination, to: b.source, routingKey: b.routingKey, arguments: args)
+        case (.exchange, true): try await channel.unbindExchange(b.destination, from: b.source, routingKey: b.routingKey, arguments: args)
+        }
     }
 
     /// Refuses before any change when the user may not make all of them.

@@ -170,6 +170,27 @@ import Testing
         await bridge.stop()
     }
 
+    @Test func aWebhookThatNeverAcceptsIsDeadLetteredWithItsBody() async throws {
+        let receiver = try Receiver()
+        receiver.on("/hook") { _, _ in .text("no", status: 503) }
+        let bridge = try await BridgeHarness.start { $0.webhookAttempts = 2 }
+        let id = try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/work"))","payload":{},"webhookUrl":"\#(receiver.url("/hook"))"}"#)
+        try await bridge.waitDepth("aq.dead", 1)
+        #expect(receiver.requests("/hook").count == 2)
+        #expect(receiver.requests("/work").count == 1)
+        let dead = try #require(try await bridge.deadLetters().first)
+        let headers = try #require(dead.properties.headers)
+        #expect(headers["aq-reason"]?.stringValue == "webhook-failed")
+        #expect(headers["aq-task-id"]?.stringValue == id)
+        #expect(headers["aq-attempts"]?.intValue == 2)
+        #expect(headers["aq-last-status"]?.intValue == 503)
+        #expect(headers["aq-webhook-url"]?.stringValue == receiver.url("/hook"))
+        #expect(dead.properties.messageId == "\(id):result")
+        let body = try #require(try JSONSerialization.jsonObject(with: Data(dead.body)) as? [String: Any])
+        #expect(body["status"] as? String == "completed", "the webhook's body is kept for a replay")
+        await bridge.stop()
+    }
+
     @Test func malformedTasksAreDeadLetteredWithTheReasonAndTheBridgeCarriesOn() async throws {
         let receiver = try Receiver()
         let bridge = try await BridgeHarness.start { $0.maxPayloadBytes = 2000 }
@@ -252,18 +273,7 @@ final class ClosingListener: Sendable {
     private let fd: Int32
 
     init() throws {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        guard fd >= 0, bound == 0, listen(fd, 16) == 0 else { throw HarnessError(description: "cannot listen") }
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
-        self.fd = fd
-        self.port = Int(UInt16(bigEndian: address.sin_port))
+        (self.fd, self.port) = try TestEnvironment.listenOnLoopback()
         let thread = Thread { [self] in
             while true {
                 let client = accept(self.fd, nil, nil)

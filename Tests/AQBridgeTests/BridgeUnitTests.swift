@@ -91,7 +91,7 @@ import Testing
 
 @Suite struct RetryPolicyTests {
     func answer(_ status: Int, retryAfter: String? = nil, noRetry: String? = nil) -> Result<HTTPAnswer, HTTPError> {
-        .success(HTTPAnswer(status: status, body: [], retryAfter: retryAfter, noRetry: noRetry, contentType: nil))
+        .success(HTTPAnswer(status: status, body: [], retryAfter: retryAfter, noRetry: noRetry))
     }
 
     @Test func classifiesAnswers() {

@@ -33,6 +33,27 @@ public enum TestEnvironment {
         public var description: String
     }
 
+    /// A listening TCP socket on 127.0.0.1 with a free port (the kernel completes connections to
+    /// it even before anyone accepts them).
+    public static func listenOnLoopback() throws -> (fd: Int32, port: Int) {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard fd >= 0, bound == 0, listen(fd, 16) == 0 else {
+            if fd >= 0 { close(fd) }
+            throw Failure(description: "cannot listen on 127.0.0.1")
+        }
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        return (fd, Int(UInt16(bigEndian: address.sin_port)))
+    }
+
     /// Runs a program to its end: its status, standard output and standard error.
     public static func run(_ executable: URL, _ arguments: [String], environment: [String: String] = [:],
                            directory: URL? = nil) throws -> (status: Int32, out: String, err: String) {

@@ -553,8 +553,6 @@ final class ConnectionDriver {
     }
 
     static func libraryError(_ status: Int32, doing: String) -> AMQPError {
-        let code: AMQPError.Code = status == AMQP_STATUS_HEARTBEAT_TIMEOUT.rawValue || status == AMQP_STATUS_TIMEOUT.rawValue
-            ? .connectionLost : .connectionLost
-        return AMQPError(code: code, message: "\(doing) failed: \(Self.statusText(status))", libraryStatus: status)
+        AMQPError(code: .connectionLost, message: "\(doing) failed: \(Self.statusText(status))", libraryStatus: status)
     }
 }
