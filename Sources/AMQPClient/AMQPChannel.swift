@@ -175,8 +175,14 @@ public struct AMQPChannel: Sendable {
     /// ``AMQPDelivery/ack(multiple:)`` (unless `noAck`). The consumer survives channel errors and
     /// connection recovery; it ends with ``AMQPError/Code/consumerCancelled`` if the broker cancels
     /// it (its queue was deleted).
+    ///
+    /// A delivery the client cannot read — its body over `maxBodyBytes` (default: the
+    /// connection's ``AMQPContentLimits/maxBodyBytes``), its headers over the connection's
+    /// ``AMQPContentLimits`` — is rejected alone without requeue (the queue's dead-letter exchange
+    /// gets it whole) and never reaches the sequence; the connection carries on.
     public func consume(
-        _ queue: String, tag: String? = nil, exclusive: Bool = false, noAck: Bool = false, arguments: AMQPTable = [:]
+        _ queue: String, tag: String? = nil, exclusive: Bool = false, noAck: Bool = false, arguments: AMQPTable = [:],
+        maxBodyBytes: Int? = nil
     ) async throws -> AMQPConsumer {
         let buffer = DeliveryBuffer()
         let shared = self.shared
@@ -184,7 +190,7 @@ public struct AMQPChannel: Sendable {
         let tag = try await shared.perform { driver throws(AMQPError) -> String in
             let tag = tag ?? driver.makeConsumerTag()
             let consumer = ConsumerState(tag: tag, queue: queue, exclusive: exclusive, noAck: noAck, arguments: arguments,
-                                         buffer: buffer)
+                                         buffer: buffer, maxBodyBytes: maxBodyBytes ?? driver.configuration.contentLimits.maxBodyBytes)
             try driver.consume(id, consumer)
             return tag
         }

@@ -77,6 +77,9 @@ public struct AMQPConfiguration: Sendable {
     /// TLS settings; non-nil means `amqps`.
     public var tls: TLS?
     public var recovery: Recovery
+    /// How much of a message the client reads before it calls it unreadable (and, for a
+    /// consumer, rejects it alone): header fields, nesting, body size.
+    public var contentLimits = AMQPContentLimits()
 
     public init(
         host: String = "127.0.0.1", port: Int? = nil, user: String = "guest", password: String = "guest",
@@ -147,7 +150,7 @@ public struct AMQPConfiguration: Sendable {
             case "heartbeat": self.heartbeat = try int(0...65535)
             case "connection_timeout": self.connectTimeout = .milliseconds(try int(1...3_600_000))
             case "channel_max": self.channelMax = try int(1...65535)
-            case "frame_max": self.frameMax = try int(4096...(1 << 31 - 1))
+            case "frame_max": self.frameMax = try int(4096...1_048_576)
             case "connection_name": self.connectionName = value
             case "cacertfile", "certfile", "keyfile", "verify", "verify_hostname", "server_name_indication":
                 guard self.tls != nil else { throw invalid("\(item.name) needs the amqps scheme") }

@@ -11,10 +11,15 @@ public struct AMQPDelivery: Sendable {
     public let consumerTag: String?
     /// For `basic.get`: how many messages are left in the queue.
     public let messageCount: UInt32?
+    /// For `basic.get`: why the message could not be read (its properties over the client's
+    /// ``AMQPContentLimits``, its body over the size cap), with `body` empty and, when the
+    /// properties were the problem, `properties` empty. Settle it yourself (ack, or reject to
+    /// dead-letter it). Consumers never see such deliveries: the client rejects them.
+    public let contentProblem: String?
     let acker: DeliveryAcker?
 
     init(body: [UInt8], properties: AMQPProperties, exchange: String, routingKey: String, deliveryTag: UInt64,
-         isRedelivered: Bool, consumerTag: String?, messageCount: UInt32?, acker: DeliveryAcker?) {
+         isRedelivered: Bool, consumerTag: String?, messageCount: UInt32?, contentProblem: String? = nil, acker: DeliveryAcker?) {
         self.body = body
         self.properties = properties
         self.exchange = exchange
@@ -23,6 +28,7 @@ public struct AMQPDelivery: Sendable {
         self.isRedelivered = isRedelivered
         self.consumerTag = consumerTag
         self.messageCount = messageCount
+        self.contentProblem = contentProblem
         self.acker = acker
     }
 
@@ -107,6 +113,21 @@ public struct AMQPConsumer: AsyncSequence, Sendable {
         let (id, tag) = (self.channel.id, self.tag)
         try await self.channel.connection.shared.perform { driver throws(AMQPError) in try driver.cancelConsumer(id, tag: tag) }
     }
+}
+
+/// A delivery the client could not read and rejected (`requeue: false`, so the queue's
+/// dead-letter exchange gets it whole), reported to thread-hosted consumers.
+public struct AMQPUnreadableDelivery: Sendable {
+    /// The properties, when they were readable (the body was the problem).
+    public let properties: AMQPProperties?
+    /// Why it could not be read.
+    public let problem: String
+    /// The body size its header frame announced.
+    public let bodySize: UInt64
+    public let exchange: String
+    public let routingKey: String
+    public let deliveryTag: UInt64
+    public let isRedelivered: Bool
 }
 
 /// A message the broker could not route and returned (`basic.return`, for `mandatory` publishes).

@@ -96,6 +96,30 @@ public struct AMQPTable: Sendable, Hashable, ExpressibleByDictionaryLiteral, Seq
         self.init(elements.map { Entry(key: $0.0, value: $0.1) })
     }
 
+    /// A table as read off the wire, in linear time: a key that appears twice keeps its first
+    /// position and its last value, as ``init(_:)`` does (which is quadratic for large tables).
+    init(decoded entries: [Entry]) {
+        self.entries = []
+        guard entries.count > 16 else {
+            self.entries.reserveCapacity(entries.count)
+            for entry in entries { self[entry.key] = entry.value }
+            return
+        }
+        var position: [String: Int] = [:]
+        position.reserveCapacity(entries.count)
+        var unique: [Entry] = []
+        unique.reserveCapacity(entries.count)
+        for entry in entries {
+            if let index = position[entry.key] {
+                unique[index].value = entry.value
+            } else {
+                position[entry.key] = unique.count
+                unique.append(entry)
+            }
+        }
+        self.entries = unique
+    }
+
     public var isEmpty: Bool { self.entries.isEmpty }
     public var count: Int { self.entries.count }
     public var keys: [String] { self.entries.map(\.key) }

@@ -44,14 +44,18 @@ public final class AMQPThreadContext {
 
     /// Starts a consumer whose deliveries are handed to `handler` on this thread as they are read.
     /// It survives channel errors and recovery like any consumer; `onEnd` runs when it ends
-    /// (with the error when the broker cancelled it).
+    /// (with the error when the broker cancelled it). A delivery that cannot be read (body over
+    /// `maxBodyBytes`, headers over the connection's ``AMQPContentLimits``) is rejected without
+    /// requeue and reported to `onUnreadable` instead.
     public func consume(
-        channel: UInt16, queue: String, tag: String? = nil, arguments: AMQPTable = [:],
-        handler: @escaping (AMQPDelivery) -> Void, onEnd: @escaping (AMQPError?) -> Void
+        channel: UInt16, queue: String, tag: String? = nil, arguments: AMQPTable = [:], maxBodyBytes: Int? = nil,
+        handler: @escaping (AMQPDelivery) -> Void, onUnreadable: ((AMQPUnreadableDelivery) -> Void)? = nil,
+        onEnd: @escaping (AMQPError?) -> Void
     ) throws(AMQPError) -> String {
         let tag = tag ?? self.driver.makeConsumerTag()
         let consumer = ConsumerState(tag: tag, queue: queue, exclusive: false, noAck: false, arguments: arguments,
-                                     buffer: nil, handler: handler, onEnd: onEnd)
+                                     buffer: nil, maxBodyBytes: maxBodyBytes ?? self.driver.configuration.contentLimits.maxBodyBytes,
+                                     handler: handler, onUnreadable: onUnreadable, onEnd: onEnd)
         try self.driver.consume(channel, consumer)
         return tag
     }

@@ -240,7 +240,54 @@ enum CDecode {
             let entry = entries[index]
             result.append(AMQPTable.Entry(key: self.string(entry.key), value: self.fieldValue(entry.value)))
         }
-        return AMQPTable(result)
+        return AMQPTable(decoded: result)
+    }
+
+    /// Checks a message's properties against the limits before anything is copied: the fields
+    /// of every table and array are counted (nested ones included) and nesting is bounded, so a
+    /// hostile header costs bounded time and stack. Recursion stops at `maxHeaderDepth`.
+    static func check(_ c: amqp_basic_properties_t, limits: AMQPContentLimits) -> ContentProblem? {
+        guard c._flags & UInt32(AMQP_BASIC_HEADERS_FLAG) != 0 else { return nil }
+        var fields = 0
+        return self.check(c.headers, depth: 1, limits: limits, fields: &fields)
+    }
+
+    private static func check(_ table: amqp_table_t, depth: Int, limits: AMQPContentLimits, fields: inout Int) -> ContentProblem? {
+        guard depth <= limits.maxHeaderDepth else {
+            return ContentProblem(description: "its headers nest tables deeper than \(limits.maxHeaderDepth) levels")
+        }
+        guard table.num_entries > 0, let entries = table.entries else { return nil }
+        fields += Int(table.num_entries)
+        if fields > limits.maxHeaderFields {
+            return ContentProblem(description: "its headers hold more than \(limits.maxHeaderFields) fields")
+        }
+        for index in 0..<Int(table.num_entries) {
+            if let problem = self.check(entries[index].value, depth: depth, limits: limits, fields: &fields) { return problem }
+        }
+        return nil
+    }
+
+    private static func check(_ value: amqp_field_value_t, depth: Int, limits: AMQPContentLimits, fields: inout Int) -> ContentProblem? {
+        switch UInt32(value.kind) {
+        case AMQP_FIELD_KIND_TABLE.rawValue:
+            return self.check(value.value.table, depth: depth + 1, limits: limits, fields: &fields)
+        case AMQP_FIELD_KIND_ARRAY.rawValue:
+            guard depth + 1 <= limits.maxHeaderDepth else {
+                return ContentProblem(description: "its headers nest tables deeper than \(limits.maxHeaderDepth) levels")
+            }
+            let array = value.value.array
+            guard array.num_entries > 0, let entries = array.entries else { return nil }
+            fields += Int(array.num_entries)
+            if fields > limits.maxHeaderFields {
+                return ContentProblem(description: "its headers hold more than \(limits.maxHeaderFields) fields")
+            }
+            for index in 0..<Int(array.num_entries) {
+                if let problem = self.check(entries[index], depth: depth + 1, limits: limits, fields: &fields) { return problem }
+            }
+            return nil
+        default:
+            return nil
+        }
     }
 
     static func fieldValue(_ field: amqp_field_value_t) -> AMQPFieldValue {

@@ -47,18 +47,26 @@ final class ConsumerState {
     let handler: ((AMQPDelivery) -> Void)?
     /// Called on the connection thread when a thread-hosted consumer ends (nil: normally).
     let onEnd: ((AMQPError?) -> Void)?
+    /// Called on the connection thread for a delivery that could not be read (after the client
+    /// rejected it to the queue's dead-letter exchange).
+    let onUnreadable: ((AMQPUnreadableDelivery) -> Void)?
+    /// The largest body this consumer accepts; a larger delivery is unreadable.
+    let maxBodyBytes: Int
     /// Deliveries read in the current turn, appended to `buffer` in one go.
     var ready: [AMQPDelivery] = []
 
     init(tag: String, queue: String, exclusive: Bool, noAck: Bool, arguments: AMQPTable, buffer: DeliveryBuffer?,
-         handler: ((AMQPDelivery) -> Void)? = nil, onEnd: ((AMQPError?) -> Void)? = nil) {
+         maxBodyBytes: Int, handler: ((AMQPDelivery) -> Void)? = nil, onUnreadable: ((AMQPUnreadableDelivery) -> Void)? = nil,
+         onEnd: ((AMQPError?) -> Void)? = nil) {
         self.tag = tag
         self.queue = queue
         self.exclusive = exclusive
         self.noAck = noAck
         self.arguments = arguments
         self.buffer = buffer
+        self.maxBodyBytes = maxBodyBytes
         self.handler = handler
+        self.onUnreadable = onUnreadable
         self.onEnd = onEnd
     }
 

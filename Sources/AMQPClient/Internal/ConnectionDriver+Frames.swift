@@ -118,38 +118,31 @@ extension ConnectionDriver {
     // MARK: - Frames
 
     func dispatch(_ frame: amqp_frame_t, conn: amqp_connection_state_t) {
-        guard frame.frame_type == UInt8(AMQP_FRAME_METHOD) else { return }
+        switch Int32(frame.frame_type) {
+        case AMQP_FRAME_METHOD: self.dispatchMethod(frame, conn: conn)
+        case AMQP_FRAME_HEADER: self.contentHeader(frame)
+        case AMQP_FRAME_BODY: self.contentBody(frame)
+        default: break
+        }
+    }
+
+    private func dispatchMethod(_ frame: amqp_frame_t, conn: amqp_connection_state_t) {
         let id = frame.channel
         let method = frame.payload.method
+        if self.incoming[id] != nil {
+            // AMQP sends a message's content frames right after its method, on its channel.
+            return self.contentBroke(id, "a method frame arrived on channel \(id) in the middle of a message's content")
+        }
         switch method.id {
         case AMQP_BASIC_DELIVER_METHOD:
             guard let decoded = method.decoded else { return }
             let deliver = decoded.assumingMemoryBound(to: amqp_basic_deliver_t.self).pointee
             let consumerTag = CDecode.string(deliver.consumer_tag)
-            let exchange = CDecode.string(deliver.exchange)
-            let routingKey = CDecode.string(deliver.routing_key)
-            guard let (properties, body) = self.readContent(conn, channel: id, doing: "reading a delivery") else { return }
-            guard let channel = self.channels[id], let consumer = channel.consumers[consumerTag] else {
-                // A delivery for a consumer we already cancelled: hand it back.
-                if let channel = self.channels[id] {
-                    self.flushAcks(channel)
-                    channel.markSettled(deliver.delivery_tag)
-                }
-                _ = amqp_basic_reject(conn, id, deliver.delivery_tag, 1)
-                return
-            }
-            if consumer.noAck { channel.markSettled(deliver.delivery_tag) }
-            let delivery = AMQPDelivery(
-                body: body, properties: properties, exchange: exchange, routingKey: routingKey,
-                deliveryTag: deliver.delivery_tag, isRedelivered: deliver.redelivered != 0,
-                consumerTag: consumerTag, messageCount: nil,
-                acker: consumer.noAck ? nil : DeliveryAcker(shared: self.shared, channel: id, epoch: channel.epoch))
-            if let handler = consumer.handler {
-                handler(delivery)
-            } else {
-                if consumer.ready.isEmpty { self.readyConsumers.append(consumer) }
-                consumer.ready.append(delivery)
-            }
+            let maxBody = self.channels[id]?.consumers[consumerTag]?.maxBodyBytes ?? self.configuration.contentLimits.maxBodyBytes
+            self.incoming[id] = IncomingContent(
+                origin: .deliver(consumerTag: consumerTag, deliveryTag: deliver.delivery_tag, redelivered: deliver.redelivered != 0,
+                                 exchange: CDecode.string(deliver.exchange), routingKey: CDecode.string(deliver.routing_key)),
+                maxBodyBytes: maxBody)
 
         case AMQP_BASIC_ACK_METHOD:
             guard let decoded = method.decoded, let channel = self.channels[id] else { return }
@@ -174,26 +167,10 @@ extension ConnectionDriver {
         case AMQP_BASIC_RETURN_METHOD:
             guard let decoded = method.decoded else { return }
             let ret = decoded.assumingMemoryBound(to: amqp_basic_return_t.self).pointee
-            let replyCode = ret.reply_code
-            let replyText = CDecode.string(ret.reply_text)
-            let exchange = CDecode.string(ret.exchange)
-            let routingKey = CDecode.string(ret.routing_key)
-            guard let (properties, body) = self.readContent(conn, channel: id, doing: "reading a returned message") else { return }
-            guard let channel = self.channels[id] else { return }
-            let returned = AMQPReturnedMessage(
-                replyCode: replyCode, replyText: replyText, exchange: exchange, routingKey: routingKey,
-                properties: properties, body: body)
-            // The return precedes the publish's ack. Match by message id, else by the oldest
-            // unresolved publish to the same exchange and routing key without a message id.
-            let messageId = properties.messageId
-            let matched = channel.tracker.updateFirst(where: { pending in
-                guard pending.returned == nil else { return false }
-                if let messageId { return pending.messageId == messageId }
-                return pending.messageId == nil && pending.exchange == exchange && pending.routingKey == routingKey
-            }) { $0.returned = returned }
-            if !matched {
-                self.logger.debug("amqp basic.return for no tracked publish", metadata: ["exchange": "\(exchange)", "routing_key": "\(routingKey)"])
-            }
+            self.incoming[id] = IncomingContent(
+                origin: .returned(replyCode: ret.reply_code, replyText: CDecode.string(ret.reply_text),
+                                  exchange: CDecode.string(ret.exchange), routingKey: CDecode.string(ret.routing_key)),
+                maxBodyBytes: self.configuration.contentLimits.maxBodyBytes)
 
         case AMQP_BASIC_CANCEL_METHOD:
             guard let decoded = method.decoded, let channel = self.channels[id] else { return }
@@ -244,18 +221,116 @@ extension ConnectionDriver {
         }
     }
 
-    /// Reads the header and body frames that follow a deliver, return or get-ok; copies them.
-    func readContent(_ conn: amqp_connection_state_t, channel: UInt16, doing: String) -> (AMQPProperties, [UInt8])? {
-        var message = amqp_message_t()
-        let reply = amqp_read_message(conn, channel, &message, 0)
-        guard reply.reply_type == AMQP_RESPONSE_NORMAL else {
-            let error = reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION
-                ? Self.libraryError(reply.library_error, doing: doing)
-                : AMQPError(code: .protocolError, message: "\(doing) failed: unexpected frame")
-            self.connectionLost(error)
-            return nil
+    // MARK: - Content frames
+
+    /// A content header frame: the message's properties (checked against the limits before they
+    /// are copied) and its body size.
+    private func contentHeader(_ frame: amqp_frame_t) {
+        let id = frame.channel
+        guard self.incoming[id] != nil else {
+            return self.contentBroke(id, "a content header frame arrived on channel \(id) without a deliver, return or get-ok")
         }
-        defer { amqp_destroy_message(&message) }
-        return (CDecode.properties(message.properties), CDecode.array(message.body))
+        let header = frame.payload.properties
+        let properties: Result<AMQPProperties, ContentProblem>
+        if let decoded = header.decoded {
+            let c = decoded.assumingMemoryBound(to: amqp_basic_properties_t.self).pointee
+            if let problem = CDecode.check(c, limits: self.configuration.contentLimits) {
+                properties = .failure(problem)
+            } else {
+                properties = .success(CDecode.properties(c))
+            }
+        } else {
+            properties = .success(AMQPProperties())
+        }
+        self.contentStep(id, self.incoming[id]?.header(properties: properties, bodySize: header.body_size))
+    }
+
+    private func contentBody(_ frame: amqp_frame_t) {
+        let id = frame.channel
+        guard self.incoming[id] != nil else {
+            return self.contentBroke(id, "a content body frame arrived on channel \(id) without a message")
+        }
+        let fragment = frame.payload.body_fragment
+        let bytes = UnsafeRawBufferPointer(start: fragment.bytes, count: fragment.bytes == nil ? 0 : fragment.len)
+        self.contentStep(id, self.incoming[id]?.body(bytes))
+    }
+
+    private func contentStep(_ id: UInt16, _ step: IncomingContent.Step?) {
+        switch step {
+        case .needMore?, nil: return
+        case .protocolError(let why)?: self.contentBroke(id, why)
+        case .complete?:
+            guard let content = self.incoming.removeValue(forKey: id) else { return }
+            self.contentComplete(id, content)
+        }
+    }
+
+    /// The frames broke AMQP's rules for content: nothing on this connection can be trusted.
+    private func contentBroke(_ id: UInt16, _ why: String) {
+        self.incoming[id] = nil
+        self.connectionLost(AMQPError(code: .protocolError, message: "the broker broke the protocol: \(why)"))
+    }
+
+    private func contentComplete(_ id: UInt16, _ content: IncomingContent) {
+        switch content.origin {
+        case .deliver(let consumerTag, let deliveryTag, let redelivered, let exchange, let routingKey):
+            guard let conn = self.conn else { return }
+            guard let channel = self.channels[id], let consumer = channel.consumers[consumerTag] else {
+                // A delivery for a consumer we already cancelled: hand it back.
+                if let channel = self.channels[id] {
+                    self.flushAcks(channel)
+                    channel.markSettled(deliveryTag)
+                }
+                _ = amqp_basic_reject(conn, id, deliveryTag, 1)
+                return
+            }
+            if let problem = content.problem {
+                // Only this delivery pays: it is rejected alone (the queue's dead-letter exchange
+                // keeps it whole, with x-death reason "rejected"), and the connection carries on.
+                self.logger.warning("amqp delivery could not be read; rejected without requeue", metadata: [
+                    "queue": "\(consumer.queue)", "message_id": "\(content.properties?.messageId ?? "-")", "problem": "\(problem)",
+                ])
+                if consumer.noAck {
+                    channel.markSettled(deliveryTag)
+                } else {
+                    self.acknowledge(id, epoch: channel.epoch, tag: deliveryTag, multiple: false, kind: .reject(requeue: false))
+                }
+                consumer.onUnreadable?(AMQPUnreadableDelivery(
+                    properties: content.properties, problem: problem, bodySize: content.bodySize ?? 0, exchange: exchange,
+                    routingKey: routingKey, deliveryTag: deliveryTag, isRedelivered: redelivered))
+                return
+            }
+            if consumer.noAck { channel.markSettled(deliveryTag) }
+            let delivery = AMQPDelivery(
+                body: content.body, properties: content.properties ?? AMQPProperties(), exchange: exchange, routingKey: routingKey,
+                deliveryTag: deliveryTag, isRedelivered: redelivered, consumerTag: consumerTag, messageCount: nil,
+                acker: consumer.noAck ? nil : DeliveryAcker(shared: self.shared, channel: id, epoch: channel.epoch))
+            if let handler = consumer.handler {
+                handler(delivery)
+            } else {
+                if consumer.ready.isEmpty { self.readyConsumers.append(consumer) }
+                consumer.ready.append(delivery)
+            }
+
+        case .returned(let replyCode, let replyText, let exchange, let routingKey):
+            guard let channel = self.channels[id] else { return }
+            let returned = AMQPReturnedMessage(
+                replyCode: replyCode, replyText: replyText, exchange: exchange, routingKey: routingKey,
+                properties: content.properties ?? AMQPProperties(), body: content.body)
+            // The return precedes its publish's ack. It names the publish by exchange, routing
+            // key and message id together (two publishes may share an id); oldest first.
+            let messageId = content.properties?.messageId
+            let readable = content.properties != nil
+            let matched = channel.tracker.updateFirst(where: { pending in
+                guard pending.returned == nil, pending.exchange == exchange, pending.routingKey == routingKey else { return false }
+                return !readable || pending.messageId == messageId
+            }) { $0.returned = returned }
+            if !matched {
+                self.logger.debug("amqp basic.return for no tracked publish", metadata: ["exchange": "\(exchange)", "routing_key": "\(routingKey)"])
+            }
+
+        case .getOk:
+            self.completedGet = content
+        }
     }
 }

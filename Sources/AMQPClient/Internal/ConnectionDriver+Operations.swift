@@ -178,6 +178,25 @@ extension ConnectionDriver {
             }
             return
         }
+        // rabbitmq-c sends the method frame before it encodes the header frame, and truncates
+        // length bytes it cannot fit: anything that would not fit AMQP must fail here, alone.
+        if let problem = WireCheck.publish(exchange: exchange, routingKey: routingKey, properties: properties,
+                                           frameMax: Int(amqp_get_frame_max(conn))) {
+            completion.complete(.failure(.invalidArgument("cannot publish to exchange '\(exchange.prefix(64))': \(problem)")))
+            return
+        }
+        // rabbitmq-c 0.11 (#780): a publish made once no byte arrived for two heartbeats reads with
+        // an infinite timeout and hangs on a frozen peer. Read first (zero timeout): a dead peer is
+        // then found out here, as a heartbeat timeout.
+        if self.receiveIsStale {
+            self.readNow(conn)
+            guard self.isConnected, channel.isOpen else {
+                let error = channel.pendingError ?? self.shared.closedError()
+                channel.pendingError = nil
+                completion.complete(.failure(error.outcomeUnknown()))
+                return
+            }
+        }
         let arena = self.publishArena
         var cProperties = arena.properties(properties)
         let status = body.withUnsafeBytes { raw -> Int32 in
@@ -250,16 +269,70 @@ extension ConnectionDriver {
         try self.check(reply, channel: id, doing: "basic.get from queue '\(queue)'")
         guard reply.reply.id == AMQP_BASIC_GET_OK_METHOD, let decoded = reply.reply.decoded else { return nil }
         let ok = decoded.assumingMemoryBound(to: amqp_basic_get_ok_t.self).pointee
-        let exchange = CDecode.string(ok.exchange), routingKey = CDecode.string(ok.routing_key)
+        let origin = IncomingContent.Origin.getOk(
+            deliveryTag: ok.delivery_tag, redelivered: ok.redelivered != 0, exchange: CDecode.string(ok.exchange),
+            routingKey: CDecode.string(ok.routing_key), messageCount: ok.message_count)
         if noAck { channel.markSettled(ok.delivery_tag) }
-        guard let (properties, body) = self.readContent(conn, channel: id, doing: "reading a basic.get message") else {
-            throw self.shared.status.withLock { $0.lastError } ?? .notConnected()
+        // Frames that arrived before the get-ok were queued by the RPC; they come first on the
+        // wire (a delivery's content on this channel among them), so dispatch them first.
+        try self.dispatchQueuedFrames(conn, doing: "reading a basic.get message")
+        self.incoming[id] = IncomingContent(origin: origin, maxBodyBytes: self.configuration.contentLimits.maxBodyBytes)
+        self.completedGet = nil
+        let content = try self.readUntilGetCompletes(doing: "reading a basic.get message")
+        guard case .getOk(let tag, let redelivered, let exchange, let routingKey, let count) = content.origin else {
+            throw AMQPError(code: .protocolError, message: "basic.get: unexpected content")
         }
         return AMQPDelivery(
-            body: body, properties: properties, exchange: exchange, routingKey: routingKey,
-            deliveryTag: ok.delivery_tag, isRedelivered: ok.redelivered != 0, consumerTag: nil,
-            messageCount: ok.message_count,
+            body: content.body, properties: content.properties ?? AMQPProperties(), exchange: exchange, routingKey: routingKey,
+            deliveryTag: tag, isRedelivered: redelivered, consumerTag: nil, messageCount: count, contentProblem: content.problem,
             acker: noAck ? nil : DeliveryAcker(shared: self.shared, channel: id, epoch: channel.epoch))
+    }
+
+    /// Dispatches the frames rabbitmq-c queued while it waited for an RPC's reply.
+    func dispatchQueuedFrames(_ conn: amqp_connection_state_t, doing: String) throws(AMQPError) {
+        while self.isConnected, amqp_frames_enqueued(conn) != 0 {
+            var frame = amqp_frame_t()
+            var zero = timeval(tv_sec: 0, tv_usec: 0)
+            let status = amqp_simple_wait_frame_noblock(conn, &frame, &zero)
+            guard status == AMQP_STATUS_OK.rawValue else {
+                if status == AMQP_STATUS_TIMEOUT.rawValue { return }
+                let error = Self.libraryError(status, doing: doing)
+                self.connectionLost(error)
+                throw error
+            }
+            self.dispatch(frame, conn: conn)
+        }
+        guard self.isConnected else { throw self.shared.closedError() }
+    }
+
+    /// Reads and dispatches frames (any channel) until the pending basic.get's content is
+    /// complete, for at most the RPC timeout.
+    private func readUntilGetCompletes(doing: String) throws(AMQPError) -> IncomingContent {
+        let deadline = ContinuousClock.now + self.configuration.rpcTimeout
+        while true {
+            if let content = self.completedGet {
+                self.completedGet = nil
+                return content
+            }
+            guard self.isConnected, let conn = self.conn else { throw self.shared.closedError() }
+            let left = deadline - ContinuousClock.now
+            guard left > .zero else {
+                let error = AMQPError(code: .timeout, message: "\(doing) took longer than \(self.configuration.rpcTimeout)")
+                self.connectionLost(error)
+                throw error
+            }
+            var frame = amqp_frame_t()
+            var wait = Self.makeTimeval(min(left, .milliseconds(100)))
+            let status = amqp_simple_wait_frame_noblock(conn, &frame, &wait)
+            if status == AMQP_STATUS_TIMEOUT.rawValue { continue }
+            guard status == AMQP_STATUS_OK.rawValue else {
+                let error = Self.libraryError(status, doing: doing)
+                self.connectionLost(error)
+                throw error
+            }
+            self.noteReceived()
+            self.dispatch(frame, conn: conn)
+        }
     }
 
     // MARK: Acknowledgements

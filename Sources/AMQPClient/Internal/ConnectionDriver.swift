@@ -49,6 +49,16 @@ final class ConnectionDriver {
     /// Reused for every publish, so building properties costs no malloc.
     let publishArena = CArena(capacity: 16 * 1024)
     private var closeWaiters: [CheckedContinuation<Void, Never>] = []
+    /// Messages whose content frames are still arriving, per channel.
+    var incoming: [UInt16: IncomingContent] = [:]
+    /// The content of the pending `basic.get`, once complete.
+    var completedGet: IncomingContent?
+    /// When bytes last arrived from the broker (a frame, or the socket seen readable).
+    var lastReceive = ContinuousClock.now
+    /// The negotiated heartbeat, in seconds (0: none).
+    var heartbeatSeconds = 0
+    /// Lets the watchdog free this thread if rabbitmq-c ever blocks it in a system call.
+    let watch: StuckThreadWatchdog.Entry
     /// Thread-hosted extensions (see ``AMQPConnectionExtension``).
     var extensions: [any AMQPConnectionExtension] = []
     lazy var context = AMQPThreadContext(driver: self)
@@ -56,6 +66,7 @@ final class ConnectionDriver {
     init(configuration: AMQPConfiguration, shared: ConnectionShared) {
         self.configuration = configuration
         self.shared = shared
+        self.watch = StuckThreadWatchdog.Entry(connection: shared.id, logger: shared.logger)
     }
 
     var isConnected: Bool {
@@ -86,13 +97,19 @@ final class ConnectionDriver {
                 driver.runLoop()
             }
             thread.name = "aq-amqp-\(shared.id)"
-            thread.stackSize = 1 << 20
+            // rabbitmq-c decodes header tables recursively, one C frame pair per nesting level,
+            // before the client can look at them: a hostile header nested as deep as a frame
+            // allows (over 20,000 levels in 128 KiB) needs a few MiB. Untouched stack costs nothing.
+            thread.stackSize = Self.stackSize(frameMax: configuration.frameMax)
             thread.start()
         }
     }
 
     private func runLoop() {
+        StuckThreadWatchdog.shared.register(self.watch)
+        defer { StuckThreadWatchdog.shared.unregister(self.watch) }
         while true {
+            self.watch.turnStarted()
             self.runJobs()
             switch self.phase {
             case .connected: self.serviceConnection()
@@ -145,6 +162,7 @@ final class ConnectionDriver {
                 return
             }
             frames += 1
+            self.lastReceive = now
             self.dispatch(frame, conn: conn)
             guard self.isConnected else {
                 self.handOverDeliveries()
@@ -187,13 +205,48 @@ final class ConnectionDriver {
             if let limit = item.pollRequests(into: &self.pollBuffer) { timeout = min(timeout, limit) }
             self.extensionRanges.append(start..<self.pollBuffer.count)
         }
+        self.watch.sleeping()
         _ = poll(&self.pollBuffer, nfds_t(self.pollBuffer.count), max(0, timeout))
-        if socket != nil, self.pollBuffer[1].revents != 0 { self.socketReadable = true }
+        self.watch.turnStarted()
+        if socket != nil, self.pollBuffer[1].revents != 0 {
+            self.socketReadable = true
+            self.lastReceive = .now
+        }
         self.shared.mailbox.endSleep()
         for (item, range) in zip(self.extensions, self.extensionRanges) where !range.isEmpty {
             item.handle(self.pollBuffer[range])
         }
     }
+
+    /// True when no byte may have arrived for a heartbeat interval: rabbitmq-c's receive deadline
+    /// (two intervals) is then close enough that a publish could enter its hanging read (#780).
+    var receiveIsStale: Bool {
+        self.heartbeatSeconds > 0 && ContinuousClock.now - self.lastReceive > .seconds(self.heartbeatSeconds)
+    }
+
+    /// Reads and dispatches what the socket holds, without waiting. A peer silent past the
+    /// heartbeat deadline is found out here (rabbitmq-c reports a heartbeat timeout).
+    func readNow(_ conn: amqp_connection_state_t) {
+        // rabbitmq-c swallows heartbeat frames; ask the socket whether anything arrived at all.
+        var probe = pollfd(fd: self.sockfd, events: Int16(POLLIN), revents: 0)
+        if poll(&probe, 1, 0) > 0, probe.revents & Int16(POLLIN) != 0 { self.noteReceived() }
+        var frames = 0
+        while self.isConnected && frames < 1024 {
+            var frame = amqp_frame_t()
+            var zero = timeval(tv_sec: 0, tv_usec: 0)
+            let status = amqp_simple_wait_frame_noblock(conn, &frame, &zero)
+            if status == AMQP_STATUS_TIMEOUT.rawValue { break }
+            guard status == AMQP_STATUS_OK.rawValue else {
+                self.connectionLost(Self.libraryError(status, doing: "reading from the broker"))
+                return
+            }
+            frames += 1
+            self.noteReceived()
+            self.dispatch(frame, conn: conn)
+        }
+    }
+
+    func noteReceived() { self.lastReceive = .now }
 
     func handOverDeliveries() {
         guard !self.readyConsumers.isEmpty else { return }
@@ -294,6 +347,15 @@ final class ConnectionDriver {
         if let error = Self.loginError(reply, configuration: config) { throw error }
         let channelMax = Int(amqp_get_channel_max(conn))
         self.scratchChannel = UInt16(clamping: channelMax > 0 ? channelMax : 2047)
+        self.heartbeatSeconds = Int(amqp_get_heartbeat(conn))
+        self.lastReceive = .now
+        self.incoming.removeAll()
+        self.completedGet = nil
+        // A turn of this thread never lasts this long unless rabbitmq-c is stuck in a system call
+        // on a peer that stopped reading or answering (its send and receive paths can wait
+        // forever): the watchdog then shuts the socket down and the connection recovers.
+        let heartbeat = Duration.seconds(self.heartbeatSeconds)
+        self.watch.arm(fd: self.sockfd, limit: max(heartbeat * 2, config.rpcTimeout) + .seconds(5))
         self.logger.debug("amqp connected", metadata: ["amqp.connection.id": "\(self.shared.id)", "amqp.url": "\(config.redactedURL)"])
     }
 
@@ -422,6 +484,9 @@ final class ConnectionDriver {
     // MARK: - Losing and regaining the connection
 
     func destroyConnection() {
+        // Before rabbitmq-c closes the descriptor: the watchdog must never shut down a number
+        // the system has handed out again.
+        self.watch.disarm()
         if let conn = self.conn {
             amqp_destroy_connection(conn)
         }
@@ -432,6 +497,14 @@ final class ConnectionDriver {
     /// The connection broke: fail what was in flight, then reconnect (or close for good).
     func connectionLost(_ error: AMQPError) {
         guard self.isConnected else { return }
+        var error = error
+        if let stuck = self.watch.firedAfter {
+            error = AMQPError(code: .connectionLost,
+                              message: "the broker stopped reading or answering: the connection thread was stuck in rabbitmq-c for \(stuck) and the socket was shut down (\(error.message))",
+                              libraryStatus: error.libraryStatus)
+        }
+        self.incoming.removeAll()
+        self.completedGet = nil
         self.handOverDeliveries()  // in order: what was read before the loss goes out first
         self.logger.warning("amqp connection lost", metadata: ["amqp.connection.id": "\(self.shared.id)", "error": "\(error)"])
         self.destroyConnection()
@@ -525,6 +598,12 @@ final class ConnectionDriver {
     }
 
     // MARK: - Helpers
+
+    /// The connection thread's stack: room for rabbitmq-c's recursive decoding of the deepest
+    /// header a frame can carry (about 5 bytes and 150 bytes of C stack per level), at least 16 MiB.
+    static func stackSize(frameMax: Int) -> Int {
+        max(16 << 20, min(frameMax, 1 << 20) * 64)
+    }
 
     static func makeTimeval(_ duration: Duration) -> timeval {
         let (seconds, attoseconds) = duration.components
