@@ -34,6 +34,11 @@ let package = Package(
             pkgConfig: "libcurl",
             providers: [.apt(["libcurl4-openssl-dev"]), .brew(["curl"])]
         ),
+        .systemLibrary(
+            name: "CAQOpenSSL",
+            pkgConfig: "libcrypto",
+            providers: [.apt(["libssl-dev"]), .brew(["openssl@3"])]
+        ),
 
         // AMQP 0-9-1 client over rabbitmq-c.
         .target(
@@ -58,7 +63,7 @@ let package = Package(
         // aq-bridge: tasks from RabbitMQ to HTTP callbacks and webhooks.
         .target(
             name: "AQBridge",
-            dependencies: ["AMQPClient", "AQHTTP", "AQTopology", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["AMQPClient", "AQHTTP", "AQTopology", "CAQOpenSSL", .product(name: "Logging", package: "swift-log")],
             swiftSettings: swiftSettings
         ),
         .executableTarget(

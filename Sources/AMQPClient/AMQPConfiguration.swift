@@ -182,11 +182,16 @@ public struct AMQPConfiguration: Sendable {
     }
 
     /// Replaces the password in a URL string with `***`.
+    ///
+    /// The credentials end at the *last* `@` before the query, so a password that itself holds
+    /// `@` (or `/`) is hidden whole.
     public static func redact(_ url: String) -> String {
-        guard let schemeEnd = url.range(of: "://"), let at = url.range(of: "@", range: schemeEnd.upperBound..<url.endIndex)
-        else { return url }
-        let userInfo = url[schemeEnd.upperBound..<at.lowerBound]
+        guard let schemeEnd = url.range(of: "://") else { return url }
+        let rest = url[schemeEnd.upperBound...]
+        let searchEnd = rest.firstIndex(where: { $0 == "?" || $0 == "#" }) ?? rest.endIndex
+        guard let at = rest[..<searchEnd].lastIndex(of: "@") else { return url }
+        let userInfo = rest[..<at]
         guard let colon = userInfo.firstIndex(of: ":") else { return url }
-        return url.replacingCharacters(in: url.index(after: colon)..<at.lowerBound, with: "***")
+        return url.replacingCharacters(in: url.index(after: colon)..<at, with: "***")
     }
 }

@@ -1,3 +1,6 @@
+import AMQPClient
+import AQHTTP
+import AQTopology
 import Foundation
 
 /// Everything aq-bridge can be told. Sources, later ones winning: defaults, the configuration
@@ -25,10 +28,23 @@ public struct BridgeConfiguration: Sendable {
     public var webhookAttempts = 8
     /// One retry in four waits one tier longer, so failures spread out (`retry_jitter`).
     public var retryJitter = true
-    /// HTTP requests in flight at once (and connections kept open); more tasks wait their turn
-    /// in memory. libcurl's connection reuse scans the connections to a host, so a few dozen
-    /// busy connections beat hundreds.
-    public var httpConnections = 64
+    /// HTTP requests in flight at once, all work queues together (each queue also has its own
+    /// `concurrency` in the topology, 64 by default); more wait their turn in memory.
+    public var httpConnections = 256
+    /// HTTP requests in flight to one host (`scheme://host:port`), all queues together: a host
+    /// that hangs holds at most this many slots, and tasks bound elsewhere keep moving.
+    public var maxPerHost = 32
+    /// Bytes of task bodies (and callback answers waiting for their webhook) held in memory at
+    /// once; past it, new deliveries are parked in the broker for a while instead of held here.
+    public var maxInFlightBytes = 64 << 20
+    /// Addresses callbacks and webhooks may connect to (empty: any not denied).
+    public var callbackAllow: [String] = []
+    /// Addresses they may not: link-local (cloud metadata), multicast and such by default
+    /// (`AddressPolicy.defaultDeny`); an empty list denies nothing.
+    public var callbackDeny: [String] = AddressPolicy.defaultDeny.map(\.description)
+    /// AMQP users whose messages may carry the bridge's own bookkeeping headers (`aq-…`); the
+    /// broker vouches for a message's `user_id`. Empty: the bridge's own user only.
+    public var trustedPublishers: [String] = []
     /// Health, readiness and metrics (`AQ_LISTEN`); empty disables.
     public var listen = "127.0.0.1:9464"
     /// How long SIGTERM waits for in-flight tasks before handing them back to the broker.
@@ -57,17 +73,22 @@ public struct BridgeConfiguration: Sendable {
         if let v = environment["AQ_TOPOLOGY"], !v.isEmpty { self.topology = list(v) }
         if let v = environment["AQ_QUEUES"] ?? environment["AQ_QUEUE"], !v.isEmpty { self.queues = list(v) }
         if let v = environment["AQ_PREFETCH"], !v.isEmpty {
-            guard let n = Int(v), (1...65535).contains(n) else { throw Invalid(description: "AQ_PREFETCH must be 1...65535, not '\(v)'") }
+            guard let n = Int(v) else { throw Invalid(description: "AQ_PREFETCH must be an integer, not '\(v)'") }
             self.prefetch = n
         }
         if let v = environment["AQ_SIGNING_SECRETS"], !v.isEmpty { self.signingSecrets = list(v) }
         if let v = environment["AQ_LISTEN"] { self.listen = v }
+        if let v = environment["AQ_CALLBACK_ALLOW"] { self.callbackAllow = list(v) }
+        if let v = environment["AQ_CALLBACK_DENY"] { self.callbackDeny = list(v) }
+        if let v = environment["AQ_TRUSTED_PUBLISHERS"] { self.trustedPublishers = list(v) }
         if let v = environment["AQ_LOG_LEVEL"], !v.isEmpty { self.logLevel = v }
     }
 
     /// Keys: the property names in snake_case (amqp_url, topology, queues, prefetch,
     /// signing_secrets, max_payload_bytes, max_response_bytes, max_task_timeout,
-    /// webhook_timeout, webhook_attempts, http_connections, listen, shutdown_grace, log_level).
+    /// webhook_timeout, webhook_attempts, http_connections, max_per_host, max_inflight_bytes,
+    /// callback_allow, callback_deny, trusted_publishers, listen, shutdown_grace, retry_jitter,
+    /// log_level).
     public mutating func apply(yaml text: String, source: String) throws {
         var values: [String: String] = [:]
         var lists: [String: [String]] = [:]
@@ -104,7 +125,7 @@ public struct BridgeConfiguration: Sendable {
         }
         func duration(_ key: String) throws -> Duration? {
             guard let v = values.removeValue(forKey: key) else { return nil }
-            guard let seconds = Self.parseDuration(v) else { throw Invalid(description: "\(source): \(key) must be a duration like 30s or 5m, not '\(v)'") }
+            guard let seconds = Self.parseDuration(v) else { throw Invalid(description: "\(source): \(key) must be a duration like 30s, 5m or 1d, not '\(v)'") }
             return seconds
         }
         if let v = values.removeValue(forKey: "amqp_url") { self.amqpURL = v }
@@ -116,6 +137,11 @@ public struct BridgeConfiguration: Sendable {
         if let v = try int("max_response_bytes", 1...(1 << 30)) { self.maxResponseBytes = v }
         if let v = try int("webhook_attempts", 1...100) { self.webhookAttempts = v }
         if let v = try int("http_connections", 1...65535) { self.httpConnections = v }
+        if let v = try int("max_per_host", 1...65535) { self.maxPerHost = v }
+        if let v = try int("max_inflight_bytes", 1...(1 << 40)) { self.maxInFlightBytes = v }
+        if let v = lists.removeValue(forKey: "callback_allow") { self.callbackAllow = v }
+        if let v = lists.removeValue(forKey: "callback_deny") { self.callbackDeny = v }
+        if let v = lists.removeValue(forKey: "trusted_publishers") { self.trustedPublishers = v }
         if let v = try duration("max_task_timeout") { self.maxTaskTimeout = v }
         if let v = try duration("webhook_timeout") { self.webhookTimeout = v }
         if let v = try duration("shutdown_grace") { self.shutdownGrace = v }
@@ -138,21 +164,46 @@ public struct BridgeConfiguration: Sendable {
         return text
     }
 
+    /// A duration as the topology files write them (`500ms`, `30s`, `20m`, `1h`, `7d`); a bare
+    /// number is seconds. At most 10,000,000 seconds.
     public static func parseDuration(_ text: String) -> Duration? {
-        let digits = text.prefix { $0.isASCII && $0.isNumber }
-        guard let n = Int(digits), n <= 10_000_000 else { return nil }
-        switch text.dropFirst(digits.count) {
-        case "ms": return .milliseconds(n)
-        case "s", "": return .seconds(n)
-        case "m": return .seconds(n * 60)
-        case "h": return .seconds(n * 3600)
-        default: return nil
+        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        let span = trimmed.allSatisfy({ $0.isASCII && $0.isNumber }) ? TimeSpan(trimmed + "s") : TimeSpan(trimmed)
+        guard let span, span.milliseconds <= 10_000_000_000 else { return nil }
+        return span.duration
+    }
+
+    /// Checks every setting, wherever it came from (file, environment, flags): the same rules
+    /// for each source.
+    public func validate() throws {
+        func range(_ name: String, _ value: Int, _ allowed: ClosedRange<Int>) throws {
+            guard allowed.contains(value) else { throw Invalid(description: "\(name) must be in \(allowed.lowerBound)...\(allowed.upperBound), not \(value)") }
+        }
+        try range("prefetch", self.prefetch, 1...65535)
+        try range("max_payload_bytes", self.maxPayloadBytes, 1...(1 << 30))
+        try range("max_response_bytes", self.maxResponseBytes, 1...(1 << 30))
+        try range("webhook_attempts", self.webhookAttempts, 1...100)
+        try range("http_connections", self.httpConnections, 1...65535)
+        try range("max_per_host", self.maxPerHost, 1...65535)
+        try range("max_inflight_bytes", self.maxInFlightBytes, 1...(1 << 40))
+        for (name, value) in [("max_task_timeout", self.maxTaskTimeout), ("webhook_timeout", self.webhookTimeout), ("shutdown_grace", self.shutdownGrace)] {
+            guard value > .zero, value <= .seconds(10_000_000) else { throw Invalid(description: "\(name) must be a positive duration of at most 10,000,000 s") }
+        }
+        _ = try self.addressPolicy()
+    }
+
+    /// The callback address rules as a policy.
+    public func addressPolicy() throws -> AddressPolicy {
+        do {
+            return AddressPolicy(allow: try self.callbackAllow.map(AddressPolicy.parse), deny: try self.callbackDeny.map(AddressPolicy.parse))
+        } catch {
+            throw Invalid(description: "callback_allow/callback_deny: \(error)")
         }
     }
 
     /// The configuration as a log line would show it: secrets and passwords replaced.
     public var redactedDescription: String {
-        let url = self.amqpURL.replacingOccurrences(of: #"(://[^:/@]*:)[^@]*@"#, with: "$1***@", options: .regularExpression)
-        return "amqp_url=\(url) queues=\(self.queues.isEmpty ? "all" : self.queues.joined(separator: ",")) prefetch=\(self.prefetch) signing_secrets=\(self.signingSecrets.count) listen=\(self.listen.isEmpty ? "off" : self.listen)"
+        let url = AMQPConfiguration.redact(self.amqpURL)
+        return "amqp_url=\(url) queues=\(self.queues.isEmpty ? "all" : self.queues.joined(separator: ",")) prefetch=\(self.prefetch) signing_secrets=\(self.signingSecrets.count) listen=\(self.listen.isEmpty ? "off" : self.listen) max_per_host=\(self.maxPerHost) http_connections=\(self.httpConnections)"
     }
 }

@@ -15,6 +15,8 @@ public final class BridgeMetrics: Sendable {
         case webhooksRetried = "aq_bridge_webhooks_retried_total"
         case webhooksFailed = "aq_bridge_webhooks_failed_total"
         case deadLettered = "aq_bridge_dead_lettered_total"
+        case tasksParked = "aq_bridge_tasks_parked_total"
+        case tasksUnreadable = "aq_bridge_tasks_unreadable_total"
 
         var index: Int {
             switch self {
@@ -30,6 +32,8 @@ public final class BridgeMetrics: Sendable {
             case .webhooksRetried: return 9
             case .webhooksFailed: return 10
             case .deadLettered: return 11
+            case .tasksParked: return 12
+            case .tasksUnreadable: return 13
             }
         }
 
@@ -47,12 +51,16 @@ public final class BridgeMetrics: Sendable {
             case .webhooksRetried: return "Webhook deliveries sent to a retry tier."
             case .webhooksFailed: return "Webhooks given up on and dead-lettered."
             case .deadLettered: return "Messages published to the dead-letter exchange."
+            case .tasksParked: return "Tasks sent back to wait in the broker (their host had a long line, or the bridge held too many bytes)."
+            case .tasksUnreadable: return "Deliveries rejected unread to the dead-letter queue (over max_payload_bytes, or headers over the client's limits)."
             }
         }
     }
 
     private let values = Mutex<[Int]>(Array(repeating: 0, count: Counter.allCases.count))
     public let inFlight = Atomic<Int>(0)
+    public let inFlightBytes = Atomic<Int>(0)
+    public let waitingRequests = Atomic<Int>(0)
     public let connected = Atomic<Bool>(false)
     public let consuming = Atomic<Bool>(false)
 
@@ -82,6 +90,8 @@ public final class BridgeMetrics: Sendable {
             out += "# HELP \(counter.rawValue) \(counter.help)\n# TYPE \(counter.rawValue) counter\n\(counter.rawValue) \(self.value(counter))\n"
         }
         out += "# HELP aq_bridge_tasks_in_flight Deliveries being worked on.\n# TYPE aq_bridge_tasks_in_flight gauge\naq_bridge_tasks_in_flight \(self.inFlight.load(ordering: .relaxed))\n"
+        out += "# HELP aq_bridge_inflight_bytes Bytes of tasks and results held in memory.\n# TYPE aq_bridge_inflight_bytes gauge\naq_bridge_inflight_bytes \(self.inFlightBytes.load(ordering: .relaxed))\n"
+        out += "# HELP aq_bridge_requests_waiting HTTP requests waiting for a slot of their queue or host.\n# TYPE aq_bridge_requests_waiting gauge\naq_bridge_requests_waiting \(self.waitingRequests.load(ordering: .relaxed))\n"
         out += "# HELP aq_bridge_amqp_connected 1 while connected to the broker.\n# TYPE aq_bridge_amqp_connected gauge\naq_bridge_amqp_connected \(self.connected.load(ordering: .relaxed) ? 1 : 0)\n"
         return out
     }

@@ -46,13 +46,15 @@ public final class BridgeService: Sendable {
         return selected.map { queue in
             ServedQueue(name: queue.name, queueName: spec.queueName(forWorkQueue: queue.name),
                         defaults: TaskDefaults(retries: queue.retries, timeout: min(queue.taskTimeout.duration, configuration.maxTaskTimeout),
-                                               maxTimeout: configuration.maxTaskTimeout, maxPayloadBytes: configuration.maxPayloadBytes))
+                                               maxTimeout: configuration.maxTaskTimeout, maxPayloadBytes: configuration.maxPayloadBytes),
+                        concurrency: queue.concurrency)
         }
     }
 
     /// Runs until `stop()` (or SIGTERM/SIGINT when `handleSignals`), then shuts down gracefully.
     public func run(handleSignals: Bool = true) async throws {
         let config = self.configuration
+        do { try config.validate() } catch { throw StartupError(description: "\(error)") }
         let spec: TopologySpec
         do {
             spec = try TopologyLoader.load(paths: config.topology)
@@ -85,10 +87,12 @@ public final class BridgeService: Sendable {
         }
         guard let connection else { return }
         self.state.withLock { $0.connection = connection }
+        let trusted = Set(config.trustedPublishers.isEmpty ? [amqp.user] : config.trustedPublishers + [amqp.user])
         let settings = BridgeEngine.Settings(
             spec: spec, queues: queues, prefetch: config.prefetch, signer: signer, maxResponseBytes: config.maxResponseBytes,
             webhookTimeout: config.webhookTimeout, webhookAttempts: config.webhookAttempts, httpConnections: config.httpConnections,
-            retryJitter: config.retryJitter)
+            maxPerHost: config.maxPerHost, maxInFlightBytes: config.maxInFlightBytes, retryJitter: config.retryJitter,
+            policy: try config.addressPolicy(), bridgeUser: amqp.user, trustedPublishers: trusted)
         let metrics = self.metrics
         let logger = self.logger
         try await connection.withThreadContext { context in

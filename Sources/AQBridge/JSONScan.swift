@@ -245,10 +245,36 @@ public enum JSONScan {
                     default: throw Failure(offset: self.index, reason: "invalid escape in a string")
                     }
                 case 0..<0x20: throw Failure(offset: self.index - 1, reason: "control character in a string")
+                case 0x80...0xFF: try self.utf8Sequence(lead: byte)
                 default: continue
                 }
             }
             throw Failure(offset: self.index, reason: "unterminated string")
+        }
+
+        /// The rest of a multi-byte UTF-8 sequence (RFC 3629: no overlong forms, no surrogates,
+        /// nothing past U+10FFFF); JSON text is UTF-8 (RFC 8259).
+        mutating func utf8Sequence(lead: UInt8) throws(Failure) {
+            let start = self.index - 1
+            let count: Int
+            var low: UInt8 = 0x80, high: UInt8 = 0xBF
+            switch lead {
+            case 0xC2...0xDF: count = 1
+            case 0xE0: count = 2; low = 0xA0
+            case 0xE1...0xEC, 0xEE...0xEF: count = 2
+            case 0xED: count = 2; high = 0x9F
+            case 0xF0: count = 3; low = 0x90
+            case 0xF1...0xF3: count = 3
+            case 0xF4: count = 3; high = 0x8F
+            default: throw Failure(offset: start, reason: "invalid UTF-8")
+            }
+            guard self.index + count <= self.bytes.count else { throw Failure(offset: start, reason: "invalid UTF-8") }
+            let second = self.bytes[self.index]
+            guard second >= low, second <= high else { throw Failure(offset: start, reason: "invalid UTF-8") }
+            for k in 1..<count where self.bytes[self.index + k] & 0xC0 != 0x80 {
+                throw Failure(offset: start, reason: "invalid UTF-8")
+            }
+            self.index += count
         }
 
         mutating func number() throws(Failure) {

@@ -39,6 +39,8 @@ public enum RetryPolicy {
             case .timeout: return .retryable(reason: "no answer within \(Self.seconds(timeout))", status: nil, retryAfter: nil)
             case .tooLarge: return .permanent(reason: error.message, status: nil)
             case .invalidURL: return .permanent(reason: "the URL was refused: \(error.message)", status: nil)
+            case .refused: return .permanent(reason: "the URL is not allowed: \(error.message)", status: nil)
+            case .invalidRequest: return .permanent(reason: "the request cannot be sent: \(error.message)", status: nil)
             case .couldNotResolve: return .retryable(reason: "DNS lookup failed: \(error.message)", status: nil, retryAfter: nil)
             case .couldNotConnect: return .retryable(reason: "could not connect: \(error.message)", status: nil, retryAfter: nil)
             case .tls: return .retryable(reason: "TLS failed: \(error.message)", status: nil, retryAfter: nil)
@@ -64,16 +66,26 @@ public enum RetryPolicy {
         return ms % 1000 == 0 ? "\(ms / 1000)s" : "\(Double(ms) / 1000)s"
     }
 
-    /// `Retry-After`: delta-seconds or an HTTP date.
+    /// The longest wait a `Retry-After` can ask for; longer asks are cut to it.
+    public static let maxRetryAfter = Duration.seconds(86_400)
+
+    /// `Retry-After`: delta-seconds or an HTTP date, at most ``maxRetryAfter`` (an outside number
+    /// never reaches arithmetic that could trap).
     public static func parseRetryAfter(_ value: String) -> Duration? {
         let trimmed = value.trimmingCharacters(in: .whitespaces)
-        if let seconds = Int(trimmed), seconds >= 0 { return .seconds(seconds) }
+        if !trimmed.isEmpty, trimmed.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) {
+            // Any run of digits, however long: too large for Int means "very long".
+            guard trimmed.utf8.count <= 9, let seconds = Int(trimmed) else { return Self.maxRetryAfter }
+            return min(.seconds(seconds), Self.maxRetryAfter)
+        }
         let formatter = DateFormatter()
         formatter.locale = Locale(identifier: "en_US_POSIX")
         formatter.timeZone = TimeZone(identifier: "GMT")
         formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss zzz"
         guard let date = formatter.date(from: trimmed) else { return nil }
-        return .seconds(max(0, Int(date.timeIntervalSinceNow.rounded(.up))))
+        let seconds = date.timeIntervalSinceNow.rounded(.up)
+        guard seconds.isFinite, seconds > 0 else { return .zero }
+        return seconds >= 86_400 ? Self.maxRetryAfter : .seconds(Int(seconds))
     }
 
     /// The delay tier for retry number `retry` (1 = the first retry): tiers in order, the last
@@ -82,7 +94,8 @@ public enum RetryPolicy {
     public static func tier(forRetry retry: Int, retryAfter: Duration?, tiers: [TimeSpan], jitter: Bool = true) -> TimeSpan? {
         guard !tiers.isEmpty else { return nil }
         if let retryAfter {
-            let ms = retryAfter.components.seconds * 1000 + retryAfter.components.attoseconds / 1_000_000_000_000_000
+            let seconds = min(max(retryAfter, .zero), Self.maxRetryAfter).components.seconds
+            let ms = seconds * 1000
             return tiers.first { $0.milliseconds >= ms } ?? tiers.last
         }
         var index = min(max(retry, 1), tiers.count) - 1

@@ -1,4 +1,5 @@
 import AMQPClient
+import AQHTTP
 import Foundation
 
 /// A task as published on the wire (the README's "Wire format").
@@ -34,6 +35,18 @@ public struct TaskDefaults: Sendable {
 
 public enum TaskParser {
     public static let maxRetries = 100
+    /// The longest task id: the bridge derives longer ids from it (`<id>:result` for the webhook)
+    /// that must still fit AMQP's 255-byte `message_id`.
+    public static let maxIdBytes = 200
+
+    /// The id when it can go into a header line and a `message_id` as it is: at most
+    /// ``maxIdBytes`` bytes, no control characters (CR and LF among them), no line separators.
+    public static func safeId(_ id: String?) -> String? {
+        guard let id, !id.isEmpty, id.utf8.count <= Self.maxIdBytes,
+              !id.unicodeScalars.contains(where: { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) || $0.value == 0x2028 || $0.value == 0x2029 })
+        else { return nil }
+        return id
+    }
 
     /// Reads and checks a task body. `messageId` is the AMQP `message_id` (the task id).
     public static func parse(_ body: [UInt8], messageId: String?, defaults: TaskDefaults) -> Result<TaskSpec, MalformedTask> {
@@ -115,8 +128,8 @@ public enum TaskParser {
         var id = messageId ?? ""
         if id.isEmpty, case .success(let bodyId?) = string(taskIdMember, "taskId") { id = bodyId }
         if id.isEmpty { id = UUID().uuidString.lowercased() }
-        guard id.utf8.count <= 255, !id.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else {
-            return bad("the task id (message_id) must be at most 255 bytes without control characters")
+        guard Self.safeId(id) != nil else {
+            return bad("the task id (message_id or taskId) must be at most \(Self.maxIdBytes) bytes without control characters")
         }
         return .success(TaskSpec(id: id, callbackURL: callback, payload: payload, webhookURL: webhook, retries: retries, timeout: timeout))
     }
@@ -133,7 +146,7 @@ public enum TaskParser {
             }
             let hostStart: Int
             if hasPrefix("http://") { hostStart = 7 } else if hasPrefix("https://") { hostStart = 8 } else {
-                return "must be an http or https URL, not '\(String(decoding: bytes.prefix(80), as: UTF8.self))'"
+                return "must be an http or https URL, not '\(URLText.redacted(String(decoding: bytes.prefix(16384), as: UTF8.self), limit: 80))'"
             }
             if bytes.count > 8192 { return "is longer than 8192 bytes" }
             var hostLength = 0
@@ -143,7 +156,7 @@ public enum TaskParser {
                 hostLength += 1
             }
             if hostLength == 0 || bytes[hostStart] == UInt8(ascii: ":") {
-                return "has no host: '\(String(decoding: bytes.prefix(80), as: UTF8.self))'"
+                return "has no host: '\(URLText.redacted(String(decoding: bytes.prefix(16384), as: UTF8.self), limit: 80))'"
             }
             for byte in bytes where byte <= 0x20 || byte == 0x7F { return "contains spaces or control characters" }
             return nil

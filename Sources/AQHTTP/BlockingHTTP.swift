@@ -16,7 +16,13 @@ public struct HTTPResponse: Sendable {
 
 /// A failed HTTP exchange: the request never got an answer.
 public struct HTTPError: Error, Sendable, CustomStringConvertible {
-    public enum Kind: Sendable, Hashable { case invalidURL, couldNotResolve, couldNotConnect, timeout, tls, tooLarge, other }
+    public enum Kind: Sendable, Hashable {
+        case invalidURL, couldNotResolve, couldNotConnect, timeout, tls, tooLarge, other
+        /// The request was not sent: its address is refused by the ``AddressPolicy``.
+        case refused
+        /// The request was not sent: it cannot be put on the wire as given (a header with CR/LF).
+        case invalidRequest
+    }
     public var kind: Kind
     public var message: String
     public var curlCode: Int32?

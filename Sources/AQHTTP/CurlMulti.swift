@@ -79,6 +79,11 @@ public final class CurlMulti {
         var retryAfter: String?
         var noRetry: String?
         var overflow = false
+        /// Why the policy refused the address libcurl was about to connect to.
+        var refused: String?
+        /// The URL's host, for the policy's connect-time check.
+        var host = ""
+        var policy: AddressPolicy?
         var completion: Completion?
 
         init(easy: UnsafeMutableRawPointer, request: HTTPRequest) {
@@ -103,7 +108,11 @@ public final class CurlMulti {
 
     public var inFlight: Int { self.transfers.count + self.waiting.count }
 
-    public init(maxInFlight: Int = 1024, maxConnections: Int = 512) {
+    /// Which addresses requests may connect to (nil: any).
+    public let policy: AddressPolicy?
+
+    public init(maxInFlight: Int = 1024, maxConnections: Int = 512, maxHostConnections: Int? = nil, policy: AddressPolicy? = nil) {
+        self.policy = policy
         _ = CurlGlobal.initialized
         guard let multi = curl_multi_init() else { fatalError("libcurl could not create a multi handle") }
         self.multi = multi
@@ -130,7 +139,7 @@ public final class CurlMulti {
         }
         _ = aq_curl_multi_setopt_long(multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, maxConnections)
         _ = aq_curl_multi_setopt_long(multi, CURLMOPT_MAXCONNECTS, maxConnections)
-        _ = aq_curl_multi_setopt_long(multi, CURLMOPT_MAX_HOST_CONNECTIONS, maxConnections)
+        _ = aq_curl_multi_setopt_long(multi, CURLMOPT_MAX_HOST_CONNECTIONS, maxHostConnections ?? maxConnections)
     }
 
     deinit {
@@ -149,6 +158,23 @@ public final class CurlMulti {
             self.waiting.append((request, completion))
             return
         }
+        // Nothing a task sent may add lines to the request: a CR or LF in a header would
+        // smuggle headers or whole requests onto a pooled connection.
+        for header in request.headers where header.utf8.contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 }) {
+            completion(.failure(HTTPError(kind: .invalidRequest, message: "a header line holds CR, LF or NUL: \(String(header.prefix(40)).debugDescription)")))
+            return
+        }
+        let authority = URLText.authority(request.url)
+        if let policy = self.policy {
+            guard let authority else {
+                completion(.failure(HTTPError(kind: .invalidURL, message: "not an http or https URL with a host")))
+                return
+            }
+            if let why = policy.refusal(host: authority.host, address: nil) {
+                completion(.failure(HTTPError(kind: .refused, message: why)))
+                return
+            }
+        }
         let reused = self.idleHandles.popLast()
         let fresh = reused == nil
         guard let easy = reused ?? curl_easy_init() else {
@@ -157,6 +183,7 @@ public final class CurlMulti {
         }
         let transfer = Transfer(easy: easy, request: request)
         transfer.completion = completion
+        transfer.host = authority?.host ?? ""
         for header in request.headers { transfer.headerList = curl_slist_append(transfer.headerList, header) }
         // No "Expect: 100-continue" round trip for larger bodies.
         transfer.headerList = curl_slist_append(transfer.headerList, "Expect:")
@@ -178,7 +205,38 @@ public final class CurlMulti {
             // No proxy from the environment: libcurl would read http_proxy/no_proxy on every
             // request. Set CURLOPT_PROXY per handle if a deployment needs one.
             _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_PROXY, "")
+            if self.policy != nil {
+                _ = aq_curl_easy_setopt_opensocket(easy) { clientp, _, address in
+                    guard let clientp, let address else { return CURL_SOCKET_BAD }
+                    let transfer = Unmanaged<Transfer>.fromOpaque(clientp).takeUnretainedValue()
+                    let family = address.pointee.family
+                    let ip: IPAddress? = withUnsafePointer(to: &address.pointee.addr) { raw -> IPAddress? in
+                        if family == AF_INET {
+                            return raw.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { sin in
+                                IPAddress(v4: withUnsafeBytes(of: sin.pointee.sin_addr.s_addr) { Array($0) })
+                            }
+                        }
+                        if family == AF_INET6 {
+                            return raw.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { sin6 in
+                                IPAddress(v6: withUnsafeBytes(of: sin6.pointee.sin6_addr) { Array($0) })
+                            }
+                        }
+                        return nil
+                    }
+                    guard let ip else {
+                        transfer.refused = "only IPv4 and IPv6 addresses are allowed"
+                        return CURL_SOCKET_BAD
+                    }
+                    if let why = transfer.policy?.refusal(host: transfer.host, address: ip) {
+                        transfer.refused = why
+                        return CURL_SOCKET_BAD
+                    }
+                    return socket(family, address.pointee.socktype, address.pointee.protocol)
+                }
+            }
         }
+        if self.policy != nil { _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_OPENSOCKETDATA, context) }
+        transfer.policy = self.policy
         _ = aq_curl_easy_setopt_long(easy, CURLOPT_TIMEOUT_MS, Self.milliseconds(request.timeout))
         _ = aq_curl_easy_setopt_long(easy, CURLOPT_CONNECTTIMEOUT_MS, min(Self.milliseconds(request.timeout), 10_000))
         _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_CUSTOMREQUEST, request.method == "POST" ? nil : request.method)
@@ -302,6 +360,8 @@ public final class CurlMulti {
                 _ = aq_curl_easy_getinfo_long(easy, CURLINFO_RESPONSE_CODE, &status)
                 result = .success(HTTPAnswer(status: status, body: transfer.response, retryAfter: transfer.retryAfter,
                                              noRetry: transfer.noRetry))
+            } else if let refused = transfer.refused {
+                result = .failure(HTTPError(kind: .refused, message: refused, curlCode: Int32(code.rawValue)))
             } else if transfer.overflow {
                 result = .failure(HTTPError(kind: .tooLarge, message: "the answer exceeded \(transfer.request.maxResponseBytes) bytes", curlCode: Int32(code.rawValue)))
             } else {

@@ -70,9 +70,10 @@ extension Reader {
                 spec.workQueues.append(queue)  // `default:` with no settings
                 continue
             }
-            for setting in self.mapping(entry.node, entry.path, allowed: ["delivery_limit", "max_length", "task_timeout", "retries"]) ?? [] {
+            for setting in self.mapping(entry.node, entry.path, allowed: ["delivery_limit", "max_length", "task_timeout", "retries", "concurrency"]) ?? [] {
                 switch setting.key {
                 case "delivery_limit": if let v = self.int(setting.node, setting.path, min: 1, max: 1_000_000) { queue.deliveryLimit = v }
+                case "concurrency": if let v = self.int(setting.node, setting.path, min: 1, max: 10_000) { queue.concurrency = v }
                 case "max_length": if let v = self.int(setting.node, setting.path, min: 1) { queue.maxLength = v }
                 case "task_timeout": if let v = self.timeSpan(setting.node, setting.path) { queue.taskTimeout = v }
                 default: if let v = self.int(setting.node, setting.path, min: 0, max: 100) { queue.retries = v }

@@ -23,6 +23,9 @@ public struct TopologySpec: Sendable, Equatable {
         public var taskTimeout: TimeSpan = .seconds(30)
         /// Default retries for tasks that do not set them.
         public var retries: Int = 3
+        /// HTTP requests (callbacks and webhooks) one bridge runs at once for this queue: a slow
+        /// or hanging host behind one queue never takes another queue's slots.
+        public var concurrency: Int = 64
         public var origin: SourceLocation?
 
         public init(name: String, origin: SourceLocation? = nil) {
@@ -32,7 +35,7 @@ public struct TopologySpec: Sendable, Equatable {
 
         public static func == (a: Self, b: Self) -> Bool {
             a.name == b.name && a.deliveryLimit == b.deliveryLimit && a.maxLength == b.maxLength
-                && a.taskTimeout == b.taskTimeout && a.retries == b.retries
+                && a.taskTimeout == b.taskTimeout && a.retries == b.retries && a.concurrency == b.concurrency
         }
     }
 

@@ -34,6 +34,12 @@ typedef int (*aq_curl_timer_callback)(CURLM *multi, long timeout_ms, void *clien
 static inline CURLMcode aq_curl_multi_setopt_timer_callback(CURLM *handle, aq_curl_timer_callback value) {
     return curl_multi_setopt(handle, CURLMOPT_TIMERFUNCTION, value);
 }
+/* Lets the caller decide, per resolved address, whether a connection may be opened at all. */
+typedef curl_socket_t (*aq_curl_opensocket_callback)(void *clientp, curlsocktype purpose,
+                                                     struct curl_sockaddr *address);
+static inline CURLcode aq_curl_easy_setopt_opensocket(CURL *handle, aq_curl_opensocket_callback value) {
+    return curl_easy_setopt(handle, CURLOPT_OPENSOCKETFUNCTION, value);
+}
 /* CURLMsg's `data` is a union; these read it without Swift union gymnastics. */
 static inline CURLcode aq_curl_msg_result(const CURLMsg *msg) { return msg->data.result; }
 static inline CURLcode aq_curl_easy_getinfo_long(CURL *handle, CURLINFO info, long *value) {

@@ -219,7 +219,24 @@ import Testing
         var config = BridgeConfiguration()
         #expect(throws: BridgeConfiguration.Invalid.self) { try config.apply(yaml: "prefetch: lots\n", source: "f") }
         #expect(throws: BridgeConfiguration.Invalid.self) { try config.apply(yaml: "colour: blue\n", source: "f") }
-        #expect(throws: BridgeConfiguration.Invalid.self) { try config.apply(environment: ["AQ_PREFETCH": "0"]) }
+        #expect(throws: BridgeConfiguration.Invalid.self) { try config.apply(environment: ["AQ_PREFETCH": "zero"]) }
+        // The same rules whatever the source: a flag, the environment or the file.
+        for prefetch in [0, 70_000] {
+            var flagged = BridgeConfiguration()
+            flagged.prefetch = prefetch
+            #expect(throws: BridgeConfiguration.Invalid.self) { try flagged.validate() }
+        }
+        var fromEnvironment = BridgeConfiguration()
+        try? fromEnvironment.apply(environment: ["AQ_PREFETCH": "0"])
+        #expect(throws: BridgeConfiguration.Invalid.self) { try fromEnvironment.validate() }
+        var durations = BridgeConfiguration()
+        #expect(throws: Never.self) { try durations.apply(yaml: "shutdown_grace: 1d\nwebhook_timeout: 500ms\nmax_task_timeout: 90\n", source: "f") }
+        #expect(durations.shutdownGrace == .seconds(86_400), "durations read like the topology files' (7d, 1d)")
+        #expect(durations.webhookTimeout == .milliseconds(500))
+        #expect(durations.maxTaskTimeout == .seconds(90), "a bare number is seconds")
+        var rules = BridgeConfiguration()
+        rules.callbackDeny = ["not a rule/"]
+        #expect(throws: BridgeConfiguration.Invalid.self) { try rules.validate() }
         #expect(throws: BridgeConfiguration.Invalid.self) { try config.apply(yaml: "webhook_timeout: 99999999999999999h\n", source: "f") }
     }
 
