@@ -35,6 +35,14 @@ public struct AMQPDelivery: Sendable {
     /// The body decoded as UTF-8.
     public var bodyString: String { String(decoding: self.body, as: UTF8.self) }
 
+    /// The same delivery (still acknowledgeable) without its body, so a holder can let the body's
+    /// memory go once it has no more use for it.
+    public func withoutBody() -> AMQPDelivery {
+        AMQPDelivery(body: [], properties: self.properties, exchange: self.exchange, routingKey: self.routingKey,
+                     deliveryTag: self.deliveryTag, isRedelivered: self.isRedelivered, consumerTag: self.consumerTag,
+                     messageCount: self.messageCount, contentProblem: self.contentProblem, acker: self.acker)
+    }
+
     /// Acknowledges the delivery (and, with `multiple`, every earlier one on its channel).
     ///
     /// Acknowledgements are asynchronous in AMQP: this returns once the ack is queued for the

@@ -50,7 +50,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     }
 
     final class Run {
-        let delivery: AMQPDelivery
+        /// Its body is let go once a parked copy is on the wire (see `park`).
+        var delivery: AMQPDelivery
         let queue: ServedQueue
         let queueIndex: Int
         let attempt: Int
@@ -110,8 +111,9 @@ final class BridgeEngine: AMQPConnectionExtension {
     var consumers: [(channel: UInt16, tag: String)] = []
     var runs: [ObjectIdentifier: Run] = [:]
     var admission: Admission<Request>
-    /// Bytes held by active runs.
+    /// Bytes held by active runs, and the most ever held at once.
     private(set) var inFlightBytes = 0
+    private(set) var peakInFlightBytes = 0
     /// `Content-Type` and `AsyncQueue-Queue`, built once per queue.
     private var sharedHeaderLists: [String: SharedHeaders] = [:]
     /// The tier a parked task waits in: the shortest of at least 5 s.
@@ -181,6 +183,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         run.active = true
         self.runs[ObjectIdentifier(run)] = run
         self.inFlightBytes += run.bytes
+        self.peakInFlightBytes = max(self.peakInFlightBytes, self.inFlightBytes)
         self.countsDirty = true
     }
 
@@ -198,6 +201,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         self.metrics.merge(&self.pendingCounts)
         self.metrics.inFlight.store(self.runs.count, ordering: .relaxed)
         self.metrics.inFlightBytes.store(self.inFlightBytes, ordering: .relaxed)
+        self.metrics.peakInFlightBytes.store(self.peakInFlightBytes, ordering: .relaxed)
         self.metrics.waitingRequests.store(self.admission.waiting, ordering: .relaxed)
     }
 
@@ -214,6 +218,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     private func hold(_ run: Run, bytes: Int) {
         run.bytes += bytes
         self.inFlightBytes += bytes
+        self.peakInFlightBytes = max(self.peakInFlightBytes, self.inFlightBytes)
     }
 
     private func ack(_ run: Run) {
@@ -394,6 +399,12 @@ final class BridgeEngine: AMQPConnectionExtension {
         self.publishThenAck(run, exchange: self.settings.spec.retryExchange, properties: properties, body: run.delivery.body,
                             counting: .tasksParked, "the parked task") { [unowned self] error in
             self.requeue(run, "could not park: \(error)")
+        }
+        // The copy is on the wire; whatever happens next (ack, or nack on failure) needs no body.
+        if run.active {
+            run.delivery = run.delivery.withoutBody()
+            self.inFlightBytes -= run.bytes
+            run.bytes = 0
         }
     }
 

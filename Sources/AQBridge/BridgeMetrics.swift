@@ -60,6 +60,7 @@ public final class BridgeMetrics: Sendable {
     private let values = Mutex<[Int]>(Array(repeating: 0, count: Counter.allCases.count))
     public let inFlight = Atomic<Int>(0)
     public let inFlightBytes = Atomic<Int>(0)
+    public let peakInFlightBytes = Atomic<Int>(0)
     public let waitingRequests = Atomic<Int>(0)
     public let connected = Atomic<Bool>(false)
     public let consuming = Atomic<Bool>(false)
@@ -91,6 +92,7 @@ public final class BridgeMetrics: Sendable {
         }
         out += "# HELP aq_bridge_tasks_in_flight Deliveries being worked on.\n# TYPE aq_bridge_tasks_in_flight gauge\naq_bridge_tasks_in_flight \(self.inFlight.load(ordering: .relaxed))\n"
         out += "# HELP aq_bridge_inflight_bytes Bytes of tasks and results held in memory.\n# TYPE aq_bridge_inflight_bytes gauge\naq_bridge_inflight_bytes \(self.inFlightBytes.load(ordering: .relaxed))\n"
+        out += "# HELP aq_bridge_inflight_bytes_peak The most bytes of tasks and results held at once since start.\n# TYPE aq_bridge_inflight_bytes_peak gauge\naq_bridge_inflight_bytes_peak \(self.peakInFlightBytes.load(ordering: .relaxed))\n"
         out += "# HELP aq_bridge_requests_waiting HTTP requests waiting for a slot of their queue or host.\n# TYPE aq_bridge_requests_waiting gauge\naq_bridge_requests_waiting \(self.waitingRequests.load(ordering: .relaxed))\n"
         out += "# HELP aq_bridge_amqp_connected 1 while connected to the broker.\n# TYPE aq_bridge_amqp_connected gauge\naq_bridge_amqp_connected \(self.connected.load(ordering: .relaxed) ? 1 : 0)\n"
         return out

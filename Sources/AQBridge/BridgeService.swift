@@ -66,6 +66,19 @@ public final class BridgeService: Sendable {
         do { signer = try WebhookSigner(secrets: config.signingSecrets) } catch { throw StartupError(description: "\(error)") }
         var amqp = try AMQPConfiguration(url: config.amqpURL)
         amqp.connectionName = amqp.connectionName ?? "aq-bridge"
+        // A TLS file that cannot be read will not become readable by retrying.
+        for (what, path) in [("cacertfile", amqp.tls?.caFile), ("certfile", amqp.tls?.certificateFile), ("keyfile", amqp.tls?.keyFile)] {
+            if let path, !FileManager.default.isReadableFile(atPath: path) {
+                throw StartupError(description: "the broker URL's \(what) '\(path)' cannot be read")
+            }
+        }
+        // Signals from the start: a SIGTERM while the broker is still unreachable is a clean stop.
+        if handleSignals {
+            Task { [weak self] in
+                await Self.waitForSignal()
+                self?.stop()
+            }
+        }
         self.logger.info("aq-bridge starting", metadata: ["config": "\(config.redactedDescription)", "queues": "\(queues.map(\.queueName).joined(separator: ","))"])
 
         if !config.listen.isEmpty { try self.startHealthServer() }
@@ -74,14 +87,22 @@ public final class BridgeService: Sendable {
         var connection: AMQPConnection?
         var delay = Duration.milliseconds(200)
         while connection == nil {
-            if self.state.withLock({ $0.stopping }) { return }
+            if self.state.withLock({ $0.stopping }) {
+                self.logger.info("aq-bridge stopped before the broker was reached")
+                self.state.withLock { $0.server }?.shutdown()
+                return
+            }
             do {
                 connection = try await AMQPConnection.connect(configuration: amqp, logger: self.logger)
-            } catch let error as AMQPError where error.code == .authenticationFailed || error.code == .accessRefused || error.code == .invalidURL {
+            } catch let error as AMQPError where error.code == .authenticationFailed || error.code == .accessRefused || error.code == .invalidURL
+                || error.code == .invalidArgument || (error.code == .tlsFailed && error.message.hasPrefix("could not load")) {
                 throw StartupError(description: "cannot connect: \(error)")
             } catch {
                 self.logger.warning("broker unreachable, retrying", metadata: ["error": "\(error)", "retry_in": "\(delay)"])
-                try? await Task.sleep(for: delay)
+                let until = ContinuousClock.now + delay
+                while ContinuousClock.now < until, !self.state.withLock({ $0.stopping }) {
+                    try? await Task.sleep(for: .milliseconds(50))
+                }
                 delay = min(delay * 2, .seconds(5))
             }
         }
@@ -103,7 +124,7 @@ public final class BridgeService: Sendable {
         metrics.connected.store(true, ordering: .relaxed)
         self.logger.info("aq-bridge ready", metadata: ["queues": "\(queues.map(\.name).joined(separator: ","))", "prefetch": "\(config.prefetch)"])
 
-        if handleSignals { await Self.waitForSignal() } else { await self.waitForStop() }
+        await self.waitForStop()
         await self.shutdown(connection)
     }
 

@@ -10,7 +10,8 @@ struct BridgeCommand: AsyncParsableCommand {
         abstract: "Consume AsyncQueue tasks from RabbitMQ and deliver them to HTTP callbacks and webhooks.",
         discussion: """
             Settings come from, later winning: defaults, --config FILE, the environment (AQ_AMQP_URL, AQ_TOPOLOGY, \
-            AQ_QUEUES, AQ_PREFETCH, AQ_SIGNING_SECRETS, AQ_LISTEN, AQ_LOG_LEVEL), then these flags. \
+            AQ_QUEUES, AQ_PREFETCH, AQ_SIGNING_SECRETS, AQ_LISTEN, AQ_LOG_LEVEL, AQ_CALLBACK_ALLOW, AQ_CALLBACK_DENY, \
+            AQ_TRUSTED_PUBLISHERS), then these flags. \
             SIGTERM or SIGINT stops it gracefully: no new tasks, in-flight tasks finish or go back to the broker.
             """)
 
@@ -35,8 +36,17 @@ struct BridgeCommand: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String?
 
-    @Option(help: "Longest per-attempt timeout a task may ask for, in seconds (keep under the broker's consumer_timeout).")
-    var maxTaskTimeout: Int?
+    @Option(help: ArgumentHelp("Longest per-attempt timeout a task may ask for: 90 (seconds), 20m… (keep under the broker's consumer_timeout).", valueName: "duration"))
+    var maxTaskTimeout: String?
+
+    @Option(help: "HTTP requests in flight to one host (scheme://host:port), all queues together.")
+    var maxPerHost: Int?
+
+    @Option(help: "HTTP requests in flight in all (each work queue also has its topology concurrency).")
+    var httpConnections: Int?
+
+    @Option(help: "Bytes of tasks held in memory at once; past it new deliveries wait in the broker.")
+    var maxInflightBytes: Int?
 
     @Option(help: "Largest task body accepted, in bytes; larger ones are dead-lettered.")
     var maxPayloadBytes: Int?
@@ -44,8 +54,8 @@ struct BridgeCommand: AsyncParsableCommand {
     @Option(help: "Largest callback answer read, in bytes; a larger one fails the attempt without retry.")
     var maxResponseBytes: Int?
 
-    @Option(help: "Seconds SIGTERM waits for in-flight tasks before handing them back.")
-    var shutdownGrace: Int?
+    @Option(help: ArgumentHelp("How long SIGTERM waits for in-flight tasks before handing them back: 30 (seconds), 1m…", valueName: "duration"))
+    var shutdownGrace: String?
 
     func run() async throws {
         var configuration = BridgeConfiguration()
@@ -62,10 +72,25 @@ struct BridgeCommand: AsyncParsableCommand {
         if let v = self.prefetch { configuration.prefetch = v }
         if let v = self.listen { configuration.listen = v }
         if let v = self.logLevel { configuration.logLevel = v }
-        if let v = self.maxTaskTimeout { configuration.maxTaskTimeout = .seconds(v) }
         if let v = self.maxPayloadBytes { configuration.maxPayloadBytes = v }
         if let v = self.maxResponseBytes { configuration.maxResponseBytes = v }
-        if let v = self.shutdownGrace { configuration.shutdownGrace = .seconds(v) }
+        if let v = self.maxPerHost { configuration.maxPerHost = v }
+        if let v = self.httpConnections { configuration.httpConnections = v }
+        if let v = self.maxInflightBytes { configuration.maxInFlightBytes = v }
+        for (flag, value, apply) in [("--max-task-timeout", self.maxTaskTimeout, { (d: Duration) in configuration.maxTaskTimeout = d }),
+                                     ("--shutdown-grace", self.shutdownGrace, { (d: Duration) in configuration.shutdownGrace = d })] {
+            guard let value else { continue }
+            guard let duration = BridgeConfiguration.parseDuration(value) else {
+                FileHandle.standardError.write(Data("aq-bridge: \(flag) must be a duration like 30s, 20m or 90, not '\(value)'\n".utf8))
+                throw ExitCode.failure
+            }
+            apply(duration)
+        }
+        // The same checks for every source: a flag is held to what the file and environment are.
+        do { try configuration.validate() } catch {
+            FileHandle.standardError.write(Data("aq-bridge: \(error)\n".utf8))
+            throw ExitCode.failure
+        }
         guard let level = Logger.Level(rawValue: configuration.logLevel) else {
             FileHandle.standardError.write(Data("aq-bridge: unknown log level '\(configuration.logLevel)'\n".utf8))
             throw ExitCode.failure

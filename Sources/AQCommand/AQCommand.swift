@@ -17,7 +17,8 @@ extension AQCommand {
             abstract: "Declare the RabbitMQ topology the AsyncQueue patterns need, from topology files.",
             discussion: """
                 Files are YAML (see topology/asyncqueue.yaml). A directory means every .yaml file in it.
-                Exit status: 0 success, 1 a problem (nothing applied), 2 `plan --detailed-exitcode` found changes.
+                Exit status: 0 success, 1 a problem (nothing applied), 2 `plan --detailed-exitcode` found a difference \
+                (missing, different or extra objects).
                 """,
             subcommands: [Validate.self, Plan.self, Apply.self, Export.self])
     }
@@ -73,10 +74,11 @@ extension AQCommand.Topology {
 
         @Argument(help: "Topology files or directories (default: topology/).")
         var files: [String] = []
+        @OptionGroup var options: FileOptions
 
         func run() async throws {
-            var options = FileOptions()
-            options.files = self.files
+            var options = self.options
+            options.files += self.files
             let spec = try options.load()
             let topology = spec.expand()
             print("ok: \(spec.workQueues.count) work queue(s), \(topology.exchanges.count) exchanges, \(topology.queues.count) queues, \(topology.bindings.count) bindings, \(topology.policies.count) policies")
@@ -89,7 +91,7 @@ extension AQCommand.Topology {
 
         @OptionGroup var files: FileOptions
         @OptionGroup var broker: BrokerOptions
-        @Flag(help: "Exit with status 2 when the broker does not match the files.")
+        @Flag(help: "Exit with status 2 when the broker does not match the files: something missing, different, or extra.")
         var detailedExitcode = false
 
         func run() async throws {
@@ -98,7 +100,7 @@ extension AQCommand.Topology {
             do {
                 let plan = try await TopologyApplier.plan(spec, on: target)
                 print(plan.description)
-                if self.detailedExitcode && !plan.isInSync { throw ExitCode(2) }
+                if self.detailedExitcode && (!plan.isInSync || !plan.extra.isEmpty) { throw ExitCode(2) }
             } catch let exit as ExitCode {
                 throw exit
             } catch {

@@ -73,8 +73,23 @@ public final class HTTPServer: Sendable {
 
     public struct StartError: Error, CustomStringConvertible { public var description: String }
 
+    /// What one client may cost the server: connections, buffered bytes, time.
+    public struct Limits: Sendable {
+        /// Connections open at once; past it, the one idle the longest is closed for a new one.
+        public var maxConnections = 256
+        /// A connection with nothing to do (between keep-alive requests) is closed after this.
+        public var idleTimeout: Duration = .seconds(30)
+        /// A request must arrive whole within this, once its first byte did (slow clients).
+        public var requestTimeout: Duration = .seconds(10)
+        /// Answers buffered for one connection; past it, the server reads no more of its
+        /// requests until the client reads (a client pipelining without reading).
+        public var maxBufferedBytes = 256 << 10
+        public init() {}
+    }
+
     /// Listens on `host:port` (port 0 picks a free one; see ``port``).
-    public init(host: String = "127.0.0.1", port: Int = 0, maxBodyBytes: Int = 16 << 20, handler: @escaping Handler) throws {
+    public init(host: String = "127.0.0.1", port: Int = 0, maxBodyBytes: Int = 16 << 20, limits: Limits = Limits(),
+                handler: @escaping Handler) throws {
         guard (0...65535).contains(port) else { throw StartError(description: "port \(port) is out of range") }
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw StartError(description: "socket: \(String(cString: strerror(errno)))") }
@@ -108,7 +123,7 @@ public final class HTTPServer: Sendable {
         self.wakeRead = pipeFDs[0]
         self.wakeWrite = pipeFDs[1]
         self.handler = handler
-        let thread = Thread { [self] in self.run(maxBodyBytes: maxBodyBytes) }
+        let thread = Thread { [self] in self.run(maxBodyBytes: maxBodyBytes, limits: limits) }
         thread.name = "aq-http-\(self.port)"
         thread.start()
     }
@@ -137,15 +152,36 @@ public final class HTTPServer: Sendable {
         var output: [UInt8] = []
         var busy = false
         var closeAfterWrite = false
-        init(fd: Int32) { self.fd = fd }
+        /// The last time it made progress (bytes in or out, an answer).
+        var lastActivity: ContinuousClock.Instant
+        /// When the request being received began to arrive (nil: none is partly there).
+        var requestStarted: ContinuousClock.Instant?
+        /// `input` holds no complete request (until more bytes arrive).
+        var needMore = true
+        init(fd: Int32, now: ContinuousClock.Instant) {
+            self.fd = fd
+            self.lastActivity = now
+        }
+        var isIdle: Bool { !self.busy && self.output.isEmpty && self.input.isEmpty }
     }
 
-    private func run(maxBodyBytes: Int) {
+    /// Connections, buffered bytes and open descriptors, for tests and health checks.
+    public struct Usage: Sendable {
+        public var connections: Int
+        public var bufferedBytes: Int
+    }
+
+    private let usage = Mutex(Usage(connections: 0, bufferedBytes: 0))
+    public var currentUsage: Usage { self.usage.withLock { $0 } }
+
+    private func run(maxBodyBytes: Int, limits: Limits) {
         var connections: [Int: Connection] = [:]
         var nextID = 0
         var fds: [pollfd] = []
         var ids: [Int] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
+        /// After EMFILE/ENFILE the listener is left alone for a moment instead of spinning on it.
+        var acceptPausedUntil: ContinuousClock.Instant?
         defer {
             for (_, c) in connections { close(c.fd) }
             close(self.listener)
@@ -153,35 +189,74 @@ public final class HTTPServer: Sendable {
             close(self.wakeWrite)
             self.finished.withLock { $0 = true }
         }
+        func drop(_ id: Int) {
+            guard let c = connections.removeValue(forKey: id) else { return }
+            close(c.fd)
+        }
+        /// Closes the connection idle the longest (to make room), if any is idle.
+        @discardableResult
+        func evictIdlest() -> Bool {
+            // Idle the longest; among equals, the oldest connection.
+            guard let (id, _) = connections.filter({ $0.value.isIdle }).min(by: {
+                ($0.value.lastActivity, $0.key) < ($1.value.lastActivity, $1.key)
+            }) else { return false }
+            drop(id)
+            return true
+        }
         while !self.stopped.load(ordering: .relaxed) {
+            let now = ContinuousClock.now
             fds.removeAll(keepingCapacity: true)
             ids.removeAll(keepingCapacity: true)
-            fds.append(pollfd(fd: self.listener, events: Int16(POLLIN), revents: 0))
+            let listening = acceptPausedUntil.map { now >= $0 } ?? true
+            if listening { acceptPausedUntil = nil }
+            fds.append(pollfd(fd: listening ? self.listener : -1, events: Int16(POLLIN), revents: 0))
             fds.append(pollfd(fd: self.wakeRead, events: Int16(POLLIN), revents: 0))
             for (id, c) in connections {
                 var events = Int16(0)
-                if !c.busy { events |= Int16(POLLIN) }
+                // Read only while there is room: a client that does not read its answers (or
+                // floods requests) stops being read until it does.
+                if !c.busy, c.output.count < limits.maxBufferedBytes, c.input.count <= maxBodyBytes + 65536 { events |= Int16(POLLIN) }
                 if !c.output.isEmpty { events |= Int16(POLLOUT) }
                 fds.append(pollfd(fd: c.fd, events: events, revents: 0))
                 ids.append(id)
             }
-            _ = poll(&fds, nfds_t(fds.count), 1000)
+            // A pipelined request already read waits for no new byte.
+            let ready = connections.values.contains { !$0.busy && !$0.needMore && $0.output.count < limits.maxBufferedBytes }
+            _ = poll(&fds, nfds_t(fds.count), ready ? 0 : listening ? 1000 : 100)
+            let turn = ContinuousClock.now
             if fds[1].revents != 0 { while read(self.wakeRead, &buffer, buffer.count) > 0 {} }
             // Answers from handlers.
             for (id, response) in self.outbox.withLock({ box -> [(Int, Response)] in defer { box.removeAll() }; return box }) {
                 guard let c = connections[id] else { continue }
                 c.output += Self.serialize(response, close: c.closeAfterWrite)
                 c.busy = false
+                c.lastActivity = turn
             }
             for (index, id) in ids.enumerated() {
                 guard let c = connections[id] else { continue }
                 let revents = fds[index + 2].revents
                 var dead = revents & Int16(POLLERR | POLLNVAL) != 0
-                if !dead, revents & Int16(POLLIN | POLLHUP) != 0, !c.busy {
+                if !dead, revents & Int16(POLLIN | POLLHUP) != 0, !c.busy, c.output.count < limits.maxBufferedBytes {
                     let n = read(c.fd, &buffer, buffer.count)
-                    if n > 0 { c.input.append(contentsOf: buffer[0..<n]) } else if n == 0 || (errno != EAGAIN && errno != EINTR) { dead = true }
+                    if n > 0 {
+                        c.input.append(contentsOf: buffer[0..<n])
+                        c.needMore = false
+                        c.lastActivity = turn
+                        if c.requestStarted == nil { c.requestStarted = turn }
+                    } else if n == 0 || (errno != EAGAIN && errno != EINTR) {
+                        dead = true
+                    }
                 }
-                if !dead, !c.busy, let request = Self.parse(&c.input, maxBodyBytes: maxBodyBytes) {
+                if !dead, !c.busy, !c.needMore, c.output.count < limits.maxBufferedBytes {
+                    guard let request = Self.parse(&c.input, maxBodyBytes: maxBodyBytes) else {
+                        c.needMore = true
+                        if !dead, !c.output.isEmpty { self.flush(c, turn: turn, dead: &dead) }
+                        if !dead, let started = c.requestStarted, turn - started > limits.requestTimeout { dead = true }
+                        if dead { drop(id) }
+                        continue
+                    }
+                    c.requestStarted = c.input.isEmpty ? nil : turn
+                    c.needMore = c.input.isEmpty
                     switch request {
                     case .success(let (req, keepAlive)):
                         c.busy = true
@@ -193,28 +268,55 @@ public final class HTTPServer: Sendable {
                         c.input.removeAll()
                     }
                 }
-                if !dead, !c.output.isEmpty {
-                    let n = c.output.withUnsafeBytes { send(c.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-                    if n > 0 { c.output.removeFirst(n) } else if errno != EAGAIN && errno != EINTR { dead = true }
-                    if c.output.isEmpty && c.closeAfterWrite && !c.busy { dead = true }
+                if !dead, !c.output.isEmpty { self.flush(c, turn: turn, dead: &dead) }
+                // Slow or silent clients: a request that takes too long to arrive, a connection
+                // with nothing to do, an answer the client does not read.
+                if !dead, !c.busy {
+                    if let started = c.requestStarted, turn - started > limits.requestTimeout { dead = true }
+                    if turn - c.lastActivity > limits.idleTimeout { dead = true }
                 }
-                if dead {
-                    close(c.fd)
-                    connections[id] = nil
-                }
+                if dead { drop(id) }
             }
-            if fds[0].revents != 0 {
+            if listening, fds[0].revents != 0 {
                 while true {
                     let client = accept(self.listener, nil, nil)
-                    guard client >= 0 else { break }
+                    guard client >= 0 else {
+                        if errno == EMFILE || errno == ENFILE {
+                            // Out of descriptors: make room if an idle connection can go, and
+                            // stop polling the listener for a moment either way (no spinning).
+                            evictIdlest()
+                            acceptPausedUntil = turn + .milliseconds(100)
+                        }
+                        break
+                    }
+                    // At the cap, the connection idle the longest makes room; if none is idle,
+                    // the newcomer is turned away.
+                    if connections.count >= limits.maxConnections, !evictIdlest() {
+                        close(client)
+                        continue
+                    }
                     _ = fcntl(client, F_SETFL, fcntl(client, F_GETFL) | O_NONBLOCK)
+                    _ = fcntl(client, F_SETFD, FD_CLOEXEC)
                     var yes: Int32 = 1
                     _ = setsockopt(client, Int32(IPPROTO_TCP), TCP_NODELAY, &yes, socklen_t(MemoryLayout<Int32>.size))
-                    connections[nextID] = Connection(fd: client)
+                    connections[nextID] = Connection(fd: client, now: turn)
                     nextID += 1
                 }
             }
+            let buffered = connections.values.reduce(0) { $0 + $1.output.count + $1.input.count }
+            self.usage.withLock { $0 = Usage(connections: connections.count, bufferedBytes: buffered) }
         }
+    }
+
+    private func flush(_ c: Connection, turn: ContinuousClock.Instant, dead: inout Bool) {
+        let n = c.output.withUnsafeBytes { send(c.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        if n > 0 {
+            c.output.removeFirst(n)
+            c.lastActivity = turn
+        } else if errno != EAGAIN && errno != EINTR {
+            dead = true
+        }
+        if c.output.isEmpty && c.closeAfterWrite && !c.busy { dead = true }
     }
 
     /// Takes one complete request off the front of `input`, if there is one.

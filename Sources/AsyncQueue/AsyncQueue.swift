@@ -52,14 +52,21 @@ public final class AsyncQueue: Sendable {
         ///   - queue: the work queue (routing key), `default` unless given.
         ///   - payload: any `Encodable`, POSTed as JSON to `callbackUrl`.
         ///   - retries, timeout: nil uses the work queue's defaults (timeout in seconds).
-        ///   - id: the task id (AMQP `message_id`); a UUID when nil. Reuse it to make a retried
-        ///     create idempotent for your receivers.
+        ///   - id: the task id (AMQP `message_id`, at most 200 bytes, no control characters); a
+        ///     UUID when nil. Receivers see it as `webhook-id` and `AsyncQueue-Task-Id` on every
+        ///     attempt and can deduplicate with it. Creating twice with one id publishes two tasks
+        ///     (both run): AsyncQueue does not deduplicate creates.
         @discardableResult
         public func create<Payload: Encodable & Sendable>(
             callbackUrl: String, payload: Payload, webhookUrl: String? = nil, retries: Int? = nil,
             timeout: Double? = nil, queue: String = "default", id: String? = nil
         ) async throws -> String {
             let id = id ?? UUID().uuidString.lowercased()
+            guard !id.isEmpty, id.utf8.count <= 200,
+                  !id.unicodeScalars.contains(where: { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) || $0.value == 0x2028 || $0.value == 0x2029 })
+            else {
+                throw AMQPError(code: .invalidArgument, message: "a task id must be 1 to 200 bytes without control characters")
+            }
             let body = try Self.encode(callbackUrl: callbackUrl, payload: payload, webhookUrl: webhookUrl, retries: retries, timeout: timeout)
             let result = try await self.channel.publish(
                 body, exchange: self.exchange, routingKey: queue,

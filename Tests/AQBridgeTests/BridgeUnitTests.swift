@@ -1,6 +1,7 @@
 @testable import AQBridge
 import AQHTTP
 import AQTopology
+import AQTestSupport
 import Foundation
 import Testing
 
@@ -213,6 +214,14 @@ import Testing
         #expect(!config.redactedDescription.contains(":p@"))
         #expect(config.redactedDescription.contains("u:***@rabbit"))
         #expect(!config.redactedDescription.contains("whsec_"))
+    }
+
+    @Test func theShippedExampleConfigurationIsValid() throws {
+        var config = BridgeConfiguration()
+        try config.apply(file: TestEnvironment.repositoryRoot.appendingPathComponent("deploy/bridge.example.yaml").path)
+        try config.validate()
+        #expect(config.maxPerHost == 32)
+        #expect(try config.addressPolicy().refusal(host: "169.254.169.254", address: nil) != nil)
     }
 
     @Test func badSettingsAreNamed() {

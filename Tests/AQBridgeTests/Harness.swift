@@ -31,7 +31,12 @@ final class Receiver: Sendable {
                 return log[request.path]?.count ?? 1
             }
             let behaviour = receiver.behaviours.withLock { $0[request.path] }
-            if let behaviour {
+            if let (delay, response) = receiver.delayed.withLock({ $0[request.path] }) {
+                let (seconds, attoseconds) = delay.components
+                DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(seconds) * 1_000_000_000 + Int(attoseconds / 1_000_000_000))) {
+                    responder.respond(response)
+                }
+            } else if let behaviour {
                 if let response = behaviour(request, nth) { responder.respond(response) }  // nil: never answer
             } else {
                 responder.respond(.json(#"{"ok":true}"#))
@@ -47,6 +52,14 @@ final class Receiver: Sendable {
     func on(_ path: String, _ behaviour: @escaping Behaviour) {
         self.behaviours.withLock { $0[path] = behaviour }
     }
+
+    /// Answers `path` after `delay` (the request is recorded when it arrives).
+    func onDelayed(_ path: String, by delay: Duration, _ response: HTTPServer.Response = .json(#"{"ok":true}"#)) {
+        self.delayed.withLock { $0[path] = (delay, response) }
+        self.on(path) { _, _ in nil }
+    }
+
+    private let delayed = Mutex<[String: (Duration, HTTPServer.Response)]>([:])
 
     func requests(_ path: String) -> [Recorded] { self.log.withLock { $0[path] ?? [] } }
 
@@ -104,7 +117,7 @@ final class BridgeHarness: Sendable {
     }
 
     /// A fresh virtual host with the topology applied: (vhost, AMQP URL, topology directory).
-    static func prepareVHost() async throws -> (String, String, URL) {
+    static func prepareVHost(topology: String = BridgeHarness.topologyYAML) async throws -> (String, String, URL) {
         let vhost = "aq-bridge-test-\(UUID().uuidString.prefix(8).lowercased())"
         try await self.management("PUT", "/api/vhosts/\(vhost)")
         let base = try AMQPConfiguration(url: self.baseURL)
@@ -112,14 +125,14 @@ final class BridgeHarness: Sendable {
         let url = "amqp://\(base.user):\(base.password)@\(base.host):\(base.port)/\(vhost)"
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent(vhost)
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        try self.topologyYAML.write(to: dir.appendingPathComponent("asyncqueue.yaml"), atomically: true, encoding: .utf8)
+        try topology.write(to: dir.appendingPathComponent("asyncqueue.yaml"), atomically: true, encoding: .utf8)
         let spec = try TopologyLoader.load(paths: [dir.path])
         try await TopologyApplier.apply(spec, on: try BrokerTarget(amqpURL: url, managementURL: self.managementURL))
         return (vhost, url, dir)
     }
 
-    static func start(configure: (inout BridgeConfiguration) -> Void = { _ in }) async throws -> BridgeHarness {
-        let (vhost, url, dir) = try await self.prepareVHost()
+    static func start(topology: String = BridgeHarness.topologyYAML, configure: (inout BridgeConfiguration) -> Void = { _ in }) async throws -> BridgeHarness {
+        let (vhost, url, dir) = try await self.prepareVHost(topology: topology)
 
         var configuration = BridgeConfiguration()
         configuration.amqpURL = url
@@ -207,10 +220,27 @@ final class BridgeHarness: Sendable {
         Issue.record("the bridge never became idle")
     }
 
+    /// A connection as another AMQP user (an application, not the bridge), with write access to
+    /// this virtual host: what it publishes carries its own validated `user_id`, if any.
+    func appConnection() async throws -> (user: String, connection: AMQPConnection, channel: AMQPChannel) {
+        let user = "aq-app-\(UUID().uuidString.prefix(8).lowercased())"
+        try await Self.management("PUT", "/api/users/\(user)", #"{"password":"app-secret","tags":""}"#)
+        try await Self.management("PUT", "/api/permissions/\(self.vhost)/\(user)", #"{"configure":".*","write":".*","read":".*"}"#)
+        self.appUsers.withLock { $0.append(user) }
+        let base = try AMQPConfiguration(url: self.amqpURL)
+        let connection = try await AMQPConnection.connect("amqp://\(user):app-secret@\(base.host):\(base.port)/\(self.vhost)")
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        return (user, connection, channel)
+    }
+
+    private let appUsers = Mutex<[String]>([])
+
     func stop() async {
         self.service.stop()
         _ = try? await self.runTask.value
         await self.connection.close()
+        for user in self.appUsers.withLock({ $0 }) { try? await Self.management("DELETE", "/api/users/\(user)") }
         try? await Self.management("DELETE", "/api/vhosts/\(self.vhost)")
         try? FileManager.default.removeItem(at: self.topologyDir)
     }

@@ -1,3 +1,4 @@
+import AMQPClient
 import AQTestSupport
 import Foundation
 import Testing
@@ -24,6 +25,30 @@ import Testing
         #expect(result.err.contains("2 problems"))
         #expect(result.err.contains("\(file.path):3:14 (work_queues.default.retries): expected an integer in 0...100, found 'many'"), "\(result.err)")
         #expect(result.err.contains("(work_queues.default.colour): unknown key 'colour'"))
+    }
+
+    @Test func validateTakesFilesAsArgumentsOrWithDashF() throws {
+        let dir = TestEnvironment.repositoryRoot.appendingPathComponent("topology").path
+        for arguments in [["topology", "validate", dir], ["topology", "validate", "-f", dir], ["topology", "validate", "--file", dir]] {
+            let result = try self.run(arguments)
+            #expect(result.status == 0, "\(arguments): \(result.err)")
+        }
+    }
+
+    @Test func planDetailedExitcodeCountsExtraObjects() async throws {
+        let vhost = try await TestVHost.make()
+        defer { Task { await vhost.delete() } }
+        let apply = try self.run(["topology", "apply", "--url", vhost.amqpURL, "--management-url", vhost.managementURL])
+        #expect(apply.status == 0, "\(apply.err)")
+        let inSync = try self.run(["topology", "plan", "--detailed-exitcode", "--url", vhost.amqpURL, "--management-url", vhost.managementURL])
+        #expect(inSync.status == 0, "\(inSync.out)\(inSync.err)")
+        let connection = try await AMQPConnection.connect(vhost.amqpURL)
+        let channel = try await connection.openChannel()
+        try await channel.declareQueue("stray", durable: true)
+        await connection.close()
+        let extra = try self.run(["topology", "plan", "--detailed-exitcode", "--url", vhost.amqpURL, "--management-url", vhost.managementURL])
+        #expect(extra.status == 2, "an extra queue is a difference: \(extra.out)")
+        #expect(extra.out.contains("stray"))
     }
 
     @Test func exportPrintsImportableDefinitions() throws {

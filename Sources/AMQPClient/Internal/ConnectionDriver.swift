@@ -152,7 +152,10 @@ final class ConnectionDriver {
             self.lastRead = now
             self.socketReadable = false
         }
-        while mustRead && frames < 1024 {
+        // Bounded per turn in frames and in body bytes: rabbitmq-c keeps every frame of a turn
+        // in its pools until the turn ends, so big messages must not pile up there.
+        var bodyBytes = 0
+        while mustRead && frames < 1024 && bodyBytes < Self.maxBodyBytesPerTurn {
             var frame = amqp_frame_t()
             var zero = timeval(tv_sec: 0, tv_usec: 0)
             let status = amqp_simple_wait_frame_noblock(conn, &frame, &zero)
@@ -163,6 +166,7 @@ final class ConnectionDriver {
             }
             frames += 1
             self.lastReceive = now
+            if Int32(frame.frame_type) == AMQP_FRAME_BODY { bodyBytes += frame.payload.body_fragment.len }
             self.dispatch(frame, conn: conn)
             guard self.isConnected else {
                 self.handOverDeliveries()
@@ -173,7 +177,7 @@ final class ConnectionDriver {
         let busy = self.runExtensions()
         guard self.isConnected else { return }
         amqp_maybe_release_buffers(conn)
-        if busy || frames >= 1024 || amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0 {
+        if busy || frames >= 1024 || bodyBytes >= Self.maxBodyBytesPerTurn || amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0 {
             self.socketReadable = true
             return
         }
@@ -217,6 +221,9 @@ final class ConnectionDriver {
             item.handle(self.pollBuffer[range])
         }
     }
+
+    /// Body bytes read in one turn of the loop before the turn ends and the pools are recycled.
+    static let maxBodyBytesPerTurn = 4 << 20
 
     /// True when no byte may have arrived for a heartbeat interval: rabbitmq-c's receive deadline
     /// (two intervals) is then close enough that a publish could enter its hanging read (#780).
