@@ -86,11 +86,11 @@ final class BridgeEngine: AMQPConnectionExtension {
         let timeout: Duration
         let maxResponseBytes: Int
         let done: (Result<HTTPAnswer, HTTPError>) -> Void
-        init(run: Run, url: String, id: String, taskId: String, attempt: Int, body: [UInt8], timeout: Duration,
+        init(run: Run, url: String, host: String, id: String, taskId: String, attempt: Int, body: [UInt8], timeout: Duration,
              maxResponseBytes: Int, done: @escaping (Result<HTTPAnswer, HTTPError>) -> Void) {
             self.run = run
             self.url = url
-            self.host = URLText.authority(url)?.origin ?? "invalid"
+            self.host = host
             self.id = id
             self.taskId = taskId
             self.attempt = attempt
@@ -116,6 +116,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     private(set) var peakInFlightBytes = 0
     /// `Content-Type` and `AsyncQueue-Queue`, built once per queue.
     private var sharedHeaderLists: [String: SharedHeaders] = [:]
+    /// URL → `scheme://host:port`, so a URL seen before costs one lookup (bounded; emptied when full).
+    private var hostKeys: [String: String] = [:]
     /// The tier a parked task waits in: the shortest of at least 5 s.
     let parkTier: TimeSpan?
     var draining = false
@@ -279,6 +281,15 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     // MARK: HTTP requests, admitted per queue and per host
 
+    /// The host a request to `url` counts against (see ``Admission``).
+    private func hostKey(_ url: String) -> String {
+        if let key = self.hostKeys[url] { return key }
+        let key = URLText.authority(url)?.origin ?? "invalid"
+        if self.hostKeys.count >= 4096 { self.hostKeys.removeAll(keepingCapacity: true) }
+        self.hostKeys[url] = key
+        return key
+    }
+
     private func sharedHeaders(_ queue: String) -> SharedHeaders {
         if let shared = self.sharedHeaderLists[queue] { return shared }
         let shared = SharedHeaders(["Content-Type: application/json", "AsyncQueue-Queue: \(queue)"])
@@ -321,7 +332,7 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     private func callback(_ run: Run, _ task: TaskSpec) {
         let request = Request(
-            run: run, url: task.callbackURL, id: task.id, taskId: task.id, attempt: run.attempt, body: task.payload,
+            run: run, url: task.callbackURL, host: self.hostKey(task.callbackURL), id: task.id, taskId: task.id, attempt: run.attempt, body: task.payload,
             timeout: task.timeout, maxResponseBytes: self.settings.maxResponseBytes
         ) { [unowned self] result in
             guard self.isActive(run) else { return }
@@ -539,7 +550,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     private func webhook(_ run: Run, url: String, taskId: String, body: [UInt8], attempt: Int) {
         let id = "\(taskId):result"
         let timeout = self.settings.webhookTimeout
-        let request = Request(run: run, url: url, id: id, taskId: taskId, attempt: attempt, body: body, timeout: timeout,
+        let request = Request(run: run, url: url, host: self.hostKey(url), id: id, taskId: taskId, attempt: attempt, body: body, timeout: timeout,
                               maxResponseBytes: 64 * 1024) { [unowned self] result in
             guard self.isActive(run) else { return }
             let outcome = RetryPolicy.classify(result, timeout: timeout)

@@ -152,28 +152,10 @@ final class ConnectionDriver {
             self.lastRead = now
             self.socketReadable = false
         }
-        // Bounded per turn in frames and in body bytes: rabbitmq-c keeps every frame of a turn
-        // in its pools until the turn ends, so big messages must not pile up there.
         var bodyBytes = 0
-        while mustRead && frames < 1024 && bodyBytes < Self.maxBodyBytesPerTurn {
-            var frame = amqp_frame_t()
-            var zero = timeval(tv_sec: 0, tv_usec: 0)
-            let status = amqp_simple_wait_frame_noblock(conn, &frame, &zero)
-            if status == AMQP_STATUS_TIMEOUT.rawValue { break }
-            guard status == AMQP_STATUS_OK.rawValue else {
-                self.connectionLost(Self.libraryError(status, doing: "reading from the broker"))
-                return
-            }
-            frames += 1
-            self.lastReceive = now
-            if Int32(frame.frame_type) == AMQP_FRAME_BODY { bodyBytes += frame.payload.body_fragment.len }
-            self.dispatch(frame, conn: conn)
-            guard self.isConnected else {
-                self.handOverDeliveries()
-                return
-            }
-        }
+        if mustRead { (frames, bodyBytes) = self.readAvailable(conn) }
         self.handOverDeliveries()
+        guard self.isConnected else { return }
         let busy = self.runExtensions()
         guard self.isConnected else { return }
         amqp_maybe_release_buffers(conn)
@@ -237,20 +219,30 @@ final class ConnectionDriver {
         // rabbitmq-c swallows heartbeat frames; ask the socket whether anything arrived at all.
         var probe = pollfd(fd: self.sockfd, events: Int16(POLLIN), revents: 0)
         if poll(&probe, 1, 0) > 0, probe.revents & Int16(POLLIN) != 0 { self.noteReceived() }
-        var frames = 0
-        while self.isConnected && frames < 1024 {
+        _ = self.readAvailable(conn)
+    }
+
+    /// Reads and dispatches every frame available without waiting, bounded in frames and in body
+    /// bytes (rabbitmq-c keeps a turn's frames in its pools until the turn ends, so big messages
+    /// must not pile up there). Returns what it read; a read error loses the connection.
+    func readAvailable(_ conn: amqp_connection_state_t) -> (frames: Int, bodyBytes: Int) {
+        var frames = 0, bodyBytes = 0
+        while self.isConnected && frames < 1024 && bodyBytes < Self.maxBodyBytesPerTurn {
             var frame = amqp_frame_t()
             var zero = timeval(tv_sec: 0, tv_usec: 0)
             let status = amqp_simple_wait_frame_noblock(conn, &frame, &zero)
             if status == AMQP_STATUS_TIMEOUT.rawValue { break }
             guard status == AMQP_STATUS_OK.rawValue else {
                 self.connectionLost(Self.libraryError(status, doing: "reading from the broker"))
-                return
+                break
             }
             frames += 1
-            self.noteReceived()
+            // Before dispatching: a publish a handler makes must not think the peer silent.
+            if frames == 1 { self.noteReceived() }
+            if Int32(frame.frame_type) == AMQP_FRAME_BODY { bodyBytes += frame.payload.body_fragment.len }
             self.dispatch(frame, conn: conn)
         }
+        return (frames, bodyBytes)
     }
 
     func noteReceived() { self.lastReceive = .now }
