@@ -3,13 +3,18 @@
 /// Each request belongs to a work queue and goes to a host (`scheme://host:port`). It may start
 /// when its queue is under its own concurrency, its host is under the per-host cap, and the
 /// bridge is under its total; otherwise it waits, in a line of its own (queue, host) pair, so a
-/// hanging host holds at most its cap of one queue's slots and never a slot of another queue or
-/// the turn of a request bound elsewhere. When more requests wait for one host than the cap, a
-/// new callback is parked instead (the engine sends it back to the broker for a while) so tasks
-/// for a dead host cannot fill the prefetch window that other hosts' tasks arrive through.
+/// slow host holds at most its cap of one queue's slots and never a slot of another queue or the
+/// turn of a request bound elsewhere.
 ///
-/// The engine feeds events (``submit(_:queue:host:parkable:)``, ``finished(queue:host:)``) and
-/// executes the decisions; nothing here does I/O.
+/// A line must not grow without bound either: the tasks waiting for a slow or hanging host would
+/// fill the prefetch window that every other host's tasks arrive through. So a callback whose
+/// expected wait — its place in its host's line, divided by the cap, times the host's latency
+/// (the moving average of its answers, or, when it has stopped answering, how long it has been
+/// silent) — exceeds `maxWait` is parked: the engine sends it back to the broker for a while. A busy
+/// host that answers fast keeps a long line; a host that hangs loses it.
+///
+/// The engine feeds events (``submit(_:queue:host:parkable:now:)``, ``finished(queue:host:latency:now:)``,
+/// ``overdue(now:)``) and executes the decisions; nothing here does I/O or reads a clock.
 struct Admission<Item> {
     struct Limits {
         /// Requests in flight per work queue, by queue index.
@@ -18,8 +23,8 @@ struct Admission<Item> {
         var perHost: Int
         /// Requests in flight in all.
         var total: Int
-        /// Callbacks waiting for one host beyond which a new one is parked.
-        var parkAfter: Int
+        /// The longest a parkable request should expect to wait for its host.
+        var maxWait: Duration
     }
 
     enum Decision: Equatable {
@@ -33,11 +38,25 @@ struct Admission<Item> {
         var host: String
     }
 
+    private struct Host {
+        var inFlight = 0
+        var waiting = 0
+        /// Moving average of answer times, in seconds (nil: none yet).
+        var latency: Double?
+        /// The last answer, or when requests began to be in flight after none were.
+        var lastProgress: ContinuousClock.Instant
+    }
+
+    private struct Waiting {
+        var item: Item
+        var parkable: Bool
+    }
+
     let limits: Limits
     private var queueInFlight: [Int]
-    private var hostInFlight: [String: Int] = [:]
-    private var hostWaiting: [String: Int] = [:]
+    private var hosts: [String: Host] = [:]
     private(set) var inFlight = 0
+    private(set) var waiting = 0
     private var lines: [Pair: Line] = [:]
     /// Pairs with someone waiting, in the order they are served (round robin).
     private var order: [Pair] = []
@@ -48,95 +67,163 @@ struct Admission<Item> {
         self.queueInFlight = Array(repeating: 0, count: limits.perQueue.count)
     }
 
-    var waiting: Int { self.hostWaiting.values.reduce(0, +) }
-    func inFlight(host: String) -> Int { self.hostInFlight[host] ?? 0 }
+    func inFlight(host: String) -> Int { self.hosts[host]?.inFlight ?? 0 }
     func inFlight(queue: Int) -> Int { self.queueInFlight[queue] }
-    func waiting(host: String) -> Int { self.hostWaiting[host] ?? 0 }
+    func waiting(host: String) -> Int { self.hosts[host]?.waiting ?? 0 }
 
     private func hasRoom(queue: Int, host: String) -> Bool {
         self.inFlight < self.limits.total && self.queueInFlight[queue] < self.limits.perQueue[queue]
-            && self.hostInFlight[host, default: 0] < self.limits.perHost
+            && (self.hosts[host]?.inFlight ?? 0) < self.limits.perHost
     }
 
-    private mutating func take(queue: Int, host: String) {
+    private mutating func take(queue: Int, host: String, now: ContinuousClock.Instant) {
         self.inFlight += 1
         self.queueInFlight[queue] += 1
-        self.hostInFlight[host, default: 0] += 1
+        if self.hosts[host] == nil { self.hosts[host] = Host(lastProgress: now) }
+        if self.hosts[host]?.inFlight == 0 { self.hosts[host]?.lastProgress = now }
+        self.hosts[host]?.inFlight += 1
+    }
+
+    /// How long a request `position` places back in `host`'s line may expect to wait.
+    private func expectedWait(host: String, position: Int, now: ContinuousClock.Instant) -> Double {
+        guard let state = self.hosts[host] else { return 0 }
+        var latency = state.latency ?? 0
+        if state.inFlight > 0 {
+            let silent = now - state.lastProgress
+            latency = max(latency, Double(silent.components.seconds) + Double(silent.components.attoseconds) / 1e18)
+        }
+        let rounds = (position + self.limits.perHost - 1) / self.limits.perHost
+        return Double(rounds) * latency
+    }
+
+    private var maxWaitSeconds: Double {
+        Double(self.limits.maxWait.components.seconds) + Double(self.limits.maxWait.components.attoseconds) / 1e18
     }
 
     /// A request wants to start. `.start`: it holds its slots now. `.wait`: it is queued and will
-    /// come out of ``finished(queue:host:)``. `.park`: it was not queued (only when `parkable`).
-    mutating func submit(_ item: Item, queue: Int, host: String, parkable: Bool) -> Decision {
+    /// come out of ``finished(queue:host:latency:now:)``. `.park`: it was not queued (only when
+    /// `parkable`, when its expected wait is too long).
+    mutating func submit(_ item: Item, queue: Int, host: String, parkable: Bool, now: ContinuousClock.Instant) -> Decision {
         let pair = Pair(queue: queue, host: host)
         if self.lines[pair] == nil, self.hasRoom(queue: queue, host: host) {
-            self.take(queue: queue, host: host)
+            self.take(queue: queue, host: host, now: now)
             return .start
         }
-        if parkable, self.hostInFlight[host, default: 0] >= self.limits.perHost,
-           self.hostWaiting[host, default: 0] >= self.limits.parkAfter {
+        if parkable, (self.hosts[host]?.inFlight ?? 0) >= self.limits.perHost,
+           self.expectedWait(host: host, position: self.waiting(host: host) + 1, now: now) > self.maxWaitSeconds {
             return .park
         }
         if self.lines[pair] == nil {
             self.lines[pair] = Line()
             self.order.append(pair)
         }
-        self.lines[pair]?.append(item)
-        self.hostWaiting[host, default: 0] += 1
+        self.lines[pair]?.append(Waiting(item: item, parkable: parkable))
+        if self.hosts[host] == nil { self.hosts[host] = Host(lastProgress: now) }
+        self.hosts[host]?.waiting += 1
+        self.waiting += 1
         return .wait
     }
 
-    /// A request ended: its slots are free. Returns the waiting requests that start now (each
-    /// holding its slots), fairly across the (queue, host) lines.
-    mutating func finished(queue: Int, host: String) -> [Item] {
+    /// A request ended after `latency`: its slots are free. Returns the waiting requests that
+    /// start now (each holding its slots), fairly across the (queue, host) lines.
+    mutating func finished(queue: Int, host: String, latency: Duration?, now: ContinuousClock.Instant) -> [Item] {
         self.inFlight -= 1
         self.queueInFlight[queue] -= 1
-        let left = self.hostInFlight[host, default: 1] - 1
-        self.hostInFlight[host] = left > 0 ? left : nil
+        if var state = self.hosts[host] {
+            state.inFlight -= 1
+            if let latency {
+                let seconds = Double(latency.components.seconds) + Double(latency.components.attoseconds) / 1e18
+                state.latency = state.latency.map { $0 * 0.8 + seconds * 0.2 } ?? seconds
+                state.lastProgress = now
+            }
+            self.hosts[host] = state
+        }
         var started: [Item] = []
         var checked = 0
         while !self.order.isEmpty, checked < self.order.count, self.inFlight < self.limits.total {
             if self.next >= self.order.count { self.next = 0 }
             let pair = self.order[self.next]
-            guard self.hasRoom(queue: pair.queue, host: pair.host), let item = self.lines[pair]?.popFirst() else {
+            guard self.hasRoom(queue: pair.queue, host: pair.host), let waiting = self.lines[pair]?.popFirst() else {
                 self.next += 1
                 checked += 1
                 continue
             }
-            self.take(queue: pair.queue, host: pair.host)
-            let waiting = self.hostWaiting[pair.host, default: 1] - 1
-            self.hostWaiting[pair.host] = waiting > 0 ? waiting : nil
-            started.append(item)
+            self.take(queue: pair.queue, host: pair.host, now: now)
+            self.hosts[pair.host]?.waiting -= 1
+            self.waiting -= 1
+            started.append(waiting.item)
             checked = 0
-            if self.lines[pair]?.isEmpty ?? true {
-                self.lines[pair] = nil
-                self.order.remove(at: self.next)
-            } else {
-                self.next += 1
+            self.removeIfEmpty(pair, at: self.next)
+        }
+        self.forgetIdleHosts(host)
+        return started
+    }
+
+    /// Parkable requests whose expected wait has grown past `maxWait` (their host slowed down or
+    /// stopped answering), taken out of their lines from the back: the engine parks them.
+    mutating func overdue(now: ContinuousClock.Instant) -> [Item] {
+        var out: [Item] = []
+        for (host, state) in self.hosts where state.waiting > 0 && state.inFlight >= self.limits.perHost {
+            // How many of its line can be served within maxWait.
+            let latency = self.expectedWait(host: host, position: self.limits.perHost, now: now)
+            let keep = latency <= 0 ? state.waiting : self.limits.perHost * Int(self.maxWaitSeconds / latency)
+            var excess = state.waiting - keep
+            guard excess > 0 else { continue }
+            for pair in self.order where pair.host == host && excess > 0 {
+                while excess > 0, let waiting = self.lines[pair]?.popLast(where: \.parkable) {
+                    out.append(waiting.item)
+                    self.hosts[host]?.waiting -= 1
+                    self.waiting -= 1
+                    excess -= 1
+                }
             }
         }
-        return started
+        for index in self.order.indices.reversed() where self.lines[self.order[index]]?.isEmpty ?? true {
+            self.lines[self.order[index]] = nil
+            self.order.remove(at: index)
+            if index < self.next { self.next -= 1 }
+        }
+        return out
     }
 
     /// Removes and returns every waiting request (shutdown).
     mutating func drainWaiting() -> [Item] {
         var all: [Item] = []
         for pair in self.order {
-            while let item = self.lines[pair]?.popFirst() { all.append(item) }
+            while let waiting = self.lines[pair]?.popFirst() { all.append(waiting.item) }
         }
         self.lines.removeAll()
         self.order.removeAll()
-        self.hostWaiting.removeAll()
+        for host in Array(self.hosts.keys) { self.hosts[host]?.waiting = 0 }
+        self.waiting = 0
         self.next = 0
         return all
     }
 
-    /// A FIFO that pops in O(1) amortised.
+    private mutating func removeIfEmpty(_ pair: Pair, at index: Int) {
+        guard self.lines[pair]?.isEmpty ?? true else {
+            if index == self.next { self.next += 1 }
+            return
+        }
+        self.lines[pair] = nil
+        self.order.remove(at: index)
+        if index < self.next { self.next -= 1 }
+    }
+
+    /// Hosts with nothing in flight or waiting are forgotten (a bounded map, whatever URLs come).
+    private mutating func forgetIdleHosts(_ host: String) {
+        if let state = self.hosts[host], state.inFlight == 0, state.waiting == 0, self.hosts.count > 1024 {
+            self.hosts[host] = nil
+        }
+    }
+
+    /// A FIFO that pops from the front in O(1) amortised, and from the back.
     private struct Line {
-        private var items: [Item] = []
+        private var items: [Waiting] = []
         private var head = 0
         var isEmpty: Bool { self.head >= self.items.count }
-        mutating func append(_ item: Item) { self.items.append(item) }
-        mutating func popFirst() -> Item? {
+        mutating func append(_ item: Waiting) { self.items.append(item) }
+        mutating func popFirst() -> Waiting? {
             guard self.head < self.items.count else { return nil }
             let item = self.items[self.head]
             self.head += 1
@@ -145,6 +232,15 @@ struct Admission<Item> {
                 self.head = 0
             }
             return item
+        }
+        /// The last item matching `predicate`, removed.
+        mutating func popLast(where predicate: (Waiting) -> Bool) -> Waiting? {
+            var index = self.items.count - 1
+            while index >= self.head {
+                if predicate(self.items[index]) { return self.items.remove(at: index) }
+                index -= 1
+            }
+            return nil
         }
     }
 }

@@ -37,6 +37,9 @@ public struct BridgeConfiguration: Sendable {
     /// Bytes of task bodies (and callback answers waiting for their webhook) held in memory at
     /// once; past it, new deliveries are parked in the broker for a while instead of held here.
     public var maxInFlightBytes = 64 << 20
+    /// The longest a task may expect to wait in memory for its callback host (its place in the
+    /// host's line times the host's answer time); past it, it is parked in the broker instead.
+    public var maxHostWait: Duration = .seconds(10)
     /// Addresses callbacks and webhooks may connect to (empty: any not denied).
     public var callbackAllow: [String] = []
     /// Addresses they may not: link-local (cloud metadata), multicast and such by default
@@ -86,7 +89,7 @@ public struct BridgeConfiguration: Sendable {
 
     /// Keys: the property names in snake_case (amqp_url, topology, queues, prefetch,
     /// signing_secrets, max_payload_bytes, max_response_bytes, max_task_timeout,
-    /// webhook_timeout, webhook_attempts, http_connections, max_per_host, max_inflight_bytes,
+    /// webhook_timeout, webhook_attempts, http_connections, max_per_host, max_inflight_bytes, max_host_wait,
     /// callback_allow, callback_deny, trusted_publishers, listen, shutdown_grace, retry_jitter,
     /// log_level).
     public mutating func apply(yaml text: String, source: String) throws {
@@ -145,6 +148,7 @@ public struct BridgeConfiguration: Sendable {
         if let v = try duration("max_task_timeout") { self.maxTaskTimeout = v }
         if let v = try duration("webhook_timeout") { self.webhookTimeout = v }
         if let v = try duration("shutdown_grace") { self.shutdownGrace = v }
+        if let v = try duration("max_host_wait") { self.maxHostWait = v }
         if let v = values.removeValue(forKey: "listen") { self.listen = v }
         if let v = values.removeValue(forKey: "retry_jitter") {
             guard v == "true" || v == "false" else { throw Invalid(description: "\(source): retry_jitter must be true or false") }
@@ -186,7 +190,8 @@ public struct BridgeConfiguration: Sendable {
         try range("http_connections", self.httpConnections, 1...65535)
         try range("max_per_host", self.maxPerHost, 1...65535)
         try range("max_inflight_bytes", self.maxInFlightBytes, 1...(1 << 40))
-        for (name, value) in [("max_task_timeout", self.maxTaskTimeout), ("webhook_timeout", self.webhookTimeout), ("shutdown_grace", self.shutdownGrace)] {
+        for (name, value) in [("max_task_timeout", self.maxTaskTimeout), ("webhook_timeout", self.webhookTimeout), ("shutdown_grace", self.shutdownGrace),
+                              ("max_host_wait", self.maxHostWait)] {
             guard value > .zero, value <= .seconds(10_000_000) else { throw Invalid(description: "\(name) must be a positive duration of at most 10,000,000 s") }
         }
         _ = try self.addressPolicy()

@@ -41,6 +41,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         var httpConnections: Int
         var maxPerHost: Int
         var maxInFlightBytes: Int
+        /// The longest a task should wait in memory for its host before it is parked.
+        var maxHostWait: Duration
         var retryJitter: Bool
         var policy: AddressPolicy
         /// The AMQP user the bridge publishes as (stamped in `user_id` on every copy).
@@ -121,6 +123,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// The tier a parked task waits in: the shortest of at least 5 s.
     let parkTier: TimeSpan?
     var draining = false
+    private var lastOverdueCheck = ContinuousClock.now
     private var pendingCounts = [Int](repeating: 0, count: BridgeMetrics.Counter.allCases.count)
     private var countsDirty = false
     var onDrained: (() -> Void)?
@@ -134,7 +137,7 @@ final class BridgeEngine: AMQPConnectionExtension {
                               maxHostConnections: settings.maxPerHost, policy: settings.policy)
         self.admission = Admission(limits: .init(
             perQueue: settings.queues.map(\.concurrency), perHost: settings.maxPerHost, total: settings.httpConnections,
-            parkAfter: settings.maxPerHost))
+            maxWait: settings.maxHostWait))
         self.parkTier = settings.spec.retryTiers.first { $0.milliseconds >= 5000 } ?? settings.spec.retryTiers.last
     }
 
@@ -172,6 +175,16 @@ final class BridgeEngine: AMQPConnectionExtension {
     func runTurn() -> Bool {
         self.metrics.connected.store(self.context.isConnected, ordering: .relaxed)
         let busy = self.http.runTurn()
+        // Twice a second: tasks whose host slowed down or stopped answering go back to the broker.
+        if self.admission.waiting > 0 {
+            let now = ContinuousClock.now
+            if now - self.lastOverdueCheck >= .milliseconds(500) {
+                self.lastOverdueCheck = now
+                for request in self.admission.overdue(now: now) where request.run.active {
+                    self.park(request.run, reason: "\(request.host) is too slow to answer it within max_host_wait")
+                }
+            }
+        }
         self.publishMetrics()
         return busy
     }
@@ -246,15 +259,15 @@ final class BridgeEngine: AMQPConnectionExtension {
         let attempt = Int(min(max(1, headers?["aq-attempt"]?.intValue ?? 1), 1_000_000))
         let run = Run(delivery: delivery, queue: queue, queueIndex: index, attempt: attempt, trusted: trusted)
         self.begin(run)
-        // Memory: past the budget, a delivery waits in the broker instead (one run always
-        // proceeds). A task too large to run at all is not parked: it is dead-lettered below.
-        if self.inFlightBytes > self.settings.maxInFlightBytes, self.runs.count > 1,
-           delivery.body.count <= queue.defaults.maxPayloadBytes {
-            return self.park(run, reason: "the bridge holds \(self.inFlightBytes) bytes of tasks (max_inflight_bytes \(self.settings.maxInFlightBytes))")
-        }
         if headers?["aq-kind"]?.stringValue == "webhook" {
             self.webhookJob(run)
             return
+        }
+        // Memory: past the budget, a task waits in the broker instead (one run always proceeds).
+        // A task too large to run at all is not parked: it is dead-lettered below.
+        if self.inFlightBytes > self.settings.maxInFlightBytes, self.runs.count > 1,
+           delivery.body.count <= queue.defaults.maxPayloadBytes {
+            return self.park(run, reason: "the bridge holds \(self.inFlightBytes) bytes of tasks (max_inflight_bytes \(self.settings.maxInFlightBytes))")
         }
         self.count(.tasksReceived)
         switch TaskParser.parse(delivery.body, messageId: properties.messageId, defaults: queue.defaults) {
@@ -300,20 +313,21 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// Sends the request now if its queue and host have room, else lines it up (or parks the
     /// task, for a callback to a host with a long line).
     private func submit(_ request: Request, parkable: Bool) {
-        switch self.admission.submit(request, queue: request.run.queueIndex, host: request.host, parkable: parkable) {
+        switch self.admission.submit(request, queue: request.run.queueIndex, host: request.host, parkable: parkable, now: .now) {
         case .start: self.send(request)
         case .wait: break
         case .park:
-            self.park(request.run, reason: "\(request.host) has \(self.admission.waiting(host: request.host)) requests waiting behind \(self.settings.maxPerHost) in flight")
+            self.park(request.run, reason: "\(request.host) would keep it waiting longer than max_host_wait (\(self.admission.waiting(host: request.host)) in line)")
         }
     }
 
     private func send(_ request: Request) {
         guard request.run.active else {
             // Its task was handed back while it waited: free the slot for the next one.
-            for next in self.admission.finished(queue: request.run.queueIndex, host: request.host) { self.send(next) }
+            for next in self.admission.finished(queue: request.run.queueIndex, host: request.host, latency: nil, now: .now) { self.send(next) }
             return
         }
+        let started = ContinuousClock.now
         var headers = ["AsyncQueue-Task-Id: \(request.taskId)", "AsyncQueue-Attempt: \(request.attempt)", "webhook-id: \(request.id)"]
         if self.settings.signer.isEnabled {
             let timestamp = Int(Date().timeIntervalSince1970)
@@ -323,7 +337,11 @@ final class BridgeEngine: AMQPConnectionExtension {
         let http = HTTPRequest(url: request.url, headers: headers, body: request.body, timeout: request.timeout,
                                maxResponseBytes: request.maxResponseBytes, sharedHeaders: self.sharedHeaders(request.run.queue.name))
         self.http.start(http) { [unowned self] result in
-            for next in self.admission.finished(queue: request.run.queueIndex, host: request.host) { self.send(next) }
+            // An answer (any status) tells how fast the host is; a failure to connect does not.
+            let now = ContinuousClock.now
+            let answered = (try? result.get()) != nil
+            for next in self.admission.finished(queue: request.run.queueIndex, host: request.host,
+                                                latency: answered ? now - started : nil, now: now) { self.send(next) }
             request.done(result)
         }
     }

@@ -9,62 +9,80 @@ import Testing
 /// anything": admission, address policy, bounded outside numbers, UTF-8, log lines, copies.
 @Suite struct AdmissionTests {
     typealias Machine = Admission<String>
+    static let t0 = ContinuousClock.now
 
-    static func machine(perQueue: [Int] = [4, 4], perHost: Int = 2, total: Int = 100, parkAfter: Int = 2) -> Machine {
-        Machine(limits: .init(perQueue: perQueue, perHost: perHost, total: total, parkAfter: parkAfter))
+    static func machine(perQueue: [Int] = [4, 4], perHost: Int = 2, total: Int = 100, maxWait: Duration = .seconds(10)) -> Machine {
+        Machine(limits: .init(perQueue: perQueue, perHost: perHost, total: total, maxWait: maxWait))
     }
 
     @Test func aHostAtItsCapMakesOnlyItsOwnRequestsWait() {
         var m = Self.machine()
-        #expect(m.submit("a1", queue: 0, host: "A", parkable: true) == .start)
-        #expect(m.submit("a2", queue: 0, host: "A", parkable: true) == .start)
-        #expect(m.submit("a3", queue: 0, host: "A", parkable: true) == .wait)
-        #expect(m.submit("b1", queue: 0, host: "B", parkable: true) == .start, "another host in the same queue goes on")
-        #expect(m.submit("c1", queue: 1, host: "C", parkable: true) == .start, "another queue goes on")
+        #expect(m.submit("a1", queue: 0, host: "A", parkable: true, now: Self.t0) == .start)
+        #expect(m.submit("a2", queue: 0, host: "A", parkable: true, now: Self.t0) == .start)
+        #expect(m.submit("a3", queue: 0, host: "A", parkable: true, now: Self.t0) == .wait)
+        #expect(m.submit("b1", queue: 0, host: "B", parkable: true, now: Self.t0) == .start, "another host in the same queue goes on")
+        #expect(m.submit("c1", queue: 1, host: "C", parkable: true, now: Self.t0) == .start, "another queue goes on")
         #expect(m.inFlight(host: "A") == 2)
         #expect(m.waiting(host: "A") == 1)
     }
 
     @Test func aQueueAtItsConcurrencyNeverTakesAnotherQueuesSlots() {
         var m = Self.machine(perQueue: [2, 2], perHost: 10)
-        #expect(m.submit("q0-1", queue: 0, host: "A", parkable: false) == .start)
-        #expect(m.submit("q0-2", queue: 0, host: "B", parkable: false) == .start)
-        #expect(m.submit("q0-3", queue: 0, host: "C", parkable: false) == .wait)
-        #expect(m.submit("q1-1", queue: 1, host: "A", parkable: false) == .start)
-        #expect(m.finished(queue: 0, host: "A") == ["q0-3"], "the queue's own slot goes to its own waiting request")
+        #expect(m.submit("q0-1", queue: 0, host: "A", parkable: false, now: Self.t0) == .start)
+        #expect(m.submit("q0-2", queue: 0, host: "B", parkable: false, now: Self.t0) == .start)
+        #expect(m.submit("q0-3", queue: 0, host: "C", parkable: false, now: Self.t0) == .wait)
+        #expect(m.submit("q1-1", queue: 1, host: "A", parkable: false, now: Self.t0) == .start)
+        #expect(m.finished(queue: 0, host: "A", latency: .milliseconds(5), now: Self.t0) == ["q0-3"], "the queue's own slot goes to its own waiting request")
         #expect(m.inFlight(queue: 0) == 2)
         #expect(m.inFlight(queue: 1) == 1)
     }
 
-    @Test func aLongLineForOneHostParksNewCallbacksButNotWebhooks() {
-        var m = Self.machine(perHost: 2, parkAfter: 2)
-        for id in ["1", "2"] { #expect(m.submit(id, queue: 0, host: "A", parkable: true) == .start) }
-        for id in ["3", "4"] { #expect(m.submit(id, queue: 0, host: "A", parkable: true) == .wait) }
-        #expect(m.submit("5", queue: 0, host: "A", parkable: true) == .park)
-        #expect(m.submit("webhook", queue: 0, host: "A", parkable: false) == .wait, "a webhook waits its turn")
-        #expect(m.submit("b", queue: 0, host: "B", parkable: true) == .start)
+    @Test func aFastBusyHostKeepsItsLongLine() {
+        var m = Self.machine(perQueue: [1000], perHost: 2, maxWait: .seconds(10))
+        var now = Self.t0
+        for id in ["1", "2"] { #expect(m.submit(id, queue: 0, host: "A", parkable: true, now: now) == .start) }
+        now += .milliseconds(10)
+        _ = m.finished(queue: 0, host: "A", latency: .milliseconds(10), now: now)  // answers in 10 ms
+        #expect(m.submit("3", queue: 0, host: "A", parkable: true, now: now) == .start)
+        for n in 4..<500 { #expect(m.submit("\(n)", queue: 0, host: "A", parkable: true, now: now) == .wait) }
+        #expect(m.overdue(now: now).isEmpty, "500 waiting at 10 ms each is 2.5 s: well within max_wait")
+    }
+
+    @Test func aHostThatStopsAnsweringLosesItsLineToTheBroker() {
+        var m = Self.machine(perQueue: [100], perHost: 2, maxWait: .seconds(2))
+        for id in ["1", "2"] { #expect(m.submit(id, queue: 0, host: "H", parkable: true, now: Self.t0) == .start) }
+        for id in ["3", "4", "5", "6"] { #expect(m.submit(id, queue: 0, host: "H", parkable: true, now: Self.t0) == .wait) }
+        #expect(m.submit("webhook", queue: 0, host: "H", parkable: false, now: Self.t0) == .wait)
+        #expect(m.overdue(now: Self.t0 + .milliseconds(500)).isEmpty, "silent for half a second: not yet")
+        // Silent for 1.5 s: one round (2 requests) fits in 2 s, the rest does not.
+        let parked = m.overdue(now: Self.t0 + .milliseconds(1500))
+        #expect(parked == ["6", "5", "4"], "parkable ones from the back; the webhook waits its turn")
+        #expect(m.waiting(host: "H") == 2)
+        #expect(m.submit("7", queue: 0, host: "H", parkable: true, now: Self.t0 + .seconds(3)) == .park)
+        #expect(m.submit("other", queue: 0, host: "B", parkable: true, now: Self.t0 + .seconds(3)) == .start)
+        #expect(m.finished(queue: 0, host: "H", latency: nil, now: Self.t0 + .seconds(4)) == ["3"])
     }
 
     @Test func freedSlotsServeTheWaitingLinesFairlyAndInOrder() {
         var m = Self.machine(perQueue: [1, 1], perHost: 10, total: 10)
-        #expect(m.submit("x1", queue: 0, host: "A", parkable: false) == .start)
-        #expect(m.submit("x2", queue: 0, host: "A", parkable: false) == .wait)
-        #expect(m.submit("x3", queue: 0, host: "B", parkable: false) == .wait)
-        #expect(m.submit("x4", queue: 0, host: "A", parkable: false) == .wait)
-        #expect(m.finished(queue: 0, host: "A") == ["x2"])
-        #expect(m.finished(queue: 0, host: "A") == ["x3"], "round robin between the (queue, host) lines")
-        #expect(m.finished(queue: 0, host: "B") == ["x4"])
-        #expect(m.finished(queue: 0, host: "A") == [])
+        #expect(m.submit("x1", queue: 0, host: "A", parkable: false, now: Self.t0) == .start)
+        #expect(m.submit("x2", queue: 0, host: "A", parkable: false, now: Self.t0) == .wait)
+        #expect(m.submit("x3", queue: 0, host: "B", parkable: false, now: Self.t0) == .wait)
+        #expect(m.submit("x4", queue: 0, host: "A", parkable: false, now: Self.t0) == .wait)
+        #expect(m.finished(queue: 0, host: "A", latency: nil, now: Self.t0) == ["x2"])
+        #expect(m.finished(queue: 0, host: "A", latency: nil, now: Self.t0) == ["x3"], "round robin between the (queue, host) lines")
+        #expect(m.finished(queue: 0, host: "B", latency: nil, now: Self.t0) == ["x4"])
+        #expect(m.finished(queue: 0, host: "A", latency: nil, now: Self.t0) == [])
         #expect(m.waiting == 0)
         #expect(m.inFlight == 0)
     }
 
     @Test func theTotalCapsEverything() {
         var m = Self.machine(perQueue: [10, 10], perHost: 10, total: 2)
-        #expect(m.submit("1", queue: 0, host: "A", parkable: false) == .start)
-        #expect(m.submit("2", queue: 1, host: "B", parkable: false) == .start)
-        #expect(m.submit("3", queue: 1, host: "C", parkable: false) == .wait)
-        #expect(m.finished(queue: 0, host: "A") == ["3"])
+        #expect(m.submit("1", queue: 0, host: "A", parkable: false, now: Self.t0) == .start)
+        #expect(m.submit("2", queue: 1, host: "B", parkable: false, now: Self.t0) == .start)
+        #expect(m.submit("3", queue: 1, host: "C", parkable: false, now: Self.t0) == .wait)
+        #expect(m.finished(queue: 0, host: "A", latency: nil, now: Self.t0) == ["3"])
         #expect(m.drainWaiting().isEmpty)
     }
 }

@@ -119,7 +119,7 @@ import Testing
             retry:
               tiers: [1s, 3s, 5s]
             """
-        let bridge = try await BridgeHarness.start(topology: topology) { $0.maxPerHost = 3 }
+        let bridge = try await BridgeHarness.start(topology: topology) { $0.maxPerHost = 3; $0.maxHostWait = .seconds(1) }
         for n in 0..<12 { try await bridge.publish(#"{"callbackUrl":"\#(hanging.url("/hang"))","payload":{"n":\#(n)}}"#) }
         _ = try await hanging.wait("/hang", count: 3)
         // The same queue, another host; another queue, another host: both go on while the
