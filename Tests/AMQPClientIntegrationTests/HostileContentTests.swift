@@ -1,6 +1,7 @@
 import AMQPClient
 import AQTestSupport
 import Foundation
+import Synchronization
 import Testing
 
 /// What one message, or one publish, can cost the connection: nothing beyond itself.
@@ -221,6 +222,43 @@ import Testing
         proxy.thaw()
         try await waitFor("recovery after the frozen peer", timeout: .seconds(20)) { connection.isConnected }
         #expect(try await channel.publish(Array("after".utf8), routingKey: queue) == .confirmed)
+        await connection.close()
+    }
+}
+
+/// Code on the connection thread that publishes again from a publish's completion.
+@Suite(.timeLimit(.minutes(1))) struct ReentrantPublishTests {
+    @Test func aCompletionMayPublishOnTheSameChannel() async throws {
+        let connection = try await TestBroker.connect()
+        let queue = TestBroker.uniqueName()
+        let channel = try await connection.openChannel()
+        try await channel.declareQueue(queue, exclusive: true)
+        let outcomes = Mutex<[String]>([])
+        try await connection.withThreadContext { context in
+            let id = try context.openChannel()
+            try context.enableConfirms(channel: id)
+            // A confirmed publish whose completion publishes; a returned one whose completion
+            // publishes twice more (as a bridge does: a reply, then a dead letter).
+            context.publish(channel: id, exchange: "", routingKey: queue, properties: AMQPProperties(), body: Array("1".utf8)) { result in
+                outcomes.withLock { $0.append("1:\(result)") }
+                context.publish(channel: id, exchange: "", routingKey: queue, properties: AMQPProperties(), body: Array("2".utf8)) { result in
+                    outcomes.withLock { $0.append("2:\(result)") }
+                }
+            }
+            context.publish(channel: id, exchange: "", routingKey: "no-such-queue", properties: AMQPProperties(), body: Array("3".utf8), mandatory: true) { result in
+                outcomes.withLock { $0.append("3:\(result)") }
+                for n in 4...5 {
+                    context.publish(channel: id, exchange: "", routingKey: queue, properties: AMQPProperties(), body: Array("\(n)".utf8)) { result in
+                        outcomes.withLock { $0.append("\(n):\(result)") }
+                    }
+                }
+            }
+        }
+        try await waitFor("five publishes to complete") { outcomes.withLock { $0.count } == 5 }
+        let all = outcomes.withLock { $0 }
+        #expect(all.filter { $0.hasSuffix("confirmed)") }.count == 4, "\(all)")
+        #expect(all.contains { $0.hasPrefix("3:success(AMQPClient.AMQPPublishResult.returned") }, "\(all)")
+        #expect(try await channel.declareQueue(queue, passive: true).messageCount == 4)
         await connection.close()
     }
 }

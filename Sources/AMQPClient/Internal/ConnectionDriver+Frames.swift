@@ -101,11 +101,11 @@ extension ConnectionDriver {
         guard let channel = self.channels[id] else { return }
         self.logger.debug("amqp channel closed by broker", metadata: ["amqp.channel.id": "\(id)", "error": "\(error)"])
         channel.isOpen = false
-        var hadPending = false
-        channel.tracker.reset { _, pending in
-            hadPending = true
-            pending.completion.complete(.failure(error.outcomeUnknown()))
-        }
+        var failed: [PublishCompletion] = []
+        channel.tracker.reset { _, pending in failed.append(pending.completion) }
+        let hadPending = !failed.isEmpty
+        // Completed only once the tracker is no longer being changed: a completion may publish.
+        for completion in failed { completion.complete(.failure(error.outcomeUnknown())) }
         if stash && !hadPending { channel.pendingError = error }
         guard reopen, self.isConnected else { return }
         do throws(AMQPError) {
@@ -147,18 +147,20 @@ extension ConnectionDriver {
         case AMQP_BASIC_ACK_METHOD:
             guard let decoded = method.decoded, let channel = self.channels[id] else { return }
             let ack = decoded.assumingMemoryBound(to: amqp_basic_ack_t.self).pointee
-            channel.tracker.resolve(tag: ack.delivery_tag, multiple: ack.multiple != 0) { _, pending in
-                if let returned = pending.returned {
-                    pending.completion.complete(.success(.returned(returned)))
-                } else {
-                    pending.completion.complete(.success(.confirmed))
-                }
+            var confirmed: [PendingPublish] = []
+            channel.tracker.resolve(tag: ack.delivery_tag, multiple: ack.multiple != 0) { _, pending in confirmed.append(pending) }
+            // Completed once the tracker is no longer being changed: a completion may publish
+            // again on this channel (a reply, then a dead letter, say).
+            for pending in confirmed {
+                pending.completion.complete(.success(pending.returned.map { .returned($0) } ?? .confirmed))
             }
 
         case AMQP_BASIC_NACK_METHOD:
             guard let decoded = method.decoded, let channel = self.channels[id] else { return }
             let nack = decoded.assumingMemoryBound(to: amqp_basic_nack_t.self).pointee
-            channel.tracker.resolve(tag: nack.delivery_tag, multiple: nack.multiple != 0) { sequence, pending in
+            var refused: [PendingPublish] = []
+            channel.tracker.resolve(tag: nack.delivery_tag, multiple: nack.multiple != 0) { _, pending in refused.append(pending) }
+            for pending in refused {
                 pending.completion.complete(.failure(AMQPError(
                     code: .publishNacked,
                     message: "the broker did not take the message published to exchange '\(pending.exchange)' with routing key '\(pending.routingKey)' (basic.nack; e.g. a full queue with overflow reject-publish)")))

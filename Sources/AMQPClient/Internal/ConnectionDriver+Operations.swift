@@ -46,9 +46,12 @@ extension ConnectionDriver {
     func closeChannel(_ id: UInt16) throws(AMQPError) {
         if let channel = self.channels[id] { self.flushAcks(channel) }
         guard let channel = self.channels.removeValue(forKey: id) else { return }
-        channel.tracker.reset { _, pending in pending.completion.complete(.failure(AMQPError(
-            code: .connectionClosed, message: "the channel was closed before the broker confirmed the publish",
-            isOutcomeUnknown: true))) }
+        var failed: [PublishCompletion] = []
+        channel.tracker.reset { _, pending in failed.append(pending.completion) }
+        for completion in failed {
+            completion.complete(.failure(AMQPError(code: .connectionClosed, message: "the channel was closed before the broker confirmed the publish",
+                                                   isOutcomeUnknown: true)))
+        }
         for consumer in channel.consumers.values { consumer.end(nil) }
         guard channel.isOpen, self.isConnected, let conn = self.conn else { return }
         _ = amqp_channel_close(conn, id, Int32(AMQP_REPLY_SUCCESS))

@@ -528,7 +528,9 @@ final class ConnectionDriver {
         for channel in self.channels.values {
             channel.isOpen = false
             channel.epoch += 1
-            channel.tracker.reset { _, pending in pending.completion.complete(.failure(error.outcomeUnknown())) }
+            var failed: [PublishCompletion] = []
+            channel.tracker.reset { _, pending in failed.append(pending.completion) }
+            for completion in failed { completion.complete(.failure(error.outcomeUnknown())) }
         }
     }
 
