@@ -14,6 +14,9 @@ public struct ServedQueue: Sendable {
     public var defaults: TaskDefaults
     /// HTTP requests in flight for this queue (the topology's `concurrency`).
     public var concurrency: Int
+    /// The alternate exchange's queue: tasks whose routing key named no work queue. Nothing in
+    /// it runs; each is dead-lettered with the reason and its publisher told.
+    public var isUnrouted = false
 }
 
 /// The bridge itself: consumes tasks, calls back over HTTP, retries through the broker's delay
@@ -263,6 +266,7 @@ final class BridgeEngine: AMQPConnectionExtension {
             self.webhookJob(run)
             return
         }
+        if queue.isUnrouted { return self.unrouted(run) }
         // Memory: past the budget, a task waits in the broker instead (one run always proceeds).
         // A task too large to run at all is not parked: it is dead-lettered below.
         if self.inFlightBytes > self.settings.maxInFlightBytes, self.runs.count > 1,
@@ -274,11 +278,26 @@ final class BridgeEngine: AMQPConnectionExtension {
         case .failure(let malformed):
             self.count(.tasksMalformed)
             self.logger.warning("malformed task dead-lettered", metadata: ["queue": "\(queue.name)", "reason": "\(malformed.reason)"])
-            self.deadLetter(run, reason: "malformed", error: malformed.reason, status: nil, taskId: TaskParser.safeId(properties.messageId)) { [unowned self] in
-                self.ack(run)
+            let taskId = TaskParser.safeId(properties.messageId) ?? Self.stableId(delivery.body)
+            self.deadLetter(run, reason: "malformed", error: malformed.reason, status: nil, taskId: taskId) { [unowned self] in
+                // Its publisher is told, when the body said where.
+                let outcome = Outcome(taskId: taskId, queue: queue.name, attempts: 0,
+                                      failure: .init(reason: "malformed", message: malformed.reason, status: nil, body: [], retryable: false))
+                self.notify(run, outcome, webhook: malformed.notify)
             }
         case .success(let task):
+            if let problem = self.replyProblem(properties.replyTo) {
+                self.count(.tasksMalformed)
+                return self.deadLetter(run, reason: "malformed", error: problem, status: nil, taskId: task.id) { [unowned self] in
+                    let outcome = Outcome(taskId: task.id, queue: queue.name, attempts: 0,
+                                          failure: .init(reason: "malformed", message: problem, status: nil, body: [], retryable: false))
+                    self.notify(run, outcome, webhook: task.webhook(forFailure: true), reply: false)
+                }
+            }
             run.task = task
+            if let due = self.dueTime(run, task), due > Self.unixMilliseconds() {
+                return self.delay(run, task, until: due)
+            }
             self.callback(run, task)
         }
     }
@@ -381,17 +400,9 @@ final class BridgeEngine: AMQPConnectionExtension {
     }
 
     private func completed(_ run: Run, _ task: TaskSpec, result: [UInt8]) {
-        guard let webhook = task.webhookURL else {
-            self.count(.tasksCompleted)
-            self.ack(run)
-            return
-        }
-        var body = Array("{\"taskId\":\(JSONScan.quote(task.id)),\"status\":\"completed\",\"queue\":\(JSONScan.quote(run.queue.name)),\"attempts\":\(run.attempt),\"result\":".utf8)
-        body += result
-        body.append(UInt8(ascii: "}"))
-        self.hold(run, bytes: body.count)
         self.count(.tasksCompleted)
-        self.webhook(run, url: webhook, taskId: task.id, body: body, attempt: 1)
+        self.hold(run, bytes: result.count)
+        self.notify(run, Outcome(taskId: task.id, queue: run.queue.name, attempts: run.attempt, result: result), webhook: task.webhook(forFailure: false))
     }
 
     private func retry(_ run: Run, _ task: TaskSpec, reason: String, retryAfter: Duration?) {
@@ -445,11 +456,186 @@ final class BridgeEngine: AMQPConnectionExtension {
         self.count(.tasksFailed)
         self.logger.info("task failed", metadata: ["task.id": "\(task.id)", "queue": "\(run.queue.name)", "attempts": "\(run.attempt)", "reason": "\(reason)", "error": "\(outcome.reason)"])
         self.deadLetter(run, reason: reason, error: outcome.reason, status: outcome.status, taskId: task.id) { [unowned self] in
-            guard let webhook = task.webhookURL else { return self.ack(run) }
-            let snippet = String(decoding: responseBody.prefix(1024), as: UTF8.self)
-            let status = outcome.status.map(String.init) ?? "null"
-            let body = "{\"taskId\":\(JSONScan.quote(task.id)),\"status\":\"failed\",\"queue\":\(JSONScan.quote(run.queue.name)),\"attempts\":\(run.attempt),\"result\":null,\"error\":{\"reason\":\(JSONScan.quote(outcome.reason)),\"status\":\(status),\"body\":\(JSONScan.quote(snippet)),\"retryable\":\(exhausted)}}"
-            self.webhook(run, url: webhook, taskId: task.id, body: Array(body.utf8), attempt: 1)
+            let failure = Outcome.Failure(reason: reason, message: outcome.reason, status: outcome.status,
+                                          body: Array(responseBody.prefix(1024)), retryable: exhausted)
+            self.notify(run, Outcome(taskId: task.id, queue: run.queue.name, attempts: run.attempt, failure: failure),
+                        webhook: task.webhook(forFailure: true))
+        }
+    }
+
+    // MARK: Telling the publisher: replies over AMQP, webhooks
+
+    /// A task's outcome, as the webhook and the reply carry it.
+    struct Outcome {
+        struct Failure {
+            /// What kind of failure: retries-exhausted, not-retryable, malformed, unrouted.
+            var reason: String
+            /// What happened, in words ("HTTP 503", "no answer within 30s", the parser's message).
+            var message: String
+            var status: Int?
+            /// The start of the last answer's body.
+            var body: [UInt8]
+            var retryable: Bool
+        }
+        var taskId: String?
+        var queue: String
+        var attempts: Int
+        var result: [UInt8]?
+        var failure: Failure?
+
+        init(taskId: String?, queue: String, attempts: Int, result: [UInt8]) {
+            self.taskId = taskId
+            self.queue = queue
+            self.attempts = attempts
+            self.result = result
+        }
+
+        init(taskId: String?, queue: String, attempts: Int, failure: Failure) {
+            self.taskId = taskId
+            self.queue = queue
+            self.attempts = attempts
+            self.failure = failure
+        }
+
+        var status: String { self.failure == nil ? "completed" : "failed" }
+
+        /// `{"taskId":…,"status":…,"queue":…,"attempts":…,"result":…[,"error":{…}]}`
+        var json: [UInt8] {
+            var out = Array("{\"taskId\":\(self.taskId.map(JSONScan.quote) ?? "null"),\"status\":\"\(self.status)\",\"queue\":\(JSONScan.quote(self.queue)),\"attempts\":\(self.attempts),\"result\":".utf8)
+            out += self.result ?? Array("null".utf8)
+            if let failure {
+                let snippet = String(decoding: failure.body, as: UTF8.self)
+                out += Array(",\"error\":{\"reason\":\(JSONScan.quote(failure.reason)),\"message\":\(JSONScan.quote(failure.message)),\"status\":\(failure.status.map(String.init) ?? "null"),\"body\":\(JSONScan.quote(snippet)),\"retryable\":\(failure.retryable)}".utf8)
+            }
+            out.append(UInt8(ascii: "}"))
+            return out
+        }
+    }
+
+    /// Tells the publisher the outcome — on its `reply_to` queue (confirmed), then at the webhook —
+    /// and acks the delivery once both are done (or handed on: a webhook that fails becomes a
+    /// webhook job, a reply no queue takes is dead-lettered).
+    private func notify(_ run: Run, _ outcome: Outcome, webhook: String?, reply: Bool = true) {
+        let body = outcome.json
+        let then = { [unowned self] in
+            guard let webhook, let taskId = outcome.taskId ?? TaskParser.safeId(run.delivery.properties.messageId) else { return self.ack(run) }
+            self.webhook(run, url: webhook, taskId: taskId, body: body, attempt: 1)
+        }
+        guard reply, let replyTo = run.delivery.properties.replyTo, !replyTo.isEmpty, self.replyProblem(replyTo) == nil else { return then() }
+        self.reply(run, to: replyTo, outcome: outcome, body: body, then: then)
+    }
+
+    /// Why a task's `reply_to` cannot be used, or nil: replies go through the default exchange
+    /// with the bridge's permissions, so they may not name the bridge's own queues.
+    func replyProblem(_ replyTo: String?) -> String? {
+        guard let replyTo, !replyTo.isEmpty else { return nil }
+        let spec = self.settings.spec
+        let reserved = [spec.workQueuePrefix, spec.retryQueuePrefix, spec.batchQueuePrefix]
+        if reserved.contains(where: { replyTo.hasPrefix($0) }) || [spec.deadLetterQueue, spec.unroutedQueue].contains(replyTo) {
+            return "reply_to '\(replyTo.prefix(80))' names one of AsyncQueue's own queues"
+        }
+        return nil
+    }
+
+    /// Publishes the outcome to the `reply_to` queue (the RabbitMQ RPC convention, its
+    /// `correlation_id` echoed), waits for the confirm, then `then`. A queue that does not exist
+    /// is not a lost outcome: the outcome is dead-lettered (`aq-reason: reply-undeliverable`).
+    private func reply(_ run: Run, to replyTo: String, outcome: Outcome, body: [UInt8], then: @escaping () -> Void) {
+        let taskId = outcome.taskId ?? "-"
+        let properties = AMQPProperties(
+            contentType: "application/json",
+            headers: ["aq-task-id": .string(taskId), "aq-status": .string(outcome.status), "aq-queue": .string(run.queue.name)],
+            deliveryMode: .persistent, correlationId: run.delivery.properties.correlationId, messageId: "\(taskId):result",
+            timestamp: UInt64(Date().timeIntervalSince1970), userId: self.settings.bridgeUser)
+        self.context.publish(channel: self.publishChannel, exchange: "", routingKey: replyTo, properties: properties, body: body,
+                             mandatory: true) { [unowned self] result in
+            guard self.isActive(run) else { return }
+            switch result {
+            case .success(.returned):
+                self.count(.repliesFailed)
+                self.logger.warning("reply_to queue does not exist; the outcome is dead-lettered", metadata: ["task.id": "\(taskId)", "reply_to": "\(replyTo.prefix(80))"])
+                let base = AMQPProperties(contentType: "application/json", headers: ["aq-kind": "reply", "aq-reply-to": .string(replyTo)],
+                                          correlationId: run.delivery.properties.correlationId, messageId: "\(taskId):result")
+                self.deadLetter(run, reason: "reply-undeliverable", error: "no queue named '\(replyTo.prefix(200))' took the reply",
+                                status: nil, taskId: outcome.taskId, base: base, body: body, then: then)
+            case .success:
+                self.count(.repliesPublished)
+                then()
+            case .failure(let error) where error.code == .invalidArgument:
+                self.count(.repliesFailed)
+                self.deadLetter(run, reason: "reply-undeliverable", error: "the reply could not be published: \(error.message)",
+                                status: nil, taskId: outcome.taskId, base: AMQPProperties(contentType: "application/json", messageId: "\(taskId):result"),
+                                body: body, then: then)
+            case .failure(let error):
+                self.requeue(run, "could not publish the reply: \(error)")
+            }
+        }
+    }
+
+    // MARK: Delay and unrouted tasks
+
+    static func unixMilliseconds() -> Int64 { Int64((Date().timeIntervalSince1970 * 1000).rounded()) }
+
+    /// An id for a message that has none of its own: the same for every delivery of it.
+    static func stableId(_ body: [UInt8]) -> String {
+        "body-" + SHA256.hash(body).prefix(12).map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+    }
+
+    /// When the callback may run (Unix ms), or nil for now. A copy the bridge parked carries it in
+    /// `aq-not-before`; otherwise `delay` counts from the message's `timestamp` (when the
+    /// publisher set one, not in the future) or from its first delivery.
+    private func dueTime(_ run: Run, _ task: TaskSpec) -> Int64? {
+        if run.trusted, let due = run.delivery.properties.headers?["aq-not-before"]?.intValue { return due }
+        switch task.due {
+        case nil: return nil
+        case .at(let milliseconds)?: return milliseconds
+        case .after(let delay)?:
+            let now = Self.unixMilliseconds()
+            var start = now
+            if let stamp = run.delivery.properties.timestamp, stamp <= UInt64(now / 1000) { start = Int64(stamp) * 1000 }
+            let (seconds, attoseconds) = delay.components
+            return start + seconds * 1000 + attoseconds / 1_000_000_000_000_000
+        }
+    }
+
+    /// Holds the task in the broker until it is due: in the longest retry tier that does not
+    /// overshoot, hop after hop; the attempt count is untouched.
+    private func delay(_ run: Run, _ task: TaskSpec, until due: Int64) {
+        guard self.context.isCurrent(run.delivery) else { return self.end(run) }
+        let remaining = due - Self.unixMilliseconds()
+        let tiers = self.settings.spec.retryTiers
+        guard let tier = tiers.last(where: { $0.milliseconds <= remaining }) ?? tiers.first else {
+            return self.callback(run, task)  // no tiers: run it now rather than never
+        }
+        let properties = self.copy(of: run, messageId: task.id, adding: [
+            "retry-tier": .string(self.settings.spec.retryTierHeader(for: tier)),
+            "aq-attempt": .int32(Int32(clamping: run.attempt)),
+            "aq-not-before": .int64(due),
+        ])
+        self.publishThenAck(run, exchange: self.settings.spec.retryExchange, properties: properties, body: run.delivery.body,
+                            counting: .tasksDelayed, "the delayed task") { [unowned self] error in
+            self.failed(run, task, outcome: .permanent(reason: "the delayed task could not be published: \(error.message)", status: nil), responseBody: [])
+        }
+    }
+
+    /// A task whose routing key named no work queue (it reached the alternate exchange's queue):
+    /// dead-lettered with the reason, its publisher told.
+    private func unrouted(_ run: Run) {
+        self.count(.tasksUnrouted)
+        let key = run.delivery.routingKey
+        let message = "no work queue named '\(key.prefix(100))' (the routing key on \(self.settings.spec.taskExchange) names the work queue)"
+        self.logger.warning("unrouted task dead-lettered", metadata: ["routing_key": "\(key.prefix(100))"])
+        let parsed = TaskParser.parse(run.delivery.body, messageId: run.delivery.properties.messageId, defaults: run.queue.defaults)
+        let taskId: String?, webhook: String?
+        switch parsed {
+        case .success(let task): (taskId, webhook) = (task.id, task.webhook(forFailure: true))
+        case .failure(let malformed):
+            (taskId, webhook) = (TaskParser.safeId(run.delivery.properties.messageId) ?? Self.stableId(run.delivery.body), malformed.notify)
+        }
+        self.deadLetter(run, reason: "unrouted", error: message, status: nil, taskId: taskId) { [unowned self] in
+            let outcome = Outcome(taskId: taskId, queue: String(key.prefix(255)), attempts: 0,
+                                  failure: .init(reason: "unrouted", message: message, status: nil, body: [], retryable: false))
+            self.notify(run, outcome, webhook: webhook)
         }
     }
 

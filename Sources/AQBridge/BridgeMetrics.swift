@@ -17,6 +17,10 @@ public final class BridgeMetrics: Sendable {
         case deadLettered = "aq_bridge_dead_lettered_total"
         case tasksParked = "aq_bridge_tasks_parked_total"
         case tasksUnreadable = "aq_bridge_tasks_unreadable_total"
+        case tasksDelayed = "aq_bridge_tasks_delayed_total"
+        case tasksUnrouted = "aq_bridge_tasks_unrouted_total"
+        case repliesPublished = "aq_bridge_replies_published_total"
+        case repliesFailed = "aq_bridge_replies_failed_total"
 
         var index: Int {
             switch self {
@@ -34,6 +38,10 @@ public final class BridgeMetrics: Sendable {
             case .deadLettered: return 11
             case .tasksParked: return 12
             case .tasksUnreadable: return 13
+            case .tasksDelayed: return 14
+            case .tasksUnrouted: return 15
+            case .repliesPublished: return 16
+            case .repliesFailed: return 17
             }
         }
 
@@ -53,6 +61,10 @@ public final class BridgeMetrics: Sendable {
             case .deadLettered: return "Messages published to the dead-letter exchange."
             case .tasksParked: return "Tasks sent back to wait in the broker (their host had a long line, or the bridge held too many bytes)."
             case .tasksUnreadable: return "Deliveries rejected unread to the dead-letter queue (over max_payload_bytes, or headers over the client's limits)."
+            case .tasksDelayed: return "Hops of delayed tasks through the retry tiers until they are due."
+            case .tasksUnrouted: return "Tasks whose routing key named no work queue, dead-lettered."
+            case .repliesPublished: return "Outcomes published to a task's reply_to queue."
+            case .repliesFailed: return "Outcomes whose reply_to queue did not take them, dead-lettered."
             }
         }
     }

@@ -61,7 +61,12 @@ public final class BridgeService: Sendable {
         } catch {
             throw StartupError(description: "the topology files are invalid:\n\(error)")
         }
-        let queues = try Self.servedQueues(spec, configuration: config)
+        var queues = try Self.servedQueues(spec, configuration: config)
+        // Tasks whose routing key named no work queue: dead-lettered with the reason, not left
+        // unnoticed in the alternate exchange's queue.
+        queues.append(ServedQueue(name: "unrouted", queueName: spec.unroutedQueue,
+                                  defaults: TaskDefaults(maxTimeout: config.maxTaskTimeout, maxPayloadBytes: config.maxPayloadBytes),
+                                  concurrency: 8, isUnrouted: true))
         let signer: WebhookSigner
         do { signer = try WebhookSigner(secrets: config.signingSecrets) } catch { throw StartupError(description: "\(error)") }
         var amqp = try AMQPConfiguration(url: config.amqpURL)

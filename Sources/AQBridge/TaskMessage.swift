@@ -8,15 +8,39 @@ public struct TaskSpec: Sendable, Equatable {
     public var callbackURL: String
     /// The `payload` value's exact JSON bytes (`null` when absent).
     public var payload: [UInt8]
+    /// Where the outcome goes (every outcome, unless `failureWebhookURL` is set: then successes).
     public var webhookURL: String?
+    /// Where a failure goes instead of `webhookURL`.
+    public var failureWebhookURL: String?
     public var retries: Int
     public var timeout: Duration
+    /// When the callback may run at the earliest.
+    public var due: Due?
+
+    /// `delay` (seconds from when the task was published) or `notBefore` (a point in time).
+    public enum Due: Sendable, Equatable {
+        case after(Duration)
+        case at(unixMilliseconds: Int64)
+    }
+
+    /// The URL an outcome goes to.
+    public func webhook(forFailure failure: Bool) -> String? {
+        failure ? (self.failureWebhookURL ?? self.webhookURL) : self.webhookURL
+    }
 }
 
-/// Why a message is not a task. It is dead-lettered with this reason, never retried.
+/// Why a message is not a task. It is dead-lettered with this reason, never retried; when its
+/// webhook URLs could still be read, its publisher is told (`notify`).
 public struct MalformedTask: Error, Sendable, Equatable, CustomStringConvertible {
     public var reason: String
+    /// The failure webhook the body names, if it could be read and is a valid URL.
+    public var notify: String?
     public var description: String { self.reason }
+
+    public init(reason: String, notify: String? = nil) {
+        self.reason = reason
+        self.notify = notify
+    }
 }
 
 public struct TaskDefaults: Sendable {
@@ -48,37 +72,33 @@ public enum TaskParser {
         return id
     }
 
+    /// The longest `delay` (and the furthest `notBefore`): 30 days.
+    public static let maxDelay = Duration.seconds(30 * 86_400)
+
+    /// The keys of the wire format, in the order ``parse(_:messageId:defaults:)`` looks for them.
+    static let keys: [StaticString] = ["callbackUrl", "payload", "webhookUrl", "failureWebhookUrl", "retries", "timeout", "taskId", "delay", "notBefore"]
+
     /// Reads and checks a task body. `messageId` is the AMQP `message_id` (the task id).
     public static func parse(_ body: [UInt8], messageId: String?, defaults: TaskDefaults) -> Result<TaskSpec, MalformedTask> {
-        func bad(_ reason: String) -> Result<TaskSpec, MalformedTask> { .failure(MalformedTask(reason: reason)) }
         guard body.count <= defaults.maxPayloadBytes else {
-            return bad("the task is \(body.count) bytes, over the limit of \(defaults.maxPayloadBytes)")
+            return .failure(MalformedTask(reason: "the task is \(body.count) bytes, over the limit of \(defaults.maxPayloadBytes)"))
         }
         // One pass; known keys are matched on their bytes (a key written with escapes is decoded).
-        var callbackMember, payloadMember, webhookMember, retriesMember, timeoutMember, taskIdMember: JSONScan.Member?
+        var members = [JSONScan.Member?](repeating: nil, count: Self.keys.count)
         do {
             try JSONScan.forEachMember(body) { (key: Range<Int>, member: JSONScan.Member) throws(JSONScan.Failure) in
-                if JSONScan.keyEquals(body, key, "callbackUrl") { callbackMember = member }
-                else if JSONScan.keyEquals(body, key, "payload") { payloadMember = member }
-                else if JSONScan.keyEquals(body, key, "webhookUrl") { webhookMember = member }
-                else if JSONScan.keyEquals(body, key, "retries") { retriesMember = member }
-                else if JSONScan.keyEquals(body, key, "timeout") { timeoutMember = member }
-                else if JSONScan.keyEquals(body, key, "taskId") { taskIdMember = member }
-                else if body[key].contains(UInt8(ascii: "\\")) {
-                    switch try JSONScan.decodeString(body, key) {
-                    case "callbackUrl": callbackMember = member
-                    case "payload": payloadMember = member
-                    case "webhookUrl": webhookMember = member
-                    case "retries": retriesMember = member
-                    case "timeout": timeoutMember = member
-                    case "taskId": taskIdMember = member
-                    default: break
-                    }
+                if let index = Self.keys.firstIndex(where: { JSONScan.keyEquals(body, key, $0) }) {
+                    members[index] = member
+                } else if body[key].contains(UInt8(ascii: "\\")) {
+                    let decoded = try JSONScan.decodeString(body, key)
+                    if let index = Self.keys.firstIndex(where: { $0.description == decoded }) { members[index] = member }
                 }
             }
         } catch {
-            return bad("the body is not a JSON object: \(error)")
+            return .failure(MalformedTask(reason: "the body is not a JSON object: \(error)"))
         }
+        let (callbackMember, payloadMember, webhookMember, failureMember) = (members[0], members[1], members[2], members[3])
+        let (retriesMember, timeoutMember, taskIdMember, delayMember, notBeforeMember) = (members[4], members[5], members[6], members[7], members[8])
         func string(_ member: JSONScan.Member?, _ key: String) -> Result<String?, MalformedTask> {
             guard let member else { return .success(nil) }
             switch member.kind {
@@ -90,19 +110,31 @@ public enum TaskParser {
             default: return .failure(MalformedTask(reason: "\(key) must be a string, not \(member.kind)"))
             }
         }
+        // Where a failure is reported, read first and leniently: a task malformed elsewhere is
+        // still told about it when this much is readable.
+        func url(_ member: JSONScan.Member?, _ key: String) -> Result<String?, MalformedTask> {
+            switch string(member, key) {
+            case .failure(let error): return .failure(error)
+            case .success(nil): return .success(nil)
+            case .success(let url?): return Self.urlProblem(url).map { .failure(MalformedTask(reason: "\(key) \($0)")) } ?? .success(url)
+            }
+        }
+        let webhookResult = url(webhookMember, "webhookUrl"), failureResult = url(failureMember, "failureWebhookUrl")
+        let notify = (try? failureResult.get()) ?? (try? webhookResult.get()) ?? nil
+        func bad(_ reason: String) -> Result<TaskSpec, MalformedTask> { .failure(MalformedTask(reason: reason, notify: notify)) }
+        func bad(_ error: MalformedTask) -> Result<TaskSpec, MalformedTask> { bad(error.reason) }
+
         let callback: String
         switch string(callbackMember, "callbackUrl") {
-        case .failure(let error): return .failure(error)
+        case .failure(let error): return bad(error)
         case .success(nil): return bad("callbackUrl is missing")
         case .success(let url?): callback = url
         }
         if let problem = Self.urlProblem(callback) { return bad("callbackUrl \(problem)") }
-        var webhook: String?
-        switch string(webhookMember, "webhookUrl") {
-        case .failure(let error): return .failure(error)
-        case .success(let url):
-            webhook = url
-            if let url, let problem = Self.urlProblem(url) { return bad("webhookUrl \(problem)") }
+        let webhook: String?, failureWebhook: String?
+        switch (webhookResult, failureResult) {
+        case (.failure(let error), _), (_, .failure(let error)): return bad(error)
+        case (.success(let w), .success(let f)): (webhook, failureWebhook) = (w, f)
         }
         var retries = defaults.retries
         if let member = retriesMember, member.kind != .null {
@@ -124,6 +156,29 @@ public enum TaskParser {
             }
             timeout = max(Duration.milliseconds(Int64((seconds * 1000).rounded())), .milliseconds(1))
         }
+        var due: TaskSpec.Due?
+        let maxDelaySeconds = Double(Self.maxDelay.components.seconds)
+        if let member = delayMember, member.kind != .null {
+            let text = String(decoding: body[member.range], as: UTF8.self)
+            guard member.kind == .number, let seconds = Double(text), seconds.isFinite, seconds >= 0, seconds <= maxDelaySeconds else {
+                return bad("delay must be a number of seconds from 0 to \(Int(maxDelaySeconds)) (30 days), not \(text.prefix(40))")
+            }
+            due = .after(.milliseconds(Int64((seconds * 1000).rounded())))
+        }
+        if let member = notBeforeMember, member.kind != .null {
+            guard due == nil else { return bad("give delay or notBefore, not both") }
+            let text = String(decoding: body[member.range], as: UTF8.self)
+            var milliseconds: Int64?
+            if member.kind == .number, let seconds = Double(text), seconds.isFinite, seconds >= 0, seconds < 1e11 {
+                milliseconds = Int64((seconds * 1000).rounded())
+            } else if member.kind == .string, let value = try? JSONScan.decodeString(body, member.range) {
+                milliseconds = RFC3339.unixMilliseconds(value)
+            }
+            guard let milliseconds else {
+                return bad("notBefore must be Unix seconds or an RFC 3339 time such as 2026-12-01T12:00:00Z, not \(text.prefix(40))")
+            }
+            due = .at(unixMilliseconds: milliseconds)
+        }
         let payload = payloadMember.map { Array(body[$0.range]) } ?? Array("null".utf8)
         var id = messageId ?? ""
         if id.isEmpty, case .success(let bodyId?) = string(taskIdMember, "taskId") { id = bodyId }
@@ -131,7 +186,8 @@ public enum TaskParser {
         guard Self.safeId(id) != nil else {
             return bad("the task id (message_id or taskId) must be at most \(Self.maxIdBytes) bytes without control characters")
         }
-        return .success(TaskSpec(id: id, callbackURL: callback, payload: payload, webhookURL: webhook, retries: retries, timeout: timeout))
+        return .success(TaskSpec(id: id, callbackURL: callback, payload: payload, webhookURL: webhook, failureWebhookURL: failureWebhook,
+                                 retries: retries, timeout: timeout, due: due))
     }
 
     /// Cheap checks; libcurl rejects the rest (and the task then fails as not retryable).
@@ -161,5 +217,60 @@ public enum TaskParser {
             for byte in bytes where byte <= 0x20 || byte == 0x7F { return "contains spaces or control characters" }
             return nil
         }
+    }
+}
+
+/// RFC 3339 times (`2026-12-01T12:00:00Z`, `2026-12-01T12:00:00.250+01:00`) without Foundation's
+/// ICU-backed formatters. Pure.
+enum RFC3339 {
+    static func unixMilliseconds(_ text: String) -> Int64? {
+        let b = Array(text.utf8)
+        func digits(_ range: Range<Int>) -> Int? {
+            guard range.upperBound <= b.count else { return nil }
+            var value = 0
+            for i in range {
+                guard b[i] >= 0x30, b[i] <= 0x39 else { return nil }
+                value = value * 10 + Int(b[i] - 0x30)
+            }
+            return value
+        }
+        guard b.count >= 20, b[4] == UInt8(ascii: "-"), b[7] == UInt8(ascii: "-"), b[10] | 0x20 == UInt8(ascii: "t"),
+              b[13] == UInt8(ascii: ":"), b[16] == UInt8(ascii: ":"),
+              let year = digits(0..<4), let month = digits(5..<7), let day = digits(8..<10),
+              let hour = digits(11..<13), let minute = digits(14..<16), let second = digits(17..<19),
+              (1...12).contains(month), (1...31).contains(day), hour < 24, minute < 60, second < 61
+        else { return nil }
+        var index = 19
+        var milliseconds = 0
+        if index < b.count, b[index] == UInt8(ascii: ".") {
+            index += 1
+            var scale = 100
+            let start = index
+            while index < b.count, b[index] >= 0x30, b[index] <= 0x39 {
+                milliseconds += Int(b[index] - 0x30) * scale
+                scale /= 10
+                index += 1
+            }
+            guard index > start else { return nil }
+        }
+        var offset = 0
+        guard index < b.count else { return nil }
+        if b[index] | 0x20 == UInt8(ascii: "z"), index + 1 == b.count {
+            offset = 0
+        } else if b[index] == UInt8(ascii: "+") || b[index] == UInt8(ascii: "-"), index + 6 == b.count, b[index + 3] == UInt8(ascii: ":"),
+                  let h = digits((index + 1)..<(index + 3)), let m = digits((index + 4)..<(index + 6)), h < 24, m < 60 {
+            offset = (h * 60 + m) * 60 * (b[index] == UInt8(ascii: "+") ? 1 : -1)
+        } else {
+            return nil
+        }
+        // Days from the civil date (Howard Hinnant's algorithm), then seconds.
+        let y = month <= 2 ? year - 1 : year
+        let era = (y >= 0 ? y : y - 399) / 400
+        let yoe = y - era * 400
+        let doy = (153 * (month + (month > 2 ? -3 : 9)) + 2) / 5 + day - 1
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
+        let days = era * 146_097 + doe - 719_468
+        let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset
+        return Int64(seconds) * 1000 + Int64(milliseconds)
     }
 }

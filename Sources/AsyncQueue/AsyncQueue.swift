@@ -1,6 +1,7 @@
 import AMQPClient
 import AQTopology
 import Foundation
+import Synchronization
 
 /// The Swift client: publish tasks for aq-bridge, in the spirit of `aq.tasks.create(...)`.
 ///
@@ -17,18 +18,22 @@ public final class AsyncQueue: Sendable {
     let taskExchange: String
     public let tasks: Tasks
 
-    /// - Parameter taskExchange: the topology's task exchange (`aq.tasks` by default).
-    public init(connection: AMQPConnection, taskExchange: String = "aq.tasks") async throws {
+    /// - Parameters:
+    ///   - taskExchange: the topology's task exchange (`aq.tasks` by default).
+    ///   - workQueuePrefix: the topology's work queue prefix (`aq.work.`): `create` checks that
+    ///     the queue it is asked for exists.
+    public init(connection: AMQPConnection, taskExchange: String = "aq.tasks", workQueuePrefix: String = "aq.work.") async throws {
         self.connection = connection
         self.channel = try await connection.openChannel()
         try await self.channel.enableConfirms()
         self.taskExchange = taskExchange
-        self.tasks = Tasks(channel: self.channel, exchange: taskExchange)
+        self.tasks = Tasks(channel: self.channel, exchange: taskExchange,
+                           queues: WorkQueueDirectory(connection: connection, prefix: workQueuePrefix))
     }
 
-    public static func connect(_ url: String, taskExchange: String = "aq.tasks") async throws -> AsyncQueue {
+    public static func connect(_ url: String, taskExchange: String = "aq.tasks", workQueuePrefix: String = "aq.work.") async throws -> AsyncQueue {
         let connection = try await AMQPConnection.connect(url, connectionName: "asyncqueue-client")
-        return try await AsyncQueue(connection: connection, taskExchange: taskExchange)
+        return try await AsyncQueue(connection: connection, taskExchange: taskExchange, workQueuePrefix: workQueuePrefix)
     }
 
     public func close() async { await self.connection.close() }
@@ -38,18 +43,53 @@ public final class AsyncQueue: Sendable {
         var callbackUrl: String
         var payload: P
         var webhookUrl: String?
+        var failureWebhookUrl: String?
         var retries: Int?
         var timeout: Double?
+        var delay: Double?
+        var notBefore: Double?
+    }
+
+    /// Options for a task beyond its callback and payload (see the README's wire format).
+    public struct Options: Sendable {
+        /// Where the outcome goes: every outcome, or only successes when `failureWebhookUrl` is set.
+        public var webhookUrl: String?
+        /// Where a failure goes (and only failures: set it alone to hear only about failures).
+        public var failureWebhookUrl: String?
+        public var retries: Int?
+        /// Seconds per attempt.
+        public var timeout: Double?
+        /// Seconds from now before the callback may run.
+        public var delay: Double?
+        /// The earliest time the callback may run (wins over nothing: give one of delay, notBefore).
+        public var notBefore: Date?
+        /// A queue the outcome is published to (the RabbitMQ RPC convention), with `correlationId`.
+        public var replyTo: String?
+        public var correlationId: String?
+
+        public init(webhookUrl: String? = nil, failureWebhookUrl: String? = nil, retries: Int? = nil, timeout: Double? = nil,
+                    delay: Double? = nil, notBefore: Date? = nil, replyTo: String? = nil, correlationId: String? = nil) {
+            self.webhookUrl = webhookUrl
+            self.failureWebhookUrl = failureWebhookUrl
+            self.retries = retries
+            self.timeout = timeout
+            self.delay = delay
+            self.notBefore = notBefore
+            self.replyTo = replyTo
+            self.correlationId = correlationId
+        }
     }
 
     public struct Tasks: Sendable {
         let channel: AMQPChannel
         let exchange: String
+        let queues: WorkQueueDirectory
 
         /// Publishes a task and returns its id once the broker has confirmed it.
         ///
         /// - Parameters:
-        ///   - queue: the work queue (routing key), `default` unless given.
+        ///   - queue: the work queue (routing key), `default` unless given. A name that is not a
+        ///     declared work queue is refused here (checked once per name, then cached).
         ///   - payload: any `Encodable`, POSTed as JSON to `callbackUrl`.
         ///   - retries, timeout: nil uses the work queue's defaults (timeout in seconds).
         ///   - id: the task id (AMQP `message_id`, at most 200 bytes, no control characters); a
@@ -58,8 +98,30 @@ public final class AsyncQueue: Sendable {
         ///     (both run): AsyncQueue does not deduplicate creates.
         @discardableResult
         public func create<Payload: Encodable & Sendable>(
-            callbackUrl: String, payload: Payload, webhookUrl: String? = nil, retries: Int? = nil,
-            timeout: Double? = nil, queue: String = "default", id: String? = nil
+            callbackUrl: String, payload: Payload, webhookUrl: String? = nil, failureWebhookUrl: String? = nil,
+            retries: Int? = nil, timeout: Double? = nil, delay: Double? = nil, notBefore: Date? = nil,
+            queue: String = "default", id: String? = nil, replyTo: String? = nil, correlationId: String? = nil
+        ) async throws -> String {
+            try await self.create(callbackUrl: callbackUrl, payload: payload, options: Options(
+                webhookUrl: webhookUrl, failureWebhookUrl: failureWebhookUrl, retries: retries, timeout: timeout, delay: delay,
+                notBefore: notBefore, replyTo: replyTo, correlationId: correlationId), queue: queue, id: id)
+        }
+
+        /// A payload given as a dictionary literal of JSON-like values.
+        @discardableResult
+        public func create(
+            callbackUrl: String, payload: [String: JSONValue], webhookUrl: String? = nil, failureWebhookUrl: String? = nil,
+            retries: Int? = nil, timeout: Double? = nil, delay: Double? = nil, notBefore: Date? = nil,
+            queue: String = "default", id: String? = nil, replyTo: String? = nil, correlationId: String? = nil
+        ) async throws -> String {
+            try await self.create(callbackUrl: callbackUrl, payload: JSONValue.object(payload), webhookUrl: webhookUrl,
+                                  failureWebhookUrl: failureWebhookUrl, retries: retries, timeout: timeout, delay: delay,
+                                  notBefore: notBefore, queue: queue, id: id, replyTo: replyTo, correlationId: correlationId)
+        }
+
+        @discardableResult
+        public func create<Payload: Encodable & Sendable>(
+            callbackUrl: String, payload: Payload, options: Options, queue: String = "default", id: String? = nil
         ) async throws -> String {
             let id = id ?? UUID().uuidString.lowercased()
             guard !id.isEmpty, id.utf8.count <= 200,
@@ -67,10 +129,18 @@ public final class AsyncQueue: Sendable {
             else {
                 throw AMQPError(code: .invalidArgument, message: "a task id must be 1 to 200 bytes without control characters")
             }
-            let body = try Self.encode(callbackUrl: callbackUrl, payload: payload, webhookUrl: webhookUrl, retries: retries, timeout: timeout)
+            if options.delay != nil && options.notBefore != nil {
+                throw AMQPError(code: .invalidArgument, message: "give delay or notBefore, not both")
+            }
+            try await self.queues.check(queue)
+            let body = try Self.encode(Wire(
+                callbackUrl: callbackUrl, payload: payload, webhookUrl: options.webhookUrl, failureWebhookUrl: options.failureWebhookUrl,
+                retries: options.retries, timeout: options.timeout, delay: options.delay,
+                notBefore: options.notBefore.map { ($0.timeIntervalSince1970 * 1000).rounded() / 1000 }))
             let result = try await self.channel.publish(
                 body, exchange: self.exchange, routingKey: queue,
-                properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, messageId: id,
+                properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent,
+                                           correlationId: options.correlationId, replyTo: options.replyTo, messageId: id,
                                            timestamp: UInt64(Date().timeIntervalSince1970), appId: "asyncqueue-swift"),
                 mandatory: false)
             if case .returned(let returned) = result {
@@ -79,20 +149,41 @@ public final class AsyncQueue: Sendable {
             return id
         }
 
-        /// A payload given as a dictionary literal of JSON-like values.
-        @discardableResult
-        public func create(
-            callbackUrl: String, payload: [String: JSONValue], webhookUrl: String? = nil, retries: Int? = nil,
-            timeout: Double? = nil, queue: String = "default", id: String? = nil
-        ) async throws -> String {
-            try await self.create(callbackUrl: callbackUrl, payload: JSONValue.object(payload), webhookUrl: webhookUrl,
-                                  retries: retries, timeout: timeout, queue: queue, id: id)
-        }
-
-        static func encode<Payload: Encodable>(callbackUrl: String, payload: Payload, webhookUrl: String?, retries: Int?, timeout: Double?) throws -> [UInt8] {
+        static func encode<Payload: Encodable>(_ wire: Wire<Payload>) throws -> [UInt8] {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.withoutEscapingSlashes]
-            return Array(try encoder.encode(Wire(callbackUrl: callbackUrl, payload: payload, webhookUrl: webhookUrl, retries: retries, timeout: timeout)))
+            return Array(try encoder.encode(wire))
         }
+    }
+}
+
+/// Which work queues exist, asked of the broker once per name (a passive declare) and
+/// remembered, so a typo is an error at `create` instead of a task parked in the unrouted queue.
+final class WorkQueueDirectory: Sendable {
+    let connection: AMQPConnection
+    let prefix: String
+    private let known = Mutex<Set<String>>([])
+    private let checker = Mutex<AMQPChannel?>(nil)
+
+    init(connection: AMQPConnection, prefix: String) {
+        self.connection = connection
+        self.prefix = prefix
+    }
+
+    func check(_ queue: String) async throws {
+        if self.known.withLock({ $0.contains(queue) }) { return }
+        let channel: AMQPChannel
+        if let existing = self.checker.withLock({ $0 }) {
+            channel = existing
+        } else {
+            channel = try await self.connection.openChannel()
+            self.checker.withLock { $0 = channel }
+        }
+        do {
+            try await channel.declareQueue(self.prefix + queue, passive: true)
+        } catch let error as AMQPError where error.replyCode == .notFound {
+            throw AMQPError(code: .invalidArgument, message: "'\(queue)' is not a work queue (no queue \(self.prefix + queue) on the broker; see topology/)")
+        }
+        _ = self.known.withLock { $0.insert(queue) }
     }
 }

@@ -88,7 +88,8 @@ import Testing
         let error = try #require(body["error"] as? [String: Any])
         #expect(error["status"] as? Int == 500)
         #expect(error["body"] as? String == "down for maintenance")
-        #expect(error["reason"] as? String == "HTTP 500")
+        #expect(error["reason"] as? String == "retries-exhausted")
+        #expect(error["message"] as? String == "HTTP 500")
         try await bridge.waitIdle()
         let dead = try await bridge.deadLetters()
         #expect(dead.count == 1)
@@ -148,7 +149,7 @@ import Testing
         let hook = try await receiver.wait("/hook", count: 1)
         #expect(ContinuousClock.now - start >= .milliseconds(900))
         let error = try #require(hook[0].request.json?["error"] as? [String: Any])
-        #expect((error["reason"] as? String)?.contains("no answer within 1s") == true)
+        #expect((error["message"] as? String)?.contains("no answer within 1s") == true)
         #expect(error["status"] is NSNull)
         await bridge.stop()
     }
@@ -231,11 +232,11 @@ import Testing
         try await bridge.publish(#"{"callbackUrl":"http://no-such-host.invalid/x","payload":{},"webhookUrl":"\#(receiver.url("/h2"))","retries":0}"#)
         try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/huge"))","payload":{},"webhookUrl":"\#(receiver.url("/h3"))","retries":3}"#)
         let refused = try await receiver.wait("/h1", count: 1)[0].request.json?["error"] as? [String: Any]
-        #expect((refused?["reason"] as? String)?.contains("could not connect") == true)
+        #expect((refused?["message"] as? String)?.contains("could not connect") == true)
         let dns = try await receiver.wait("/h2", count: 1)[0].request.json?["error"] as? [String: Any]
-        #expect((dns?["reason"] as? String)?.contains("DNS") == true)
+        #expect((dns?["message"] as? String)?.contains("DNS") == true)
         let huge = try await receiver.wait("/h3", count: 1)[0].request.json?["error"] as? [String: Any]
-        #expect((huge?["reason"] as? String)?.contains("exceeded 100000 bytes") == true)
+        #expect((huge?["message"] as? String)?.contains("exceeded 100000 bytes") == true)
         #expect(receiver.requests("/huge").count == 1, "a huge answer is not retried")
         // TLS spoken to a plain HTTP server: no handshake completes; a documented, retryable failure.
         try await bridge.publish(#"{"callbackUrl":"https://127.0.0.1:\#(receiver.port)/tls","payload":{},"webhookUrl":"\#(receiver.url("/h4"))","retries":0,"timeout":2}"#)

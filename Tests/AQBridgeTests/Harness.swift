@@ -220,6 +220,28 @@ final class BridgeHarness: Sendable {
         Issue.record("the bridge never became idle")
     }
 
+    /// Another aq-bridge on the same virtual host and topology (a restart, or a second bridge).
+    /// Stop it with `service.stop()` and await `task`.
+    func anotherBridge(configure: (inout BridgeConfiguration) -> Void = { _ in }) async throws -> (service: BridgeService, task: Task<Void, any Error>) {
+        var configuration = BridgeConfiguration()
+        configuration.amqpURL = self.amqpURL
+        configuration.topology = [self.topologyDir.path]
+        configuration.listen = "127.0.0.1:0"
+        configuration.retryJitter = false
+        configuration.webhookTimeout = .seconds(5)
+        configuration.shutdownGrace = .seconds(5)
+        configure(&configuration)
+        var logger = Logger(label: "aq-bridge-test-2")
+        logger.logLevel = .warning
+        let service = BridgeService(configuration: configuration, logger: logger)
+        let task = Task { try await service.run(handleSignals: false) }
+        let deadline = ContinuousClock.now + .seconds(20)
+        while ContinuousClock.now < deadline, !service.metrics.consuming.load(ordering: .relaxed) {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        return (service, task)
+    }
+
     /// A connection as another AMQP user (an application, not the bridge), with write access to
     /// this virtual host: what it publishes carries its own validated `user_id`, if any.
     func appConnection() async throws -> (user: String, connection: AMQPConnection, channel: AMQPChannel) {

@@ -1,5 +1,5 @@
 // The seed guide's patterns against a running aq-bridge: fire-and-forget (with and without a
-// failure webhook) and request-reply. A small app serves the callback and webhook endpoints on
+// failure-only webhook) and request-reply. A small app serves the callback and webhook endpoints on
 // 127.0.0.1, publishes the tasks with the AsyncQueue Swift client, and prints what its webhooks
 // receive.
 //
@@ -54,13 +54,20 @@ let welcome = try await aq.tasks.create(
     payload: Welcome(userId: 1, email: "ada@example.com"))
 print("fire-and-forget: task \(welcome) published")
 
-// With a failure webhook: it fires only when the task fails for good.
+// With a failure webhook: "the webhook fires only after all retries are exhausted, so you only
+// hear about permanent failures" (seed step 1). failureWebhookUrl is told of failures only: the
+// first task succeeds and its webhook stays silent; the second fails for good and is reported.
+let fine = try await aq.tasks.create(
+    callbackUrl: "\(base)/api/send-welcome-email",
+    payload: Welcome(userId: 3, email: "grace@example.com"),
+    failureWebhookUrl: "\(base)/api/on-task-failed",
+    retries: 3)
 let failing = try await aq.tasks.create(
     callbackUrl: "\(base)/api/send-welcome-email",
     payload: Welcome(userId: 2, email: "nobody@example.com"),
-    webhookUrl: "\(base)/api/on-task-failed",
+    failureWebhookUrl: "\(base)/api/on-task-failed",
     retries: 3)
-print("fire-and-forget with failure webhook: task \(failing) published")
+print("fire-and-forget with failure webhook: tasks \(fine) (succeeds, no webhook) and \(failing) (fails) published")
 
 // --- Step 2: request-reply with webhooks ----------------------------------------------------
 let jobId = UUID().uuidString.lowercased()
@@ -80,17 +87,15 @@ while webhooks.withLock({ $0.count }) < 2 && ContinuousClock.now < deadline {
 for (path, body) in webhooks.withLock({ $0 }) {
     print("webhook \(path): \(body)")
 }
-let received = webhooks.withLock { $0.count }
+let received = webhooks.withLock { $0 }
 await aq.close()
 app.shutdown()
-if received < 2 {
-    print("expected 2 webhooks, got \(received): is aq-bridge running against \(AMQPURLRedaction.redact(amqpURL))?")
+if received.count < 2 {
+    print("expected 2 webhooks, got \(received.count): is aq-bridge running against \(URLText.redacted(amqpURL))?")
+    exit(1)
+}
+if received.contains(where: { $0.1.contains(fine) }) {
+    print("the failure webhook heard about task \(fine), which succeeded")
     exit(1)
 }
 print("all patterns ran")
-
-enum AMQPURLRedaction {
-    static func redact(_ url: String) -> String {
-        url.replacingOccurrences(of: #"(://[^:/@]*:)[^@]*@"#, with: "$1***@", options: .regularExpression)
-    }
-}
