@@ -15,6 +15,7 @@ let package = Package(
         .executable(name: "aq-bridge", targets: ["AQBridgeCommand"]),
         .library(name: "AsyncQueue", targets: ["AsyncQueue"]),
         .executable(name: "aq-amqp-bench", targets: ["AMQPBenchmark"]),
+        .executable(name: "aq-sign-bench", targets: ["SigningBenchmark"]),
         .executable(name: "aq-examples", targets: ["aq-examples"]),
     ],
     dependencies: [
@@ -97,6 +98,13 @@ let package = Package(
         .executableTarget(
             name: "AMQPBenchmark",
             dependencies: ["AMQPClient"],
+            swiftSettings: swiftSettings
+        ),
+
+        // `aq-sign-bench`: what signing a request costs.
+        .executableTarget(
+            name: "SigningBenchmark",
+            dependencies: ["AQBridge"],
             swiftSettings: swiftSettings
         ),
 

@@ -111,6 +111,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     let metrics: BridgeMetrics
     let logger: Logger
     let http: CurlMulti
+    /// Each secret's HMAC state, kept on this thread.
+    let signing: SigningContext
     var publishChannel: UInt16 = 0
     var consumeChannel: UInt16 = 0
     var consumers: [(channel: UInt16, tag: String)] = []
@@ -142,6 +144,7 @@ final class BridgeEngine: AMQPConnectionExtension {
             perQueue: settings.queues.map(\.concurrency), perHost: settings.maxPerHost, total: settings.httpConnections,
             maxWait: settings.maxHostWait))
         self.parkTier = settings.spec.retryTiers.first { $0.milliseconds >= 5000 } ?? settings.spec.retryTiers.last
+        self.signing = settings.signer.makeContext()
     }
 
     /// The largest delivery read at all: 16 MiB, or max_payload_bytes when larger.
@@ -348,10 +351,10 @@ final class BridgeEngine: AMQPConnectionExtension {
         }
         let started = ContinuousClock.now
         var headers = ["AsyncQueue-Task-Id: \(request.taskId)", "AsyncQueue-Attempt: \(request.attempt)", "webhook-id: \(request.id)"]
-        if self.settings.signer.isEnabled {
+        if self.signing.isEnabled {
             let timestamp = Int(Date().timeIntervalSince1970)
             headers.append("webhook-timestamp: \(timestamp)")
-            headers.append("webhook-signature: \(self.settings.signer.signature(id: request.id, timestamp: timestamp, body: request.body))")
+            headers.append("webhook-signature: \(self.signing.signature(id: request.id, timestamp: timestamp, body: request.body))")
         }
         let http = HTTPRequest(url: request.url, headers: headers, body: request.body, timeout: request.timeout,
                                maxResponseBytes: request.maxResponseBytes, sharedHeaders: self.sharedHeaders(request.run.queue.name))

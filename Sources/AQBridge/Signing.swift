@@ -14,6 +14,29 @@ enum SHA256 {
     }
 }
 
+/// HMAC-SHA256 with one key, its inner and outer digest states computed once (OpenSSL's
+/// EVP_MAC). Not thread-safe: one thread owns it (aq-bridge's connection thread).
+final class HMACKey {
+    private let context: OpaquePointer
+
+    init?(_ key: [UInt8]) {
+        guard let context = key.withUnsafeBytes({ aq_hmac_sha256_new($0.baseAddress, $0.count) }) else { return nil }
+        self.context = context
+    }
+
+    deinit { EVP_MAC_CTX_free(self.context) }
+
+    /// The MAC of `prefix` followed by `body`, without joining them.
+    func mac(_ prefix: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: 32)
+        let ok = out.withUnsafeMutableBufferPointer {
+            aq_hmac_sha256(self.context, prefix.baseAddress, prefix.count, body.baseAddress, body.count, $0.baseAddress)
+        }
+        precondition(ok == 1, "OpenSSL's HMAC-SHA256 failed")
+        return out
+    }
+}
+
 /// HMAC-SHA256 (RFC 2104), from OpenSSL's libcrypto.
 enum HMACSHA256 {
     static func mac(key: [UInt8], message: [UInt8]) -> [UInt8] {
@@ -67,6 +90,37 @@ public struct WebhookSigner: Sendable {
         message.append(contentsOf: body)
         return message.withUnsafeBytes { raw in
             self.keys.map { "v1," + Data(HMACSHA256.mac(key: $0, message: raw)).base64EncodedString() }.joined(separator: " ")
+        }
+    }
+
+    /// A signer for one thread that keeps each key's HMAC state: cheaper per request.
+    public func makeContext() -> SigningContext { SigningContext(keys: self.keys) }
+}
+
+/// Signs for one thread (aq-bridge's connection thread): each secret's HMAC-SHA256 state is
+/// computed once, so a signature costs the message's own hashing. Not `Sendable`.
+public final class SigningContext {
+    private let keys: [HMACKey]
+
+    init(keys: [[UInt8]]) {
+        self.keys = keys.compactMap(HMACKey.init)
+        precondition(self.keys.count == keys.count, "OpenSSL could not key HMAC-SHA256")
+    }
+
+    public var isEnabled: Bool { !self.keys.isEmpty }
+
+    /// The `webhook-signature` header value: `v1,<base64>` per secret, space-separated.
+    public func signature(id: String, timestamp: Int, body: [UInt8]) -> String {
+        var prefix = "\(id).\(timestamp)."
+        return prefix.withUTF8 { head in
+            body.withUnsafeBytes { tail in
+                var out = ""
+                for (index, key) in self.keys.enumerated() {
+                    if index > 0 { out += " " }
+                    out += "v1," + Data(key.mac(UnsafeRawBufferPointer(head), tail)).base64EncodedString()
+                }
+                return out
+            }
         }
     }
 }

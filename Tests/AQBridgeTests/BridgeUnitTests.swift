@@ -182,8 +182,15 @@ import Testing
         let body = Array(#"{"test": 2432232314}"#.utf8)
         #expect(signer.signature(id: "msg_p5jXN8AQM9LWM0D4loKWxJek", timestamp: 1614265330, body: body)
             == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=")
+        // The keyed context the bridge signs with gives the same signature, message after message.
+        let context = signer.makeContext()
+        for _ in 0..<3 {
+            #expect(context.signature(id: "msg_p5jXN8AQM9LWM0D4loKWxJek", timestamp: 1614265330, body: body)
+                == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=")
+        }
         let rotated = try WebhookSigner(secrets: ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_" + Data("another-secret-key".utf8).base64EncodedString()])
         #expect(rotated.signature(id: "m", timestamp: 1, body: []).split(separator: " ").count == 2)
+        #expect(rotated.makeContext().signature(id: "m", timestamp: 1, body: []) == rotated.signature(id: "m", timestamp: 1, body: []))
         #expect(throws: WebhookSigner.InvalidSecret.self) { try WebhookSigner(secrets: ["whsec_!!!"]) }
         #expect(throws: WebhookSigner.InvalidSecret.self) { try WebhookSigner(secrets: ["short"]) }
     }
