@@ -87,11 +87,11 @@ final class BridgeEngine: AMQPConnectionExtension {
         let id: String
         let taskId: String
         let attempt: Int
-        let body: [UInt8]
+        let body: ArraySlice<UInt8>
         let timeout: Duration
         let maxResponseBytes: Int
         let done: (Result<HTTPAnswer, HTTPError>) -> Void
-        init(run: Run, url: String, host: String, id: String, taskId: String, attempt: Int, body: [UInt8], timeout: Duration,
+        init(run: Run, url: String, host: String, id: String, taskId: String, attempt: Int, body: ArraySlice<UInt8>, timeout: Duration,
              maxResponseBytes: Int, done: @escaping (Result<HTTPAnswer, HTTPError>) -> Void) {
             self.run = run
             self.url = url
@@ -757,7 +757,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     private func webhook(_ run: Run, url: String, taskId: String, body: [UInt8], attempt: Int) {
         let id = "\(taskId):result"
         let timeout = self.settings.webhookTimeout
-        let request = Request(run: run, url: url, host: self.hostKey(url), id: id, taskId: taskId, attempt: attempt, body: body, timeout: timeout,
+        let request = Request(run: run, url: url, host: self.hostKey(url), id: id, taskId: taskId, attempt: attempt, body: body[...], timeout: timeout,
                               maxResponseBytes: 64 * 1024) { [unowned self] result in
             guard self.isActive(run) else { return }
             let outcome = RetryPolicy.classify(result, timeout: timeout)

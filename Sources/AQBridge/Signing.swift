@@ -111,6 +111,10 @@ public final class SigningContext {
 
     /// The `webhook-signature` header value: `v1,<base64>` per secret, space-separated.
     public func signature(id: String, timestamp: Int, body: [UInt8]) -> String {
+        self.signature(id: id, timestamp: timestamp, body: body[...])
+    }
+
+    public func signature(id: String, timestamp: Int, body: ArraySlice<UInt8>) -> String {
         var prefix = "\(id).\(timestamp)."
         return prefix.withUTF8 { head in
             body.withUnsafeBytes { tail in

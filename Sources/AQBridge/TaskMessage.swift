@@ -6,8 +6,9 @@ import Foundation
 public struct TaskSpec: Sendable, Equatable {
     public var id: String
     public var callbackURL: String
-    /// The `payload` value's exact JSON bytes (`null` when absent).
-    public var payload: [UInt8]
+    /// The `payload` value's exact JSON bytes (`null` when absent), cut out of the message
+    /// without a copy.
+    public var payload: ArraySlice<UInt8>
     /// Where the outcome goes (every outcome, unless `failureWebhookURL` is set: then successes).
     public var webhookURL: String?
     /// Where a failure goes instead of `webhookURL`.
@@ -179,7 +180,7 @@ public enum TaskParser {
             }
             due = .at(unixMilliseconds: milliseconds)
         }
-        let payload = payloadMember.map { Array(body[$0.range]) } ?? Array("null".utf8)
+        let payload = payloadMember.map { body[$0.range] } ?? Array("null".utf8)[...]
         var id = messageId ?? ""
         if id.isEmpty, case .success(let bodyId?) = string(taskIdMember, "taskId") { id = bodyId }
         if id.isEmpty { id = UUID().uuidString.lowercased() }

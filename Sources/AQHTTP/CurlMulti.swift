@@ -26,7 +26,8 @@ public struct HTTPRequest: Sendable {
     public var method: String
     /// Complete header lines, e.g. `Content-Type: application/json`.
     public var headers: [String]
-    public var body: [UInt8]
+    /// A slice, so a body cut out of a larger message (a task's payload) is sent without a copy.
+    public var body: ArraySlice<UInt8>
     public var timeout: Duration
     /// A larger answer fails the request (`tooLarge`) instead of filling memory.
     public var maxResponseBytes: Int
@@ -34,6 +35,12 @@ public struct HTTPRequest: Sendable {
     public var sharedHeaders: SharedHeaders?
 
     public init(url: String, method: String = "POST", headers: [String] = [], body: [UInt8] = [],
+                timeout: Duration = .seconds(30), maxResponseBytes: Int = 1 << 20, sharedHeaders: SharedHeaders? = nil) {
+        self.init(url: url, method: method, headers: headers, body: body[...], timeout: timeout, maxResponseBytes: maxResponseBytes,
+                  sharedHeaders: sharedHeaders)
+    }
+
+    public init(url: String, method: String = "POST", headers: [String] = [], body: ArraySlice<UInt8>,
                 timeout: Duration = .seconds(30), maxResponseBytes: Int = 1 << 20, sharedHeaders: SharedHeaders? = nil) {
         self.sharedHeaders = sharedHeaders
         self.url = url

@@ -1,5 +1,8 @@
+import AMQPClient
+import AQHTTP
 import AQTestSupport
 import Foundation
+import Synchronization
 import Testing
 
 /// The aq-bridge binary as an operator runs it: what it says and how it exits.
@@ -48,5 +51,51 @@ import Testing
         process.waitUntilExit()
         #expect(process.terminationReason == .exit)
         #expect(process.terminationStatus == 0, "SIGTERM during the wait for the broker exits 0, not 143")
+    }
+}
+
+/// The aq-bridge binary's resident memory with large tasks: bounded by max_inflight_bytes, not
+/// by how many tasks the broker holds (200 tasks of 1 MiB once took it past 600 MB).
+@Suite(.serialized, .timeLimit(.minutes(3))) struct BridgeMemoryTests {
+    @Test func largeTasksStayWithinTheMemoryBudget() async throws {
+        let (vhost, url, dir) = try await BridgeHarness.prepareVHost()
+        defer {
+            try? FileManager.default.removeItem(at: dir)
+            Task { try? await BridgeHarness.management("DELETE", "/api/vhosts/\(vhost)") }
+        }
+        let answered = Atomic<Int>(0)
+        let server = try HTTPServer { _, responder in
+            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(300)) {
+                answered.add(1, ordering: .relaxed)
+                responder.respond(.json(#"{"ok":true}"#))
+            }
+        }
+        defer { server.shutdown() }
+        let connection = try await AMQPConnection.connect(url)
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let blob = String(repeating: "x", count: 1_000_000)
+        let total = 80
+        for index in 0..<total {
+            let body = #"{"callbackUrl":"http://127.0.0.1:\#(server.port)/cb","payload":{"i":\#(index),"blob":"\#(blob)"},"retries":0}"#
+            try await channel.publish(Array(body.utf8), exchange: "aq.tasks", routingKey: "default",
+                                      properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, messageId: "big-\(index)"))
+        }
+        await connection.close()
+        let process = Process()
+        process.executableURL = TestEnvironment.builtProgram("aq-bridge")
+        process.arguments = ["--listen", "", "--max-inflight-bytes", "\(16 << 20)", "--log-level", "error"]
+        process.environment = ["AQ_AMQP_URL": url, "AQ_TOPOLOGY": dir.path, "PATH": "/usr/bin:/bin"]
+        try process.run()
+        defer { process.terminate(); process.waitUntilExit() }
+        let deadline = ContinuousClock.now + .seconds(120)
+        while answered.load(ordering: .relaxed) < total && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        #expect(answered.load(ordering: .relaxed) >= total, "every task ran")
+        let status = try String(contentsOfFile: "/proc/\(process.processIdentifier)/status", encoding: .utf8)
+        let peakKiB = status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") }?.split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? 0
+        // The debug build's runtime and libraries take about 60 MB of it.
+        #expect(peakKiB < 120 << 10, "aq-bridge peaked at \(peakKiB / 1024) MB with a 16 MiB budget for \(total) tasks of 1 MB")
     }
 }

@@ -43,12 +43,12 @@ import Testing
         let task = try TaskParser.parse(body, messageId: "m-1", defaults: self.defaults).get()
         #expect(task.id == "m-1")
         #expect(task.callbackURL == "https://app.example/cb?x=1")
-        #expect(task.payload == Array(#"{"k":[1,2]}"#.utf8))
+        #expect(Array(task.payload) == Array(#"{"k":[1,2]}"#.utf8))
         #expect(task.webhookURL == "http://hooks.example/h")
         #expect(task.retries == 5)
         #expect(task.timeout == .milliseconds(2500))
         let minimal = try TaskParser.parse(Array(#"{"callbackUrl":"http://a/"}"#.utf8), messageId: nil, defaults: self.defaults).get()
-        #expect(minimal.payload == Array("null".utf8))
+        #expect(Array(minimal.payload) == Array("null".utf8))
         #expect(minimal.retries == 3)
         #expect(minimal.timeout == .seconds(30))
         #expect(minimal.webhookURL == nil)
@@ -81,7 +81,7 @@ import Testing
         let body = Array(#"{"callback\u0055rl":"http://a/","pay\u006coad":[1]}"#.utf8)
         let task = try TaskParser.parse(body, messageId: "x", defaults: self.defaults).get()
         #expect(task.callbackURL == "http://a/")
-        #expect(task.payload == Array("[1]".utf8))
+        #expect(Array(task.payload) == Array("[1]".utf8))
     }
 
     @Test func rejectsIdsThatCouldInjectHeaders() {

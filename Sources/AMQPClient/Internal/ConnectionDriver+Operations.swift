@@ -227,10 +227,61 @@ extension ConnectionDriver {
 
     func rawConsume(_ conn: amqp_connection_state_t, _ id: UInt16, _ consumer: ConsumerState) throws(AMQPError) {
         let arena = CArena()
-        _ = amqp_basic_consume(conn, id, arena.bytes(consumer.queue), arena.bytes(consumer.tag), 0,
-                               consumer.noAck ? 1 : 0, consumer.exclusive ? 1 : 0, arena.table(consumer.arguments))
-        withExtendedLifetime(arena) {}
-        try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "consuming from queue '\(consumer.queue)'", reopenOnClose: false)
+        var method = amqp_basic_consume_t(
+            ticket: 0, queue: arena.bytes(consumer.queue), consumer_tag: arena.bytes(consumer.tag), no_local: 0,
+            no_ack: consumer.noAck ? 1 : 0, exclusive: consumer.exclusive ? 1 : 0, nowait: 0, arguments: arena.table(consumer.arguments))
+        defer { withExtendedLifetime(arena) {} }
+        try self.rpcDispatching(conn, id, AMQP_BASIC_CONSUME_METHOD, &method, reply: AMQP_BASIC_CONSUME_OK_METHOD,
+                                doing: "consuming from queue '\(consumer.queue)'")
+    }
+
+    /// Sends a method and waits for its reply on the channel, dispatching every other frame as
+    /// the frame loop would. rabbitmq-c's own RPCs keep every frame that arrives meanwhile in its
+    /// pools until they are read: while a consumer starts, the deliveries of the consumers
+    /// started before it (a prefetch window of them) would pile up there.
+    func rpcDispatching(_ conn: amqp_connection_state_t, _ id: UInt16, _ method: amqp_method_number_t,
+                        _ decoded: UnsafeMutableRawPointer, reply: amqp_method_number_t, doing: String) throws(AMQPError) {
+        let status = amqp_send_method(conn, id, method, decoded)
+        guard status == AMQP_STATUS_OK.rawValue else {
+            let error = Self.libraryError(status, doing: doing)
+            self.connectionLost(error)
+            throw error
+        }
+        let deadline = ContinuousClock.now + self.configuration.rpcTimeout
+        while true {
+            // Not `isConnected`: this also runs while a recovering connection restores its consumers.
+            guard let conn = self.conn else { throw self.shared.closedError() }
+            let left = deadline - ContinuousClock.now
+            guard left > .zero else {
+                let error = AMQPError(code: .timeout, message: "\(doing) got no answer within \(self.configuration.rpcTimeout)")
+                self.connectionLost(error)
+                throw error
+            }
+            var frame = amqp_frame_t()
+            var wait = Self.makeTimeval(min(left, .milliseconds(100)))
+            let status = amqp_simple_wait_frame_noblock(conn, &frame, &wait)
+            if status == AMQP_STATUS_TIMEOUT.rawValue { continue }
+            guard status == AMQP_STATUS_OK.rawValue else {
+                let error = Self.libraryError(status, doing: doing)
+                self.connectionLost(error)
+                throw error
+            }
+            self.noteReceived()
+            if Int32(frame.frame_type) == AMQP_FRAME_METHOD, frame.channel == id {
+                if frame.payload.method.id == reply { return }
+                if frame.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD, let closing = frame.payload.method.decoded {
+                    let close = closing.assumingMemoryBound(to: amqp_channel_close_t.self).pointee
+                    let error = Self.closeError(code: .channelClosedByServer, replyCode: close.reply_code, text: close.reply_text,
+                                                classId: close.class_id, methodId: close.method_id, doing: doing)
+                    self.sendChannelCloseOk(id)
+                    self.channelClosed(id, error, reopen: false, stash: false)
+                    throw error
+                }
+            }
+            let body = Int32(frame.frame_type) == AMQP_FRAME_BODY
+            self.dispatch(frame, conn: conn)
+            if body, let conn = self.conn { amqp_maybe_release_buffers(conn) }
+        }
     }
 
     func consume(_ id: UInt16, _ consumer: ConsumerState) throws(AMQPError) {
