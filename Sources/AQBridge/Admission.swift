@@ -15,7 +15,7 @@
 ///
 /// The engine feeds events (``submit(_:queue:host:parkable:now:)``, ``finished(queue:host:latency:now:)``,
 /// ``overdue(now:)``) and executes the decisions; nothing here does I/O or reads a clock.
-struct Admission<Item> {
+struct Admission<Item, Host: Hashable> {
     struct Limits {
         /// Requests in flight per work queue, by queue index.
         var perQueue: [Int]
@@ -35,10 +35,10 @@ struct Admission<Item> {
 
     private struct Pair: Hashable {
         var queue: Int
-        var host: String
+        var host: Host
     }
 
-    private struct Host {
+    private struct HostState {
         var inFlight = 0
         var waiting = 0
         /// Moving average of answer times, in seconds (nil: none yet).
@@ -54,7 +54,7 @@ struct Admission<Item> {
 
     let limits: Limits
     private var queueInFlight: [Int]
-    private var hosts: [String: Host] = [:]
+    private var hosts: [Host: HostState] = [:]
     private(set) var inFlight = 0
     private(set) var waiting = 0
     private var lines: [Pair: Line] = [:]
@@ -67,25 +67,25 @@ struct Admission<Item> {
         self.queueInFlight = Array(repeating: 0, count: limits.perQueue.count)
     }
 
-    func inFlight(host: String) -> Int { self.hosts[host]?.inFlight ?? 0 }
+    func inFlight(host: Host) -> Int { self.hosts[host]?.inFlight ?? 0 }
     func inFlight(queue: Int) -> Int { self.queueInFlight[queue] }
-    func waiting(host: String) -> Int { self.hosts[host]?.waiting ?? 0 }
+    func waiting(host: Host) -> Int { self.hosts[host]?.waiting ?? 0 }
 
-    private func hasRoom(queue: Int, host: String) -> Bool {
+    private func hasRoom(queue: Int, host: Host) -> Bool {
         self.inFlight < self.limits.total && self.queueInFlight[queue] < self.limits.perQueue[queue]
             && (self.hosts[host]?.inFlight ?? 0) < self.limits.perHost
     }
 
-    private mutating func take(queue: Int, host: String, now: ContinuousClock.Instant) {
+    private mutating func take(queue: Int, host: Host, now: ContinuousClock.Instant) {
         self.inFlight += 1
         self.queueInFlight[queue] += 1
-        if self.hosts[host] == nil { self.hosts[host] = Host(lastProgress: now) }
+        if self.hosts[host] == nil { self.hosts[host] = HostState(lastProgress: now) }
         if self.hosts[host]?.inFlight == 0 { self.hosts[host]?.lastProgress = now }
         self.hosts[host]?.inFlight += 1
     }
 
     /// How long a request `position` places back in `host`'s line may expect to wait.
-    private func expectedWait(host: String, position: Int, now: ContinuousClock.Instant) -> Double {
+    private func expectedWait(host: Host, position: Int, now: ContinuousClock.Instant) -> Double {
         guard let state = self.hosts[host] else { return 0 }
         var latency = state.latency ?? 0
         if state.inFlight > 0 {
@@ -103,7 +103,7 @@ struct Admission<Item> {
     /// A request wants to start. `.start`: it holds its slots now. `.wait`: it is queued and will
     /// come out of ``finished(queue:host:latency:now:)``. `.park`: it was not queued (only when
     /// `parkable`, when its expected wait is too long).
-    mutating func submit(_ item: Item, queue: Int, host: String, parkable: Bool, now: ContinuousClock.Instant) -> Decision {
+    mutating func submit(_ item: Item, queue: Int, host: Host, parkable: Bool, now: ContinuousClock.Instant) -> Decision {
         let pair = Pair(queue: queue, host: host)
         if self.lines[pair] == nil, self.hasRoom(queue: queue, host: host) {
             self.take(queue: queue, host: host, now: now)
@@ -118,7 +118,7 @@ struct Admission<Item> {
             self.order.append(pair)
         }
         self.lines[pair]?.append(Waiting(item: item, parkable: parkable))
-        if self.hosts[host] == nil { self.hosts[host] = Host(lastProgress: now) }
+        if self.hosts[host] == nil { self.hosts[host] = HostState(lastProgress: now) }
         self.hosts[host]?.waiting += 1
         self.waiting += 1
         return .wait
@@ -126,7 +126,7 @@ struct Admission<Item> {
 
     /// A request ended after `latency`: its slots are free. Returns the waiting requests that
     /// start now (each holding its slots), fairly across the (queue, host) lines.
-    mutating func finished(queue: Int, host: String, latency: Duration?, now: ContinuousClock.Instant) -> [Item] {
+    mutating func finished(queue: Int, host: Host, latency: Duration?, now: ContinuousClock.Instant) -> [Item] {
         self.inFlight -= 1
         self.queueInFlight[queue] -= 1
         if var state = self.hosts[host] {
@@ -211,7 +211,7 @@ struct Admission<Item> {
     }
 
     /// Hosts with nothing in flight or waiting are forgotten (a bounded map, whatever URLs come).
-    private mutating func forgetIdleHosts(_ host: String) {
+    private mutating func forgetIdleHosts(_ host: Host) {
         if let state = self.hosts[host], state.inFlight == 0, state.waiting == 0, self.hosts.count > 1024 {
             self.hosts[host] = nil
         }

@@ -82,7 +82,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     final class Request {
         let run: Run
         let url: String
-        let host: String
+        /// The host it counts against (see ``BridgeEngine/hostKey(_:)``).
+        let host: Int
         /// The Standard Webhooks id: the task id for the callback, `<task id>:result` for the webhook.
         let id: String
         let taskId: String
@@ -91,7 +92,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         let timeout: Duration
         let maxResponseBytes: Int
         let done: (Result<HTTPAnswer, HTTPError>) -> Void
-        init(run: Run, url: String, host: String, id: String, taskId: String, attempt: Int, body: ArraySlice<UInt8>, timeout: Duration,
+        init(run: Run, url: String, host: Int, id: String, taskId: String, attempt: Int, body: ArraySlice<UInt8>, timeout: Duration,
              maxResponseBytes: Int, done: @escaping (Result<HTTPAnswer, HTTPError>) -> Void) {
             self.run = run
             self.url = url
@@ -117,14 +118,17 @@ final class BridgeEngine: AMQPConnectionExtension {
     var consumeChannel: UInt16 = 0
     var consumers: [(channel: UInt16, tag: String)] = []
     var runs: [ObjectIdentifier: Run] = [:]
-    var admission: Admission<Request>
+    var admission: Admission<Request, Int>
     /// Bytes held by active runs, and the most ever held at once.
     private(set) var inFlightBytes = 0
     private(set) var peakInFlightBytes = 0
     /// `Content-Type` and `AsyncQueue-Queue`, built once per queue.
     private var sharedHeaderLists: [String: SharedHeaders] = [:]
-    /// URL → `scheme://host:port`, so a URL seen before costs one lookup (bounded; emptied when full).
-    private var hostKeys: [String: String] = [:]
+    /// URL → host number, so a URL seen before costs one lookup (bounded; emptied when full),
+    /// and the numbers' `scheme://host:port` names, for logs.
+    private var hostKeys: [String: Int] = [:]
+    private var hostNumbers: [String: Int] = [:]
+    private var hostNames: [String] = []
     /// The tier a parked task waits in: the shortest of at least 5 s.
     let parkTier: TimeSpan?
     var draining = false
@@ -187,7 +191,7 @@ final class BridgeEngine: AMQPConnectionExtension {
             if now - self.lastOverdueCheck >= .milliseconds(500) {
                 self.lastOverdueCheck = now
                 for request in self.admission.overdue(now: now) where request.run.active {
-                    self.park(request.run, reason: "\(request.host) is too slow to answer it within max_host_wait")
+                    self.park(request.run, reason: "\(self.hostName(request.host)) is too slow to answer it within max_host_wait")
                 }
             }
         }
@@ -317,13 +321,23 @@ final class BridgeEngine: AMQPConnectionExtension {
     // MARK: HTTP requests, admitted per queue and per host
 
     /// The host a request to `url` counts against (see ``Admission``).
-    private func hostKey(_ url: String) -> String {
+    private func hostKey(_ url: String) -> Int {
         if let key = self.hostKeys[url] { return key }
-        let key = URLText.authority(url)?.origin ?? "invalid"
+        let origin = URLText.authority(url)?.origin ?? "invalid"
+        let key: Int
+        if let known = self.hostNumbers[origin] {
+            key = known
+        } else {
+            key = self.hostNames.count
+            self.hostNames.append(origin)
+            self.hostNumbers[origin] = key
+        }
         if self.hostKeys.count >= 4096 { self.hostKeys.removeAll(keepingCapacity: true) }
         self.hostKeys[url] = key
         return key
     }
+
+    private func hostName(_ key: Int) -> String { key < self.hostNames.count ? self.hostNames[key] : "?" }
 
     private func sharedHeaders(_ queue: String) -> SharedHeaders {
         if let shared = self.sharedHeaderLists[queue] { return shared }
@@ -339,7 +353,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         case .start: self.send(request)
         case .wait: break
         case .park:
-            self.park(request.run, reason: "\(request.host) would keep it waiting longer than max_host_wait (\(self.admission.waiting(host: request.host)) in line)")
+            self.park(request.run, reason: "\(self.hostName(request.host)) would keep it waiting longer than max_host_wait (\(self.admission.waiting(host: request.host)) in line)")
         }
     }
 

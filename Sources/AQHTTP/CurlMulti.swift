@@ -171,16 +171,10 @@ public final class CurlMulti {
             completion(.failure(HTTPError(kind: .invalidRequest, message: "a header line holds CR, LF or NUL: \(String(header.prefix(40)).debugDescription)")))
             return
         }
-        let authority = URLText.authority(request.url)
-        if let policy = self.policy {
-            guard let authority else {
-                completion(.failure(HTTPError(kind: .invalidURL, message: "not an http or https URL with a host")))
-                return
-            }
-            if let why = policy.refusal(host: authority.host, address: nil) {
-                completion(.failure(HTTPError(kind: .refused, message: why)))
-                return
-            }
+        let (host, refusal) = self.hostCheck(request.url)
+        if let refusal {
+            completion(.failure(refusal))
+            return
         }
         let reused = self.idleHandles.popLast()
         let fresh = reused == nil
@@ -190,7 +184,7 @@ public final class CurlMulti {
         }
         let transfer = Transfer(easy: easy, request: request)
         transfer.completion = completion
-        transfer.host = authority?.host ?? ""
+        transfer.host = host
         for header in request.headers { transfer.headerList = curl_slist_append(transfer.headerList, header) }
         // No "Expect: 100-continue" round trip for larger bodies.
         transfer.headerList = curl_slist_append(transfer.headerList, "Expect:")
@@ -294,6 +288,26 @@ public final class CurlMulti {
         if code != CURLM_OK {
             self.finish(context, result: .failure(HTTPError(kind: .other, message: "libcurl refused the request: \(String(cString: curl_multi_strerror(code)))")))
         }
+    }
+
+    /// A URL's host and what the policy says of its name, remembered per URL (bounded).
+    private var hostChecks: [String: (host: String, refusal: HTTPError?)] = [:]
+
+    private func hostCheck(_ url: String) -> (host: String, refusal: HTTPError?) {
+        if let known = self.hostChecks[url] { return known }
+        let authority = URLText.authority(url)
+        var refusal: HTTPError?
+        if let policy = self.policy {
+            if let authority {
+                refusal = policy.refusal(host: authority.host, address: nil).map { HTTPError(kind: .refused, message: $0) }
+            } else {
+                refusal = HTTPError(kind: .invalidURL, message: "not an http or https URL with a host")
+            }
+        }
+        let result = (authority?.host ?? "", refusal)
+        if self.hostChecks.count >= 4096 { self.hostChecks.removeAll(keepingCapacity: true) }
+        self.hostChecks[url] = result
+        return result
     }
 
     /// The trimmed value when the header line starts with `name` (lowercase, with the colon),

@@ -8,7 +8,7 @@ import Testing
 /// The pure rules behind "one message, one answer or one client never costs another task
 /// anything": admission, address policy, bounded outside numbers, UTF-8, log lines, copies.
 @Suite struct AdmissionTests {
-    typealias Machine = Admission<String>
+    typealias Machine = Admission<String, String>
     static let t0 = ContinuousClock.now
 
     static func machine(perQueue: [Int] = [4, 4], perHost: Int = 2, total: Int = 100, maxWait: Duration = .seconds(10)) -> Machine {
