@@ -49,8 +49,9 @@ aq_broker_env() {
     export HOME=$AQ_BROKER_DIR   # the Erlang cookie lives here, shared by the node and rabbitmqctl
 }
 
-# aq_ctl ARGS...: rabbitmqctl against the private node.
-aq_ctl() { (aq_broker_env; "$AQ_RMQ_BIN/rabbitmqctl" "$@"); }
+# aq_ctl ARGS...: rabbitmqctl against the private node. Its data folder must exist (the Erlang
+# cookie lives there), and a CLI that cannot start writes no erl_crash.dump into the checkout.
+aq_ctl() { (aq_broker_env; mkdir -p "$AQ_BROKER_DIR"; export ERL_CRASH_DUMP_SECONDS=0; "$AQ_RMQ_BIN/rabbitmqctl" "$@"); }
 
 aq_broker_running() { aq_ctl -q status >/dev/null 2>&1; }
 
