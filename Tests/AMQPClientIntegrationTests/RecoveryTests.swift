@@ -1,5 +1,6 @@
 import AMQPClient
 import Foundation
+import Synchronization
 import Testing
 
 @Suite(.timeLimit(.minutes(2))) struct RecoveryTests {
@@ -144,6 +145,54 @@ import Testing
             throw error
         }
         #expect(try await channel.declareQueue(queue, passive: true).messageCount == 2)
+        await connection.close()
+    }
+}
+
+/// Thread-hosted consumers whose deliveries arrive while a recovered connection is still
+/// restoring the next consumers: they are settled on the spot, not left unacknowledged.
+@Suite(.timeLimit(.minutes(2))) struct RestoreDispatchTests {
+    @Test func deliveriesDuringRestoreCanBeAcked() async throws {
+        let name = "aq-test-restore-\(UUID().uuidString.prefix(8))"
+        var configuration = try AMQPConfiguration(url: TestBroker.url)
+        configuration.connectionName = name
+        configuration.recovery.initialDelay = .milliseconds(50)
+        let connection = try await AMQPConnection.connect(configuration: configuration)
+        let setup = try await connection.openChannel()
+        try await setup.enableConfirms()
+        let queues = (0..<3).map { _ in TestBroker.uniqueName() }
+        for queue in queues { try await setup.declareQueue(queue, durable: true) }
+        defer { Task { for queue in queues { _ = try? await setup.deleteQueue(queue) } } }
+        let acked = Mutex(0)
+        let events = connection.events()
+        try await connection.withThreadContext { context in
+            let channel = try context.openChannel()
+            try context.setPrefetch(channel: channel, count: 500)
+            for queue in queues {
+                _ = try context.consume(channel: channel, queue: queue, handler: { delivery in
+                    context.ack(delivery)  // at once, on the connection thread
+                    acked.withLock { $0 += 1 }
+                }, onEnd: { _ in })
+            }
+        }
+        // A backlog in the first queue, then the broker drops the connection: on recovery its
+        // consumer starts first, and its deliveries arrive while the other two still start.
+        let pid = try #require(try TestBroker.connectionPid(named: name))
+        let publisher = try await TestBroker.connect()
+        let publish = try await publisher.openChannel()
+        try await publish.enableConfirms()
+        try TestBroker.rabbitmqctl("close_connection", pid, "test: recovery with a backlog")
+        var confirms: [AMQPPublishConfirm] = []
+        for index in 0..<2000 { confirms.append(publish.beginPublish(Array("m\(index)".utf8), routingKey: queues[0])) }
+        for confirm in confirms { _ = try await confirm.result() }
+        for await event in events { if case .connected = event { break } }
+        try await waitFor("every delivery acked", timeout: .seconds(30)) { acked.withLock { $0 } >= 2000 }
+        // Acked means gone: nothing is left unacknowledged on the live channel.
+        try await waitFor("the queue to be empty") { try await publish.declareQueue(queues[0], passive: true).messageCount == 0 }
+        let unacked = try TestBroker.rabbitmqctl("-q", "list_queues", "name", "messages_unacknowledged")
+            .split(separator: "\n").first { $0.hasPrefix(queues[0]) }
+        #expect(unacked?.hasSuffix("\t0") == true, "\(unacked ?? "")")
+        await publisher.close()
         await connection.close()
     }
 }

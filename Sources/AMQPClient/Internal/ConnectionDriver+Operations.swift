@@ -68,8 +68,9 @@ extension ConnectionDriver {
 
     func setPrefetch(_ id: UInt16, count: UInt16, global: Bool) throws(AMQPError) {
         let (conn, channel) = try self.requireChannel(id)
-        _ = amqp_basic_qos(conn, id, 0, count, global ? 1 : 0)
-        try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "basic.qos")
+        var qos = amqp_basic_qos_t(prefetch_size: 0, prefetch_count: count, global: global ? 1 : 0)
+        // Waits for qos-ok while dispatching what arrives meanwhile (deliveries of running consumers).
+        try self.rpcDispatching(conn, id, AMQP_BASIC_QOS_METHOD, &qos, reply: AMQP_BASIC_QOS_OK_METHOD, doing: "basic.qos")
         channel.prefetch = (count, global)
     }
 

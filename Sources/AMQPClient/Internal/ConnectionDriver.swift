@@ -129,7 +129,10 @@ final class ConnectionDriver {
         self.shared.mailbox.take(into: &self.jobBuffer)
         guard !self.jobBuffer.isEmpty else { return }
         self.didRunJobs = true
-        for job in self.jobBuffer { job(self) }
+        for job in self.jobBuffer {
+            self.watch.turnStarted()  // each job is held to the stall limit on its own
+            job(self)
+        }
         self.jobBuffer.removeAll(keepingCapacity: true)
         self.flushAcks()
     }
@@ -155,11 +158,16 @@ final class ConnectionDriver {
         var bodyBytes = 0
         if mustRead { (frames, bodyBytes) = self.readAvailable(conn) }
         self.handOverDeliveries()
+        self.flushAcks()  // acks that thread-hosted handlers queued while the frames were read
         guard self.isConnected else { return }
         let busy = self.runExtensions()
         guard self.isConnected else { return }
         amqp_maybe_release_buffers(conn)
         if busy || frames >= 1024 || bodyBytes >= Self.maxBodyBytesPerTurn || amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0 {
+            // More to do at once: no sleep, but the extensions' descriptors are still polled
+            // (without waiting), or a thread kept busy by the broker would never tell libcurl its
+            // sockets are writable and uploads would crawl on its timer alone.
+            self.wait(socket: self.sockfd, milliseconds: 0)
             self.socketReadable = true
             return
         }
@@ -553,11 +561,15 @@ final class ConnectionDriver {
         }
         do {
             try self.openConnection()
-            try self.restoreAfterConnect()
+            // Connected from here: restoring the consumers dispatches the deliveries that arrive
+            // meanwhile, and their handlers must be able to settle them on the reopened channels.
             self.phase = .connected
+            try self.restoreAfterConnect()
+            self.flushAcks()
             self.logger.info("amqp connection recovered", metadata: ["amqp.connection.id": "\(self.shared.id)", "attempt": "\(attempt)"])
             self.shared.emit(.connected)
         } catch {
+            if self.isConnected { self.connectionLost(error) }
             self.destroyConnection()
             let delay = self.jittered(self.configuration.recovery.delay(forAttempt: attempt + 1))
             self.logger.info("amqp reconnect failed", metadata: ["amqp.connection.id": "\(self.shared.id)", "attempt": "\(attempt)", "error": "\(error)", "retry_in": "\(delay)"])

@@ -16,10 +16,11 @@ import Glibc
 /// plus a margin), shuts the socket down. The blocked call then fails, and the connection
 /// recovers as from any lost connection.
 ///
-/// The watchdog never touches rabbitmq-c: it calls `shutdown(2)` on the descriptor, which the
-/// kernel allows from any thread. The entry's lock orders that against the owner closing the
-/// descriptor (``Entry/disarm()`` runs before `amqp_destroy_connection`), so a number the system
-/// has handed out again is never shut down.
+/// The watchdog never touches rabbitmq-c: it calls `shutdown(2)` on its own duplicate of the
+/// socket's descriptor (made when the connection is armed, closed when it is disarmed), which
+/// the kernel allows from any thread and which acts on the socket itself. rabbitmq-c closes its
+/// descriptor on its own after a heartbeat or RPC timeout; the duplicate keeps that number from
+/// being handed to another socket that could then be shut down by mistake.
 final class StuckThreadWatchdog: Sendable {
     static let shared = StuckThreadWatchdog()
 
@@ -47,10 +48,21 @@ final class StuckThreadWatchdog: Sendable {
             let (seconds, attoseconds) = limit.components
             let nanos = seconds.multipliedReportingOverflow(by: 1_000_000_000)
             self.fired.store(0, ordering: .relaxed)
-            self.armed.withLock { $0 = (fd, nanos.overflow ? .max : nanos.partialValue &+ attoseconds / 1_000_000_000) }
+            let own = fd >= 0 ? fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1
+            let previous = self.armed.withLock { armed -> Int32 in
+                defer { armed = (own, nanos.overflow ? .max : nanos.partialValue &+ attoseconds / 1_000_000_000) }
+                return armed.fd
+            }
+            if previous >= 0 { close(previous) }
         }
 
-        func disarm() { self.armed.withLock { $0 = (-1, .max) } }
+        func disarm() {
+            let previous = self.armed.withLock { armed -> Int32 in
+                defer { armed = (-1, .max) }
+                return armed.fd
+            }
+            if previous >= 0 { close(previous) }
+        }
 
         /// How long the thread was stuck, if the watchdog shut the socket down since `arm`.
         var firedAfter: Duration? {
@@ -66,6 +78,7 @@ final class StuckThreadWatchdog: Sendable {
             let shut: Bool = self.armed.withLock { armed in
                 guard armed.fd >= 0, stalled > armed.limit else { return false }
                 _ = shutdown(armed.fd, Int32(SHUT_RDWR))
+                close(armed.fd)
                 armed.fd = -1
                 return true
             }
