@@ -46,7 +46,14 @@ public enum URLText {
             return nil
         }
         var host = utf8[hostStart..<hostEnd].map(lower)
-        if host.first == UInt8(ascii: "["), host.last == UInt8(ascii: "]") { host = Array(host.dropFirst().dropLast()) }
+        if host.first == UInt8(ascii: "["), host.last == UInt8(ascii: "]") {
+            host = Array(host.dropFirst().dropLast())
+            guard host.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) || $0 == UInt8(ascii: ":") || $0 == UInt8(ascii: ".") }) else { return nil }
+        } else {
+            // Letters, digits, '-', '.' and '_' only: libcurl would percent-decode '%2E' or map
+            // non-ASCII (IDN) to another name than the one the address policy looked at.
+            guard host.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x7A) || $0 == 0x2D || $0 == 0x2E || $0 == 0x5F }) else { return nil }
+        }
         if host.last == UInt8(ascii: "."), host.count > 1 { host.removeLast() }
         guard !host.isEmpty else { return nil }
         return Authority(scheme: scheme, host: String(decoding: host, as: UTF8.self), port: port)

@@ -107,6 +107,10 @@ public struct TopologySpec: Sendable, Equatable {
         t.bindings.append(.init(source: self.unroutedExchange, destination: self.unroutedQueue))
         t.policies.append(.init(name: "aq.tasks.unrouted", pattern: regex(self.taskExchange), applyTo: "exchanges", priority: 10,
                                 definition: ["alternate-exchange": .string(self.unroutedExchange)]))
+        // What the bridge rejects there (a message it cannot read) goes to the dead letters too.
+        t.policies.append(.init(name: "aq.unrouted", pattern: regex(self.unroutedQueue), applyTo: "queues", priority: 10,
+                                definition: ["dead-letter-exchange": .string(self.deadLetterExchange), "dead-letter-strategy": "at-least-once",
+                                             "overflow": "reject-publish"]))
         t.exchanges.append(.init(name: self.chainExchange, type: "topic"))
         for queue in self.workQueues {
             let name = self.queueName(forWorkQueue: queue.name)
