@@ -70,6 +70,8 @@ struct Admission<Item, Host: Hashable> {
     func inFlight(host: Host) -> Int { self.hosts[host]?.inFlight ?? 0 }
     func inFlight(queue: Int) -> Int { self.queueInFlight[queue] }
     func waiting(host: Host) -> Int { self.hosts[host]?.waiting ?? 0 }
+    /// Whether a host has requests in flight or waiting (its number may not be reused).
+    func isInUse(host: Host) -> Bool { (self.hosts[host]?.inFlight ?? 0) > 0 || (self.hosts[host]?.waiting ?? 0) > 0 }
 
     private func hasRoom(queue: Int, host: Host) -> Bool {
         self.inFlight < self.limits.total && self.queueInFlight[queue] < self.limits.perQueue[queue]

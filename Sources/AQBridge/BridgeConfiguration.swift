@@ -48,6 +48,9 @@ public struct BridgeConfiguration: Sendable {
     /// AMQP users whose messages may carry the bridge's own bookkeeping headers (`aq-…`); the
     /// broker vouches for a message's `user_id`. Empty: the bridge's own user only.
     public var trustedPublishers: [String] = []
+    /// Prefixes a task's `reply_to` queue name must start with: server-named queues, direct
+    /// reply-to, and `reply.`/`aq.reply.` by default; `*` allows any queue the bridge may write to.
+    public var replyToAllow: [String] = ["amq.gen-", "amq.rabbitmq.reply-to", "reply.", "aq.reply."]
     /// Health, readiness and metrics (`AQ_LISTEN`); empty disables.
     public var listen = "127.0.0.1:9464"
     /// How long SIGTERM waits for in-flight tasks before handing them back to the broker.
@@ -84,13 +87,14 @@ public struct BridgeConfiguration: Sendable {
         if let v = environment["AQ_CALLBACK_ALLOW"] { self.callbackAllow = list(v) }
         if let v = environment["AQ_CALLBACK_DENY"] { self.callbackDeny = list(v) }
         if let v = environment["AQ_TRUSTED_PUBLISHERS"] { self.trustedPublishers = list(v) }
+        if let v = environment["AQ_REPLY_TO_ALLOW"] { self.replyToAllow = list(v) }
         if let v = environment["AQ_LOG_LEVEL"], !v.isEmpty { self.logLevel = v }
     }
 
     /// Keys: the property names in snake_case (amqp_url, topology, queues, prefetch,
     /// signing_secrets, max_payload_bytes, max_response_bytes, max_task_timeout,
     /// webhook_timeout, webhook_attempts, http_connections, max_per_host, max_inflight_bytes, max_host_wait,
-    /// callback_allow, callback_deny, trusted_publishers, listen, shutdown_grace, retry_jitter,
+    /// callback_allow, callback_deny, trusted_publishers, reply_to_allow, listen, shutdown_grace, retry_jitter,
     /// log_level).
     public mutating func apply(yaml text: String, source: String) throws {
         var values: [String: String] = [:]
@@ -145,6 +149,7 @@ public struct BridgeConfiguration: Sendable {
         if let v = lists.removeValue(forKey: "callback_allow") { self.callbackAllow = v }
         if let v = lists.removeValue(forKey: "callback_deny") { self.callbackDeny = v }
         if let v = lists.removeValue(forKey: "trusted_publishers") { self.trustedPublishers = v }
+        if let v = lists.removeValue(forKey: "reply_to_allow") { self.replyToAllow = v }
         if let v = try duration("max_task_timeout") { self.maxTaskTimeout = v }
         if let v = try duration("webhook_timeout") { self.webhookTimeout = v }
         if let v = try duration("shutdown_grace") { self.shutdownGrace = v }

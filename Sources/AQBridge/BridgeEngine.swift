@@ -52,6 +52,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         var bridgeUser: String
         /// Users whose messages may carry bookkeeping headers.
         var trustedPublishers: Set<String>
+        /// Prefixes a `reply_to` queue name must have (`*`: any).
+        var replyToAllow: [String]
     }
 
     final class Run {
@@ -92,6 +94,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         let timeout: Duration
         let maxResponseBytes: Int
         let done: (Result<HTTPAnswer, HTTPError>) -> Void
+        /// A webhook's body (nil for a callback): parked, it becomes a webhook job.
+        var webhook: [UInt8]?
         init(run: Run, url: String, host: Int, id: String, taskId: String, attempt: Int, body: ArraySlice<UInt8>, timeout: Duration,
              maxResponseBytes: Int, done: @escaping (Result<HTTPAnswer, HTTPError>) -> Void) {
             self.run = run
@@ -128,7 +132,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// and the numbers' `scheme://host:port` names, for logs.
     private var hostKeys: [String: Int] = [:]
     private var hostNumbers: [String: Int] = [:]
-    private var hostNames: [String] = []
+    private var hostNames: [String?] = []
+    private var freeHostNumbers: [Int] = []
     /// The tier a parked task waits in: the shortest of at least 5 s.
     let parkTier: TimeSpan?
     var draining = false
@@ -151,8 +156,6 @@ final class BridgeEngine: AMQPConnectionExtension {
         self.signing = settings.signer.makeContext()
     }
 
-    /// The largest delivery read at all: 16 MiB, or max_payload_bytes when larger.
-    static func readCap(_ maxPayloadBytes: Int) -> Int { max(16 << 20, maxPayloadBytes) }
 
     /// Opens the channels and starts a consumer per queue.
     func start() throws(AMQPError) {
@@ -163,10 +166,9 @@ final class BridgeEngine: AMQPConnectionExtension {
         for (index, queue) in self.settings.queues.enumerated() {
             let tag = try self.context.consume(
                 channel: self.consumeChannel, queue: queue.queueName,
-                // A task over the read cap is never buffered: the client rejects it to the
-                // dead-letter exchange whole and reports it here. Below it, a task over
-                // max_payload_bytes is dead-lettered with the reason (see `received`).
-                maxBodyBytes: Self.readCap(queue.defaults.maxPayloadBytes),
+                // A task over max_payload_bytes is never buffered: the client rejects it to the
+                // queue's dead-letter exchange whole and reports it here (`unreadable`).
+                maxBodyBytes: queue.defaults.maxPayloadBytes,
                 handler: { [unowned self] delivery in self.received(delivery, queue: queue, index: index) },
                 onUnreadable: { [unowned self] unreadable in self.unreadable(unreadable, queue: queue) },
                 onEnd: { [unowned self] error in
@@ -191,7 +193,7 @@ final class BridgeEngine: AMQPConnectionExtension {
             if now - self.lastOverdueCheck >= .milliseconds(500) {
                 self.lastOverdueCheck = now
                 for request in self.admission.overdue(now: now) where request.run.active {
-                    self.park(request.run, reason: "\(self.hostName(request.host)) is too slow to answer it within max_host_wait")
+                    self.parkRequest(request, reason: "\(self.hostName(request.host)) is too slow to answer it within max_host_wait")
                 }
             }
         }
@@ -275,9 +277,9 @@ final class BridgeEngine: AMQPConnectionExtension {
         }
         if queue.isUnrouted { return self.unrouted(run) }
         // Memory: past the budget, a task waits in the broker instead (one run always proceeds).
-        // A task too large to run at all is not parked: it is dead-lettered below.
-        if self.inFlightBytes > self.settings.maxInFlightBytes, self.runs.count > 1,
-           delivery.body.count <= queue.defaults.maxPayloadBytes {
+        // It is parked unread: parking must cost far less than running, or a burst of large
+        // tasks keeps the thread busy bouncing them while the admitted ones starve.
+        if self.inFlightBytes > self.settings.maxInFlightBytes, self.runs.count > 1 {
             return self.park(run, reason: "the bridge holds \(self.inFlightBytes) bytes of tasks (max_inflight_bytes \(self.settings.maxInFlightBytes))")
         }
         self.count(.tasksReceived)
@@ -302,7 +304,8 @@ final class BridgeEngine: AMQPConnectionExtension {
                 }
             }
             run.task = task
-            if let due = self.dueTime(run, task), due > Self.unixMilliseconds() {
+            let due = self.dueTime(run, task)
+            if let due, due > Self.unixMilliseconds() {
                 return self.delay(run, task, until: due)
             }
             self.callback(run, task)
@@ -323,21 +326,36 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// The host a request to `url` counts against (see ``Admission``).
     private func hostKey(_ url: String) -> Int {
         if let key = self.hostKeys[url] { return key }
+        if self.hostKeys.count >= 4096 { self.forgetHosts() }
         let origin = URLText.authority(url)?.origin ?? "invalid"
         let key: Int
         if let known = self.hostNumbers[origin] {
             key = known
+        } else if let free = self.freeHostNumbers.popLast() {
+            key = free
+            self.hostNames[key] = origin
+            self.hostNumbers[origin] = key
         } else {
             key = self.hostNames.count
             self.hostNames.append(origin)
             self.hostNumbers[origin] = key
         }
-        if self.hostKeys.count >= 4096 { self.hostKeys.removeAll(keepingCapacity: true) }
         self.hostKeys[url] = key
         return key
     }
 
-    private func hostName(_ key: Int) -> String { key < self.hostNames.count ? self.hostNames[key] : "?" }
+    /// Whatever URLs tasks name, the maps stay bounded: the numbers of hosts with nothing in
+    /// flight or waiting are freed for reuse.
+    private func forgetHosts() {
+        self.hostKeys.removeAll(keepingCapacity: true)
+        for (origin, key) in self.hostNumbers where !self.admission.isInUse(host: key) {
+            self.hostNumbers[origin] = nil
+            self.hostNames[key] = nil
+            self.freeHostNumbers.append(key)
+        }
+    }
+
+    private func hostName(_ key: Int) -> String { key < self.hostNames.count ? self.hostNames[key] ?? "?" : "?" }
 
     private func sharedHeaders(_ queue: String) -> SharedHeaders {
         if let shared = self.sharedHeaderLists[queue] { return shared }
@@ -346,18 +364,47 @@ final class BridgeEngine: AMQPConnectionExtension {
         return shared
     }
 
-    /// Sends the request now if its queue and host have room, else lines it up (or parks the
-    /// task, for a callback to a host with a long line).
-    private func submit(_ request: Request, parkable: Bool) {
-        switch self.admission.submit(request, queue: request.run.queueIndex, host: request.host, parkable: parkable, now: .now) {
+    /// Sends the request now if its queue and host have room, else lines it up, or parks it
+    /// (the task, or its webhook as a webhook job) when its host would keep it waiting too long.
+    private func submit(_ request: Request) {
+        switch self.admission.submit(request, queue: request.run.queueIndex, host: request.host, parkable: self.parkTier != nil, now: .now) {
         case .start: self.send(request)
         case .wait: break
         case .park:
-            self.park(request.run, reason: "\(self.hostName(request.host)) would keep it waiting longer than max_host_wait (\(self.admission.waiting(host: request.host)) in line)")
+            self.parkRequest(request, reason: "\(self.hostName(request.host)) would keep it waiting longer than max_host_wait (\(self.admission.waiting(host: request.host)) in line)")
         }
     }
 
+    private func parkRequest(_ request: Request, reason: String) {
+        guard request.run.active else { return }
+        if let webhook = request.webhook {
+            self.parkWebhook(request.run, url: request.url, taskId: request.taskId, body: webhook, attempt: request.attempt, reason: reason)
+        } else {
+            self.park(request.run, reason: reason)
+        }
+    }
+
+    /// Requests to send, sent one after another: a request that fails at once (a refused URL)
+    /// frees its slot for the next without nesting a call per request.
+    private var sendQueue: [Request] = []
+    private var sendQueueHead = 0
+    private var sending = false
+
     private func send(_ request: Request) {
+        self.sendQueue.append(request)
+        guard !self.sending else { return }
+        self.sending = true
+        while self.sendQueueHead < self.sendQueue.count {
+            let next = self.sendQueue[self.sendQueueHead]
+            self.sendQueueHead += 1
+            self.start(next)
+        }
+        self.sendQueue.removeAll(keepingCapacity: true)
+        self.sendQueueHead = 0
+        self.sending = false
+    }
+
+    private func start(_ request: Request) {
         guard request.run.active else {
             // Its task was handed back while it waited: free the slot for the next one.
             for next in self.admission.finished(queue: request.run.queueIndex, host: request.host, latency: nil, now: .now) { self.send(next) }
@@ -405,7 +452,7 @@ final class BridgeEngine: AMQPConnectionExtension {
                 self.failed(run, task, outcome: outcome, responseBody: body)
             }
         }
-        self.submit(request, parkable: true)
+        self.submit(request)
     }
 
     /// The callback's answer as the webhook's `result`: its JSON, `null` when empty, else the
@@ -447,11 +494,21 @@ final class BridgeEngine: AMQPConnectionExtension {
         guard self.context.isCurrent(run.delivery) else { return self.end(run) }
         guard let tier = self.parkTier else { return self.requeue(run, "cannot park without retry tiers") }
         let parked = Int32(clamping: (run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0) + 1)
-        let properties = self.copy(of: run, messageId: run.delivery.properties.messageId, adding: [
+        var ours: AMQPTable = [
             "retry-tier": .string(self.settings.spec.retryTierHeader(for: tier)),
             "aq-attempt": .int32(Int32(clamping: run.attempt)),
             "aq-parked": .int32(parked),
-        ])
+        ]
+        // A delayed task keeps its due time: its delay must not start again from its return. A
+        // task parked unread keeps the due time it was given, and its copy the time it was first
+        // seen, which a `delay` counts from.
+        if let task = run.task, let due = self.dueTime(run, task) {
+            ours["aq-not-before"] = .int64(due)
+        } else if run.task == nil, run.trusted, let due = run.delivery.properties.headers?["aq-not-before"]?.intValue {
+            ours["aq-not-before"] = .int64(due)
+        }
+        var properties = self.copy(of: run, messageId: run.task?.id ?? run.delivery.properties.messageId, adding: ours)
+        if properties.timestamp == nil { properties.timestamp = UInt64(Self.unixMilliseconds() / 1000) }
         self.logger.debug("task parked", metadata: ["queue": "\(run.queue.name)", "tier": "\(tier)", "reason": "\(reason)"])
         self.publishThenAck(run, exchange: self.settings.spec.retryExchange, properties: properties, body: run.delivery.body,
                             counting: .tasksParked, "the parked task") { [unowned self] error in
@@ -542,14 +599,20 @@ final class BridgeEngine: AMQPConnectionExtension {
         self.reply(run, to: replyTo, outcome: outcome, body: body, then: then)
     }
 
-    /// Why a task's `reply_to` cannot be used, or nil: replies go through the default exchange
-    /// with the bridge's permissions, so they may not name the bridge's own queues.
+    /// Why a task's `reply_to` cannot be used, or nil. Replies go through the default exchange
+    /// with the bridge's permissions, so a publisher could aim them at any queue the bridge may
+    /// write to: only names with an allowed prefix (`reply_to_allow`) are taken, and never the
+    /// bridge's own queues.
     func replyProblem(_ replyTo: String?) -> String? {
         guard let replyTo, !replyTo.isEmpty else { return nil }
         let spec = self.settings.spec
         let reserved = [spec.workQueuePrefix, spec.retryQueuePrefix, spec.batchQueuePrefix]
         if reserved.contains(where: { replyTo.hasPrefix($0) }) || [spec.deadLetterQueue, spec.unroutedQueue].contains(replyTo) {
             return "reply_to '\(replyTo.prefix(80))' names one of AsyncQueue's own queues"
+        }
+        let allowed = self.settings.replyToAllow
+        guard allowed.contains("*") || allowed.contains(where: { replyTo.hasPrefix($0) }) else {
+            return "reply_to '\(replyTo.prefix(80))' is not allowed: reply queues must start with \(allowed.map { "'\($0)'" }.joined(separator: ", ")) (reply_to_allow)"
         }
         return nil
     }
@@ -793,19 +856,37 @@ final class BridgeEngine: AMQPConnectionExtension {
             if case .retryable(_, _, let retryAfter) = outcome, attempt < self.settings.webhookAttempts,
                let tier = RetryPolicy.tier(forRetry: attempt, retryAfter: retryAfter, tiers: self.settings.spec.retryTiers, jitter: self.settings.retryJitter) {
                 // Its own schedule: a webhook job waits in a tier; the callback never runs again.
-                let properties = AMQPProperties(
-                    contentType: "application/json",
-                    headers: ["aq-kind": "webhook", "aq-webhook-url": .string(url), "aq-task-id": .string(taskId),
-                              "aq-attempt": .int32(Int32(clamping: attempt + 1)), "retry-tier": .string(self.settings.spec.retryTierHeader(for: tier)),
-                              "aq-last-error": .string(Self.clip(outcome.reason, 200))],
-                    deliveryMode: .persistent, messageId: id, userId: self.settings.bridgeUser)
+                let properties = self.webhookJob(url: url, taskId: taskId, attempt: attempt + 1, tier: tier, lastError: outcome.reason)
                 self.publishThenAck(run, exchange: self.settings.spec.retryExchange, properties: properties, body: body,
                                     counting: .webhooksRetried, "the webhook retry") { _ in giveUp() }
                 return
             }
             giveUp()
         }
-        self.submit(request, parkable: false)
+        request.webhook = body
+        self.submit(request)
+    }
+
+    /// Properties of a webhook job: the webhook alone, waiting in a retry tier.
+    private func webhookJob(url: String, taskId: String, attempt: Int, tier: TimeSpan, lastError: String?) -> AMQPProperties {
+        var headers: AMQPTable = ["aq-kind": "webhook", "aq-webhook-url": .string(url), "aq-task-id": .string(taskId),
+                                  "aq-attempt": .int32(Int32(clamping: attempt)), "retry-tier": .string(self.settings.spec.retryTierHeader(for: tier))]
+        if let lastError { headers["aq-last-error"] = .string(Self.clip(lastError, 200)) }
+        return AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent, messageId: "\(taskId):result",
+                              userId: self.settings.bridgeUser)
+    }
+
+    /// A webhook whose host would keep it waiting too long goes to the broker as a webhook job,
+    /// its attempt unchanged: the task's delivery is acked and the prefetch window freed.
+    private func parkWebhook(_ run: Run, url: String, taskId: String, body: [UInt8], attempt: Int, reason: String) {
+        guard self.context.isCurrent(run.delivery) else { return self.end(run) }
+        guard let tier = self.parkTier else { return }  // no tiers: it keeps its place in line
+        self.logger.debug("webhook parked", metadata: ["task.id": "\(taskId)", "reason": "\(reason)"])
+        self.publishThenAck(run, exchange: self.settings.spec.retryExchange,
+                            properties: self.webhookJob(url: url, taskId: taskId, attempt: attempt, tier: tier, lastError: nil), body: body,
+                            counting: .tasksParked, "the parked webhook") { [unowned self] error in
+            self.requeue(run, "could not park the webhook: \(error)")
+        }
     }
 
     /// A webhook waiting in a retry tier came back: deliver it (only it). Only a trusted

@@ -118,7 +118,7 @@ public final class BridgeService: Sendable {
             spec: spec, queues: queues, prefetch: config.prefetch, signer: signer, maxResponseBytes: config.maxResponseBytes,
             webhookTimeout: config.webhookTimeout, webhookAttempts: config.webhookAttempts, httpConnections: config.httpConnections,
             maxPerHost: config.maxPerHost, maxInFlightBytes: config.maxInFlightBytes, maxHostWait: config.maxHostWait, retryJitter: config.retryJitter,
-            policy: try config.addressPolicy(), bridgeUser: amqp.user, trustedPublishers: trusted)
+            policy: try config.addressPolicy(), bridgeUser: amqp.user, trustedPublishers: trusted, replyToAllow: config.replyToAllow)
         let metrics = self.metrics
         let logger = self.logger
         try await connection.withThreadContext { context in
@@ -204,7 +204,8 @@ public final class BridgeService: Sendable {
         let metrics = self.metrics
         let server: HTTPServer
         do {
-            server = try HTTPServer(host: String(parts[0]), port: port) { [weak self] request, responder in
+            // Health checks carry no body: a client that announces one gets 413, not 16 MiB of buffer.
+            server = try HTTPServer(host: String(parts[0]), port: port, maxBodyBytes: 4096) { [weak self] request, responder in
                 switch (request.method, request.path) {
                 case ("GET", "/healthz"):
                     responder.respond(.json(#"{"status":"ok"}"#))

@@ -80,7 +80,7 @@ public enum TaskParser {
     static let keys: [StaticString] = ["callbackUrl", "payload", "webhookUrl", "failureWebhookUrl", "retries", "timeout", "taskId", "delay", "notBefore"]
 
     /// Reads and checks a task body. `messageId` is the AMQP `message_id` (the task id).
-    public static func parse(_ body: [UInt8], messageId: String?, defaults: TaskDefaults) -> Result<TaskSpec, MalformedTask> {
+    public static func parse(_ body: [UInt8], messageId: String?, defaults: TaskDefaults, now: Date = Date()) -> Result<TaskSpec, MalformedTask> {
         guard body.count <= defaults.maxPayloadBytes else {
             return .failure(MalformedTask(reason: "the task is \(body.count) bytes, over the limit of \(defaults.maxPayloadBytes)"))
         }
@@ -178,6 +178,8 @@ public enum TaskParser {
             guard let milliseconds else {
                 return bad("notBefore must be Unix seconds or an RFC 3339 time such as 2026-12-01T12:00:00Z, not \(text.prefix(40))")
             }
+            let latest = Int64((now.timeIntervalSince1970 + Double(Self.maxDelay.components.seconds)) * 1000)
+            guard milliseconds <= latest else { return bad("notBefore is more than 30 days ahead") }
             due = .at(unixMilliseconds: milliseconds)
         }
         let payload = payloadMember.map { body[$0.range] } ?? Array("null".utf8)[...]
@@ -216,6 +218,10 @@ public enum TaskParser {
                 return "has no host: '\(URLText.redacted(String(decoding: bytes.prefix(16384), as: UTF8.self), limit: 80))'"
             }
             for byte in bytes where byte <= 0x20 || byte == 0x7F { return "contains spaces or control characters" }
+            let text = String(decoding: bytes, as: UTF8.self)
+            if URLText.authority(text) == nil {
+                return "has a host or port that is not plain ASCII letters, digits, '-', '.' and '_' (or an IP address; write an IDN as punycode, not percent-encoded): '\(URLText.redacted(text, limit: 80))'"
+            }
             return nil
         }
     }

@@ -204,16 +204,21 @@ import Testing
             (#"{"callbackUrl":"http://127.0.0.1:1/x","retries":"3"}"#, "retries must be a whole number"),
             (#"{"callbackUrl":"http://127.0.0.1:1/x","timeout":-5}"#, "timeout must be a positive number"),
             (#"{"callbackUrl":"http://127.0.0.1:1/x","webhookUrl":"not a url"}"#, "webhookUrl must be an http or https URL"),
-            (#"{"callbackUrl":"http://127.0.0.1:1/x","payload":""# + String(repeating: "x", count: 3000) + #""}"#, "over the limit of 2000"),
             (#"{"callbackUrl":"http://127.0.0.1:1/x","payload":{"unterminated":}"#, "not a JSON object"),
         ]
         for (body, _) in cases { try await bridge.publish(body) }
+        // Over max_payload_bytes: never read into memory; rejected to the dead letters whole.
+        let oversized = #"{"callbackUrl":"http://127.0.0.1:1/x","payload":""# + String(repeating: "x", count: 3000) + #""}"#
+        try await bridge.publish(oversized)
         // A good task after the bad ones still works.
         try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/ok"))","payload":{}}"#)
         _ = try await receiver.wait("/ok", count: 1)
-        try await bridge.waitDepth("aq.dead", UInt32(cases.count))
+        try await bridge.waitDepth("aq.dead", UInt32(cases.count + 1))
         let dead = try await bridge.deadLetters()
-        #expect(dead.count == cases.count)
+        #expect(dead.count == cases.count + 1)
+        let rejected = dead.first { $0.body == Array(oversized.utf8) }
+        #expect(rejected?.properties.headers?["x-first-death-reason"]?.stringValue == "rejected", "the broker dead-lettered the unread task")
+        #expect(bridge.service.metrics.value(.tasksUnreadable) == 1)
         for (index, (body, reason)) in cases.enumerated() {
             let letter = dead.first { $0.body == Array(body.utf8) }
             #expect(letter?.properties.headers?["aq-reason"]?.stringValue == "malformed", "case \(index)")

@@ -128,6 +128,10 @@ import Testing
         #expect(URLText.authority("http://a.example./")?.host == "a.example")
         #expect(URLText.authority("ftp://x/") == nil)
         #expect(URLText.authority("http://host:99999/") == nil)
+        #expect(URLText.authority("http://svc.corp%2Einternal/") == nil, "libcurl would decode it to another name than the policy saw")
+        #expect(URLText.authority("http://bücher.example/") == nil, "IDN is written as punycode")
+        #expect(TaskParser.urlProblem("http://svc.corp%2Einternal/x")?.contains("not plain ASCII") == true)
+        #expect(TaskParser.urlProblem("http://xn--bcher-kva.example/x") == nil)
         #expect(URLText.redacted("ftp://bob:hunter2@files.example/x") == "ftp://***@files.example/x")
         #expect(!URLText.redacted("http://bob:hun/ter@2@files.example/x").contains("ter"), "a password with / and @ is hidden whole")
         #expect(AMQPConfiguration.redact("amqp://u:p@ss@rabbit:5672/%2F") == "amqp://u:***@rabbit:5672/%2F")
@@ -165,6 +169,20 @@ import Testing
         let result = BridgeEngine.resultJSON([0x6F, 0x6B, 0xFF, 0xFE])
         #expect(JSONScan.isValid(result))
         #expect(String(validating: result, as: UTF8.self) != nil)
+    }
+
+    @Test func notBeforeIsAtMostThirtyDaysAhead() {
+        let now = Date(timeIntervalSince1970: 1_800_000_000)
+        let far = #"{"callbackUrl":"http://a/","notBefore":"9999-12-31T23:59:59Z"}"#
+        guard case .failure(let malformed) = TaskParser.parse(Array(far.utf8), messageId: "t", defaults: TaskDefaults(), now: now) else {
+            Issue.record("a notBefore in year 9999 was accepted")
+            return
+        }
+        #expect(malformed.reason.contains("more than 30 days ahead"))
+        let near = #"{"callbackUrl":"http://a/","notBefore":1800086400}"#
+        #expect((try? TaskParser.parse(Array(near.utf8), messageId: "t", defaults: TaskDefaults(), now: now).get())?.due == .at(unixMilliseconds: 1_800_086_400_000))
+        #expect(RFC3339.unixMilliseconds("2026-12-01T12:00:00.250+01:00") == 1_796_122_800_250)
+        #expect(RFC3339.unixMilliseconds("2026-13-01T12:00:00Z") == nil)
     }
 
     @Test func taskIdsFitEveryHeaderAndMessageIdDerivedFromThem() {

@@ -56,6 +56,25 @@ import Testing
         await bridge.stop()
     }
 
+    @Test func aDelayedTaskParkedForMemoryKeepsItsDelayFromItsFirstArrival() async throws {
+        let receiver = try Receiver()
+        receiver.onDelayed("/heavy", by: .seconds(4))
+        let bridge = try await BridgeHarness.start { $0.maxInFlightBytes = 100_000 }
+        let blob = String(repeating: "x", count: 200_000)
+        try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/heavy"))","payload":{"blob":"\#(blob)"}}"#)
+        _ = try await receiver.wait("/heavy", count: 1)  // recorded on arrival: it runs
+        // Over the budget: parked unread, with no AMQP timestamp of its own to count from.
+        let published = ContinuousClock.now
+        try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/later"))","payload":{},"delay":3}"#)
+        let later = try await receiver.wait("/later", count: 1, timeout: .seconds(30))
+        #expect(bridge.service.metrics.value(.tasksParked) >= 1)
+        #expect(later[0].at - published >= .seconds(3), "not before its delay")
+        // Parked twice in the 3 s tier while the heavy task runs, it is due when it comes back
+        // (about 6 s); a delay counted again from its return would run it at 9 s or later.
+        #expect(later[0].at - published < .seconds(8), "ran \(later[0].at - published) after it was published")
+        await bridge.stop()
+    }
+
     @Test func aDelayIsHeldInTheBrokerAcrossABridgeRestart() async throws {
         let receiver = try Receiver()
         let bridge = try await BridgeHarness.start()
@@ -98,12 +117,12 @@ import Testing
         let bridge = try await BridgeHarness.start()
         let aq = try await AsyncQueue(connection: bridge.connection)
         let id = try await aq.tasks.create(callbackUrl: receiver.url("/ok"), payload: ["q": 1], webhookUrl: receiver.url("/hook"),
-                                           replyTo: "no-such-reply-queue", correlationId: "c1")
+                                           replyTo: "reply.no-such-queue", correlationId: "c1")
         _ = try await receiver.wait("/hook", count: 1)
         try await bridge.waitIdle()
         let dead = try #require(try await bridge.deadLetters().first)
         #expect(dead.properties.headers?["aq-reason"]?.stringValue == "reply-undeliverable")
-        #expect(dead.properties.headers?["aq-reply-to"]?.stringValue == "no-such-reply-queue")
+        #expect(dead.properties.headers?["aq-reply-to"]?.stringValue == "reply.no-such-queue")
         #expect(dead.properties.correlationId == "c1")
         #expect((try JSONSerialization.jsonObject(with: Data(dead.body)) as? [String: Any])?["taskId"] as? String == id)
         #expect(bridge.service.metrics.value(.repliesFailed) == 1)
@@ -181,4 +200,52 @@ import Testing
 
 extension Duration {
     var seconds: Double { Double(self.components.seconds) + Double(self.components.attoseconds) / 1e18 }
+}
+
+/// What a publisher can aim the bridge at, and what a hanging webhook host can hold.
+@Suite(.serialized, .timeLimit(.minutes(3))) struct ReviewFindingsTests {
+    @Test func replyToMayNameOnlyReplyQueues() async throws {
+        let receiver = try Receiver()
+        let bridge = try await BridgeHarness.start()
+        let victim = try await bridge.connection.openChannel()
+        try await victim.declareQueue("billing.commands", durable: false, exclusive: true)
+        let aq = try await AsyncQueue(connection: bridge.connection)
+        _ = try await aq.tasks.create(callbackUrl: receiver.url("/ok"), payload: ["x": 1], failureWebhookUrl: receiver.url("/failed"),
+                                      replyTo: "billing.commands")
+        let failed = try await receiver.wait("/failed", count: 1)
+        #expect(((failed[0].request.json?["error"] as? [String: Any])?["message"] as? String)?.contains("is not allowed") == true)
+        #expect(receiver.requests("/ok").isEmpty, "the task did not run")
+        #expect(try await victim.declareQueue("billing.commands", passive: true).messageCount == 0, "nothing was published into another application's queue")
+        await bridge.stop()
+    }
+
+    @Test func aHangingWebhookHostDoesNotHoldThePrefetchWindow() async throws {
+        let receiver = try Receiver(), hanging = try Receiver()
+        hanging.on("/hook") { _, _ in nil }  // never answers
+        let bridge = try await BridgeHarness.start { config in
+            config.prefetch = 4
+            config.maxPerHost = 1
+            config.maxHostWait = .seconds(1)
+            config.webhookTimeout = .seconds(60)
+        }
+        for n in 0..<6 {
+            try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/fast"))","payload":{"n":\#(n)},"webhookUrl":"\#(hanging.url("/hook"))"}"#)
+        }
+        _ = try await receiver.wait("/fast", count: 4)
+        // The window (4) is full of tasks waiting for the hanging webhook host; parking their
+        // webhooks as webhook jobs lets the next tasks in.
+        for n in 0..<5 { try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/other"))","payload":{"n":\#(n)}}"#) }
+        _ = try await receiver.wait("/other", count: 5, timeout: .seconds(30))
+        #expect(bridge.service.metrics.value(.tasksParked) >= 1)
+        #expect(receiver.requests("/fast").count == 6, "each callback ran once; only the webhooks wait")
+        await bridge.stop()
+    }
+
+    @Test func theHealthServerRefusesABody() async throws {
+        let bridge = try await BridgeHarness.start()
+        let port = try #require(bridge.service.healthPort)
+        let response = try await BlockingHTTP.request(method: "POST", url: "http://127.0.0.1:\(port)/healthz", body: [UInt8](repeating: 0x61, count: 100_000))
+        #expect(response.status == 413)
+        await bridge.stop()
+    }
 }
