@@ -61,9 +61,11 @@ public final class AsyncQueue: Sendable {
         public var timeout: Double?
         /// Seconds from now before the callback may run.
         public var delay: Double?
-        /// The earliest time the callback may run (wins over nothing: give one of delay, notBefore).
+        /// The earliest time the callback may run, at most 30 days ahead (give one of delay, notBefore).
         public var notBefore: Date?
         /// A queue the outcome is published to (the RabbitMQ RPC convention), with `correlationId`.
+        /// The bridge takes only names its `reply_to_allow` prefixes allow (by default
+        /// server-named `amq.gen-…` queues, direct reply-to, `reply.…` and `aq.reply.…`).
         public var replyTo: String?
         public var correlationId: String?
 
