@@ -28,7 +28,10 @@ aq_ensure_packages() {
 # A node of its own: own data folder, own node name, bound to 127.0.0.1, no systemd.
 # Ports: AMQP = AQ_BROKER_PORT, management API = +1, Erlang distribution = +2 (rabbitmqctl then
 # takes its own ports from +10002 on). 35700 stays clear of RabbitMQ's defaults, including the
-# 35672-35682 range the CLI tools of a system broker use.
+# 35672-35682 range the CLI tools of a system broker use. Without AQ_BROKER_PORT, a start that
+# finds 35700 taken by another program (another checkout's private node, say) moves on by tens.
+AQ_BROKER_PORT_GIVEN=${AQ_BROKER_PORT:+1}
+AQ_BROKER_DIR_GIVEN=${AQ_BROKER_DIR:+1}
 AQ_BROKER_PORT=${AQ_BROKER_PORT:-35700}
 AQ_BROKER_DIR=${AQ_BROKER_DIR:-$AQ_ROOT/.broker/$AQ_BROKER_PORT}
 AQ_RMQ_BIN=/usr/lib/rabbitmq/bin
@@ -74,13 +77,27 @@ CONF
     # SO_REUSEADDR, so a restart is not refused while old connections sit in TIME_WAIT.
     echo '[{rabbit, [{tcp_listen_options, [binary, {packet, raw}, {reuseaddr, true}, {backlog, 128}, {nodelay, true}, {linger, {true, 0}}, {exit_on_close, false}]}]}].' > "$AQ_BROKER_DIR/advanced.config"
     : > "$AQ_BROKER_DIR/rabbitmq-env.conf"
-    # A node that is still shutting down may hold the port for a moment.
+    # A node of ours that is still shutting down may hold the port for a moment.
     local i
-    for i in $(seq 1 30); do
-        aq_port_free "$AQ_BROKER_PORT" && break
-        sleep 1
-    done
-    aq_port_free "$AQ_BROKER_PORT" || { aq_log "port $AQ_BROKER_PORT is taken by another program"; return 1; }
+    if [ -s "$AQ_BROKER_DIR/rabbitmq.pid" ] && kill -0 "$(cat "$AQ_BROKER_DIR/rabbitmq.pid")" 2>/dev/null; then
+        for i in $(seq 1 30); do
+            aq_port_free "$AQ_BROKER_PORT" && break
+            sleep 1
+        done
+    fi
+    if ! aq_port_free "$AQ_BROKER_PORT" && [ -z "$AQ_BROKER_PORT_GIVEN" ] && [ -z "$AQ_BROKER_DIR_GIVEN" ]; then
+        local port
+        for port in $(seq $((AQ_BROKER_PORT + 10)) 10 $((AQ_BROKER_PORT + 200))); do
+            if aq_port_free "$port" && aq_port_free $((port + 1)) && aq_port_free $((port + 2)); then
+                aq_log "port $AQ_BROKER_PORT is taken by another program; using $port"
+                AQ_BROKER_PORT=$port
+                AQ_BROKER_DIR=$AQ_ROOT/.broker/$port
+                aq_broker_start
+                return
+            fi
+        done
+    fi
+    aq_port_free "$AQ_BROKER_PORT" || { aq_log "port $AQ_BROKER_PORT is taken by another program (set AQ_BROKER_PORT)"; return 1; }
     aq_log "starting private RabbitMQ on 127.0.0.1:$AQ_BROKER_PORT (data in $AQ_BROKER_DIR)"
     (aq_broker_env; cd "$AQ_BROKER_DIR" && exec setsid "$AQ_RMQ_BIN/rabbitmq-server" \
         > "$AQ_BROKER_DIR/log/console.log" 2>&1 < /dev/null) &
