@@ -218,8 +218,8 @@ public enum TaskParser {
                 return "has no host: '\(URLText.redacted(String(decoding: bytes.prefix(16384), as: UTF8.self), limit: 80))'"
             }
             for byte in bytes where byte <= 0x20 || byte == 0x7F { return "contains spaces or control characters" }
-            let text = String(decoding: bytes, as: UTF8.self)
-            if URLText.authority(text) == nil {
+            if !URLText.hasValidAuthority(bytes) {
+                let text = String(decoding: bytes, as: UTF8.self)
                 return "has a host or port that is not plain ASCII letters, digits, '-', '.' and '_' (or an IP address; write an IDN as punycode, not percent-encoded): '\(URLText.redacted(text, limit: 80))'"
             }
             return nil

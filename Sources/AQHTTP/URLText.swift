@@ -12,51 +12,85 @@ public enum URLText {
 
     /// The authority of an `http://` or `https://` URL, or nil.
     public static func authority(_ url: String) -> Authority? {
-        let utf8 = Array(url.utf8)
+        var url = url
+        return url.withUTF8 { bytes in
+            guard let parts = self.authorityParts(bytes) else { return nil }
+            var host = String(decoding: UnsafeBufferPointer(rebasing: bytes[parts.host]), as: UTF8.self)
+            if host.utf8.contains(where: { $0 >= 0x41 && $0 <= 0x5A }) { host = host.lowercased() }
+            return Authority(scheme: parts.https ? "https" : "http", host: host, port: parts.port)
+        }
+    }
+
+    /// Whether `authority` would find a host and port in the URL's bytes (no allocation).
+    public static func hasValidAuthority(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
+        self.authorityParts(bytes) != nil
+    }
+
+    /// Where the host is in the URL's bytes (brackets and a trailing dot excluded), its port,
+    /// and its scheme; nil when the URL has no authority `authority` accepts.
+    private static func authorityParts(_ utf8: UnsafeBufferPointer<UInt8>) -> (https: Bool, host: Range<Int>, port: Int)? {
         func lower(_ b: UInt8) -> UInt8 { b >= 0x41 && b <= 0x5A ? b | 0x20 : b }
-        let scheme: String
+        func hasPrefix(_ p: StaticString) -> Bool {
+            guard utf8.count >= p.utf8CodeUnitCount else { return false }
+            for i in 0..<p.utf8CodeUnitCount where lower(utf8[i]) != p.utf8Start[i] { return false }
+            return true
+        }
+        let https: Bool
         var index: Int
-        if utf8.count >= 7, utf8[0..<7].map(lower) == Array("http://".utf8) {
-            scheme = "http"; index = 7
-        } else if utf8.count >= 8, utf8[0..<8].map(lower) == Array("https://".utf8) {
-            scheme = "https"; index = 8
+        if hasPrefix("http://") {
+            https = false; index = 7
+        } else if hasPrefix("https://") {
+            https = true; index = 8
         } else {
             return nil
         }
         var end = index
         while end < utf8.count, utf8[end] != UInt8(ascii: "/"), utf8[end] != UInt8(ascii: "?"), utf8[end] != UInt8(ascii: "#") { end += 1 }
         // Credentials end at the last '@' of the authority.
-        if let at = utf8[index..<end].lastIndex(of: UInt8(ascii: "@")) { index = at + 1 }
+        var at = end
+        while at > index { at -= 1; if utf8[at] == UInt8(ascii: "@") { index = at + 1; break } }
         var hostEnd = end
-        var port = scheme == "https" ? 443 : 80
-        let hostStart = index
+        var port = https ? 443 : 80
+        var hostStart = index
         if index < end, utf8[index] == UInt8(ascii: "[") {
-            guard let close = utf8[index..<end].firstIndex(of: UInt8(ascii: "]")) else { return nil }
+            var close = index
+            while close < end, utf8[close] != UInt8(ascii: "]") { close += 1 }
+            guard close < end else { return nil }
             hostEnd = close + 1
-        } else if let colon = utf8[index..<end].lastIndex(of: UInt8(ascii: ":")) {
-            hostEnd = colon
+        } else {
+            var colon = end
+            while colon > index { colon -= 1; if utf8[colon] == UInt8(ascii: ":") { hostEnd = colon; break } }
         }
         if hostEnd < end, utf8[hostEnd] == UInt8(ascii: ":") {
-            let digits = utf8[(hostEnd + 1)..<end]
-            guard !digits.isEmpty, digits.count <= 5, digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
-                  let value = Int(String(decoding: digits, as: UTF8.self)), (1...65535).contains(value)
-            else { return nil }
+            let digits = (hostEnd + 1)..<end
+            guard !digits.isEmpty, digits.count <= 5 else { return nil }
+            var value = 0
+            for i in digits {
+                guard utf8[i] >= 0x30, utf8[i] <= 0x39 else { return nil }
+                value = value * 10 + Int(utf8[i] - 0x30)
+            }
+            guard (1...65535).contains(value) else { return nil }
             port = value
         } else if hostEnd != end {
             return nil
         }
-        var host = utf8[hostStart..<hostEnd].map(lower)
-        if host.first == UInt8(ascii: "["), host.last == UInt8(ascii: "]") {
-            host = Array(host.dropFirst().dropLast())
-            guard host.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) || $0 == UInt8(ascii: ":") || $0 == UInt8(ascii: ".") }) else { return nil }
+        if hostEnd - hostStart >= 2, utf8[hostStart] == UInt8(ascii: "["), utf8[hostEnd - 1] == UInt8(ascii: "]") {
+            hostStart += 1; hostEnd -= 1
+            for i in hostStart..<hostEnd {
+                let b = lower(utf8[i])
+                guard (b >= 0x30 && b <= 0x39) || (b >= 0x61 && b <= 0x66) || b == UInt8(ascii: ":") || b == UInt8(ascii: ".") else { return nil }
+            }
         } else {
             // Letters, digits, '-', '.' and '_' only: libcurl would percent-decode '%2E' or map
             // non-ASCII (IDN) to another name than the one the address policy looked at.
-            guard host.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x7A) || $0 == 0x2D || $0 == 0x2E || $0 == 0x5F }) else { return nil }
+            for i in hostStart..<hostEnd {
+                let b = lower(utf8[i])
+                guard (b >= 0x30 && b <= 0x39) || (b >= 0x61 && b <= 0x7A) || b == 0x2D || b == 0x2E || b == 0x5F else { return nil }
+            }
         }
-        if host.last == UInt8(ascii: "."), host.count > 1 { host.removeLast() }
-        guard !host.isEmpty else { return nil }
-        return Authority(scheme: scheme, host: String(decoding: host, as: UTF8.self), port: port)
+        if hostEnd - hostStart > 1, utf8[hostEnd - 1] == UInt8(ascii: ".") { hostEnd -= 1 }
+        guard hostEnd > hostStart else { return nil }
+        return (https, hostStart..<hostEnd, port)
     }
 
     /// The URL with any credentials (`user:password@`) replaced by `***@`, for logs and errors;

@@ -130,6 +130,11 @@ import Testing
         #expect(URLText.authority("http://host:99999/") == nil)
         #expect(URLText.authority("http://svc.corp%2Einternal/") == nil, "libcurl would decode it to another name than the policy saw")
         #expect(URLText.authority("http://bücher.example/") == nil, "IDN is written as punycode")
+        #expect(URLText.authority("HTTPS://[FE80::1]:8443?q")?.origin == "https://[fe80::1]:8443")
+        #expect(URLText.authority("http://a:b@c@host.example#f")?.origin == "http://host.example:80", "credentials end at the last @")
+        for bad in ["http://", "http://[]/", "http://[::1/", "http://[::g]/", "http://host:0/", "http://host:/", "http://host:80x/", "http://[::1]x/"] {
+            #expect(URLText.authority(bad) == nil, "\(bad)")
+        }
         #expect(TaskParser.urlProblem("http://svc.corp%2Einternal/x")?.contains("not plain ASCII") == true)
         #expect(TaskParser.urlProblem("http://xn--bcher-kva.example/x") == nil)
         #expect(URLText.redacted("ftp://bob:hunter2@files.example/x") == "ftp://***@files.example/x")
