@@ -60,6 +60,41 @@ public enum JSONScan {
         guard scanner.index == bytes.count else { throw Failure(offset: scanner.index, reason: "unexpected data after the object") }
     }
 
+    /// Calls `body` with each element of a top-level array (its kind and exact bytes).
+    public static func forEachElement(_ bytes: [UInt8], _ body: (Member) throws(Failure) -> Void) throws(Failure) {
+        var scanner = Scanner(bytes: bytes)
+        scanner.skipSpace()
+        guard scanner.peek == UInt8(ascii: "[") else {
+            if scanner.index >= bytes.count { throw Failure(offset: 0, reason: "empty body") }
+            throw Failure(offset: scanner.index, reason: "expected a JSON array")
+        }
+        scanner.index += 1
+        scanner.skipSpace()
+        if scanner.peek == UInt8(ascii: "]") {
+            scanner.index += 1
+        } else {
+            while true {
+                scanner.skipSpace()
+                let start = scanner.index
+                let kind = try scanner.value(depth: 0)
+                try body(Member(kind: kind, range: start..<scanner.index))
+                scanner.skipSpace()
+                if scanner.peek == UInt8(ascii: ",") { scanner.index += 1; continue }
+                try scanner.expect(UInt8(ascii: "]"))
+                break
+            }
+        }
+        scanner.skipSpace()
+        guard scanner.index == bytes.count else { throw Failure(offset: scanner.index, reason: "unexpected data after the array") }
+    }
+
+    /// The whole number at `member` when it is one (no fraction, no exponent) in `range`.
+    public static func integer(_ bytes: [UInt8], _ member: Member?, in range: ClosedRange<Int>) -> Int? {
+        guard let member, member.kind == .number, member.range.count <= 18,
+              let value = Int(String(decoding: bytes[member.range], as: UTF8.self)), range.contains(value) else { return nil }
+        return value
+    }
+
     /// True when the string at `range` (quotes included) is exactly `key`, with no escapes.
     public static func keyEquals(_ bytes: [UInt8], _ range: Range<Int>, _ key: StaticString) -> Bool {
         let count = key.utf8CodeUnitCount
