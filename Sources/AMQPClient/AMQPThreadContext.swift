@@ -60,6 +60,36 @@ public final class AMQPThreadContext {
         return tag
     }
 
+    /// Declares a queue (`queue.declare`), or with `passive` checks that it exists. Unlike
+    /// ``AMQPChannel/declareQueue(_:durable:exclusive:autoDelete:passive:arguments:)`` it is not
+    /// recorded for recovery: for queues made at run time that another process may delete. A
+    /// channel error (a passive declare of a missing queue: 404) closes and reopens the channel.
+    @discardableResult
+    public func declareQueue(channel: UInt16, name: String, durable: Bool = true, passive: Bool = false,
+                             arguments: AMQPTable = [:]) throws(AMQPError) -> AMQPQueueInfo {
+        let (conn, _) = try self.driver.requireChannel(channel)
+        let queue = TopologyRecorder.Queue(name: name, durable: durable, exclusive: false, autoDelete: false, arguments: arguments)
+        return try self.driver.rawDeclareQueue(conn, channel, queue, passive: passive)
+    }
+
+    /// Deletes a queue and returns how many messages it held.
+    @discardableResult
+    public func deleteQueue(channel: UInt16, name: String) throws(AMQPError) -> UInt32 {
+        try self.driver.deleteQueue(channel, name: name, ifUnused: false, ifEmpty: false)
+    }
+
+    /// Binds a queue to an exchange, not recorded for recovery (see ``declareQueue(channel:name:durable:passive:arguments:)``).
+    public func bindQueue(channel: UInt16, queue: String, exchange: String, routingKey: String) throws(AMQPError) {
+        let (conn, _) = try self.driver.requireChannel(channel)
+        try self.driver.rawBind(conn, channel, TopologyRecorder.Binding(toExchange: false, destination: queue, source: exchange,
+                                                                        routingKey: routingKey, arguments: [:]), unbind: false)
+    }
+
+    /// Fetches one message (`basic.get`), or nil when the queue is empty.
+    public func get(channel: UInt16, queue: String) throws(AMQPError) -> AMQPDelivery? {
+        try self.driver.get(channel, queue: queue, noAck: false)
+    }
+
     public func cancelConsumer(channel: UInt16, tag: String) throws(AMQPError) {
         try self.driver.cancelConsumer(channel, tag: tag)
     }

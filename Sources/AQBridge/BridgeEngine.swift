@@ -65,6 +65,9 @@ final class BridgeEngine: AMQPConnectionExtension {
         /// The broker vouches that one of the trusted users published this message.
         let trusted: Bool
         var task: TaskSpec?
+        /// The batch it is a child of (from the trusted `aq-batch…` headers the creating bridge set).
+        var batch: BatchLink?
+        var batchReported = false
         /// Bytes this run holds in memory (its body, a result waiting for the webhook).
         var bytes: Int
         /// In flight: not yet acked, handed back or abandoned.
@@ -120,6 +123,17 @@ final class BridgeEngine: AMQPConnectionExtension {
     let signing: SigningContext
     var publishChannel: UInt16 = 0
     var consumeChannel: UInt16 = 0
+    /// Run-time declarations, passive checks and basic.get (a 404 closes and reopens only it).
+    var adminChannel: UInt16 = 0
+    /// Consumers of batch reply queues (single active consumer: one aggregator per batch).
+    var batchChannel: UInt16 = 0
+    /// Batches this bridge consumes the reply queue of (as their aggregator, or waiting as standby).
+    var batches: [String: BatchRun] = [:]
+    var lastBatchTick = ContinuousClock.now
+    /// Batch work that makes broker round trips (declare, basic.get, delete): run from the turn,
+    /// never from inside a delivery or confirm callback, where a nested RPC would read frames
+    /// that belong to the one being dispatched.
+    var batchWork: [() -> Void] = []
     var consumers: [(channel: UInt16, tag: String)] = []
     var runs: [ObjectIdentifier: Run] = [:]
     var admission: Admission<Request, Int>
@@ -163,6 +177,9 @@ final class BridgeEngine: AMQPConnectionExtension {
         try self.context.enableConfirms(channel: self.publishChannel)
         self.consumeChannel = try self.context.openChannel()
         try self.context.setPrefetch(channel: self.consumeChannel, count: UInt16(clamping: self.settings.prefetch))
+        self.adminChannel = try self.context.openChannel()
+        self.batchChannel = try self.context.openChannel()
+        try self.context.setPrefetch(channel: self.batchChannel, count: UInt16(Self.batchPrefetch))
         for (index, queue) in self.settings.queues.enumerated() {
             let tag = try self.context.consume(
                 channel: self.consumeChannel, queue: queue.queueName,
@@ -186,7 +203,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     func handle(_ fds: ArraySlice<pollfd>) { self.http.handle(fds) }
     func runTurn() -> Bool {
         self.metrics.connected.store(self.context.isConnected, ordering: .relaxed)
-        let busy = self.http.runTurn()
+        var busy = self.http.runTurn()
         // Twice a second: tasks whose host slowed down or stopped answering go back to the broker.
         if self.admission.waiting > 0 {
             let now = ContinuousClock.now
@@ -195,6 +212,19 @@ final class BridgeEngine: AMQPConnectionExtension {
                 for request in self.admission.overdue(now: now) where request.run.active {
                     self.parkRequest(request, reason: "\(self.hostName(request.host)) is too slow to answer it within max_host_wait")
                 }
+            }
+        }
+        if !self.batchWork.isEmpty {
+            let work = self.batchWork
+            self.batchWork.removeAll()
+            for item in work { item() }
+            busy = true
+        }
+        if !self.batches.isEmpty {
+            let now = ContinuousClock.now
+            if now - self.lastBatchTick >= .milliseconds(50) {
+                self.lastBatchTick = now
+                self.tickBatches(now: now)
             }
         }
         self.publishMetrics()
@@ -206,7 +236,7 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     // MARK: Bookkeeping
 
-    private func begin(_ run: Run) {
+    func begin(_ run: Run) {
         run.active = true
         self.runs[ObjectIdentifier(run)] = run
         self.inFlightBytes += run.bytes
@@ -214,10 +244,10 @@ final class BridgeEngine: AMQPConnectionExtension {
         self.countsDirty = true
     }
 
-    private func isActive(_ run: Run) -> Bool { run.active }
+    func isActive(_ run: Run) -> Bool { run.active }
 
     /// Counts locally; ``publishMetrics()`` hands them to the shared metrics once per turn.
-    private func count(_ counter: BridgeMetrics.Counter) {
+    func count(_ counter: BridgeMetrics.Counter) {
         self.pendingCounts[counter.index] += 1
         self.countsDirty = true
     }
@@ -233,7 +263,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     }
 
     /// The delivery is settled (acked, handed back, or abandoned to the broker's redelivery).
-    private func end(_ run: Run) {
+    func end(_ run: Run) {
         guard run.active else { return }
         run.active = false
         self.runs[ObjectIdentifier(run)] = nil
@@ -248,13 +278,13 @@ final class BridgeEngine: AMQPConnectionExtension {
         self.peakInFlightBytes = max(self.peakInFlightBytes, self.inFlightBytes)
     }
 
-    private func ack(_ run: Run) {
+    func ack(_ run: Run) {
         self.context.ack(run.delivery)
         self.end(run)
     }
 
     /// Hands the delivery back (it will be delivered again), e.g. when a publish failed.
-    private func requeue(_ run: Run, _ why: String) {
+    func requeue(_ run: Run, _ why: String) {
         if self.context.isCurrent(run.delivery) { self.context.nack(run.delivery, requeue: true) }
         self.count(.tasksRequeued)
         self.logger.warning("task handed back to the broker", metadata: ["queue": "\(run.queue.name)", "reason": "\(why)"])
@@ -271,9 +301,13 @@ final class BridgeEngine: AMQPConnectionExtension {
         let attempt = Int(min(max(1, headers?["aq-attempt"]?.intValue ?? 1), 1_000_000))
         let run = Run(delivery: delivery, queue: queue, queueIndex: index, attempt: attempt, trusted: trusted)
         self.begin(run)
-        if headers?["aq-kind"]?.stringValue == "webhook" {
-            self.webhookJob(run)
-            return
+        switch headers?["aq-kind"]?.stringValue {
+        case "webhook"?: return self.webhookJob(run)
+        case "batch-timer"?: return self.batchWork.append { [unowned self] in self.batchTimer(run) }
+        default: break
+        }
+        if let id = headers?["aq-batch"]?.stringValue, let index = headers?["aq-batch-index"]?.intValue {
+            run.batch = BatchLink(id: id, index: Int(clamping: index), join: headers?["aq-batch-join"]?.stringValue.flatMap(BatchJoin.init(rawValue:)) ?? .allSettled)
         }
         if queue.isUnrouted { return self.unrouted(run) }
         // Memory: past the budget, a task waits in the broker instead (one run always proceeds).
@@ -284,6 +318,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         }
         self.count(.tasksReceived)
         switch TaskParser.parse(delivery.body, messageId: properties.messageId, defaults: queue.defaults) {
+        case .failure(let malformed) where malformed.isBatch:
+            self.batchWork.append { [unowned self] in self.batchMessage(run) }
         case .failure(let malformed):
             self.count(.tasksMalformed)
             self.logger.warning("malformed task dead-lettered", metadata: ["queue": "\(queue.name)", "reason": "\(malformed.reason)"])
@@ -304,12 +340,27 @@ final class BridgeEngine: AMQPConnectionExtension {
                 }
             }
             run.task = task
-            let due = self.dueTime(run, task)
-            if let due, due > Self.unixMilliseconds() {
-                return self.delay(run, task, until: due)
+            if let batch = run.batch, batch.join == .all {
+                // A child of a fail-fast batch runs only while its batch is open.
+                return self.batchWork.append { [unowned self] in
+                    guard self.isActive(run) else { return }
+                    guard self.batchIsOpen(batch.id) else {
+                        self.count(.batchChildrenSkipped)
+                        return self.ack(run)
+                    }
+                    self.proceed(run, task)
+                }
             }
-            self.callback(run, task)
+            self.proceed(run, task)
         }
+    }
+
+    /// A task that was read and checked: held until it is due, or called back now.
+    private func proceed(_ run: Run, _ task: TaskSpec) {
+        if let due = self.dueTime(run, task), due > Self.unixMilliseconds() {
+            return self.delay(run, task, until: due)
+        }
+        self.callback(run, task)
     }
 
     /// The client rejected a delivery it could not read (it is in the dead-letter queue whole).
@@ -324,7 +375,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     // MARK: HTTP requests, admitted per queue and per host
 
     /// The host a request to `url` counts against (see ``Admission``).
-    private func hostKey(_ url: String) -> Int {
+    func hostKey(_ url: String) -> Int {
         if let key = self.hostKeys[url] { return key }
         if self.hostKeys.count >= 4096 { self.forgetHosts() }
         let origin = URLText.authority(url)?.origin ?? "invalid"
@@ -366,7 +417,7 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     /// Sends the request now if its queue and host have room, else lines it up, or parks it
     /// (the task, or its webhook as a webhook job) when its host would keep it waiting too long.
-    private func submit(_ request: Request) {
+    func submit(_ request: Request) {
         switch self.admission.submit(request, queue: request.run.queueIndex, host: request.host, parkable: self.parkTier != nil, now: .now) {
         case .start: self.send(request)
         case .wait: break
@@ -378,7 +429,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     private func parkRequest(_ request: Request, reason: String) {
         guard request.run.active else { return }
         if let webhook = request.webhook {
-            self.parkWebhook(request.run, url: request.url, taskId: request.taskId, body: webhook, attempt: request.attempt, reason: reason)
+            self.parkWebhook(request.run, url: request.url, taskId: request.taskId, body: webhook, attempt: request.attempt, webhookId: request.id, reason: reason)
         } else {
             self.park(request.run, reason: reason)
         }
@@ -589,7 +640,12 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// Tells the publisher the outcome — on its `reply_to` queue (confirmed), then at the webhook —
     /// and acks the delivery once both are done (or handed on: a webhook that fails becomes a
     /// webhook job, a reply no queue takes is dead-lettered).
-    private func notify(_ run: Run, _ outcome: Outcome, webhook: String?, reply: Bool = true) {
+    func notify(_ run: Run, _ outcome: Outcome, webhook: String?, reply: Bool = true) {
+        if let batch = run.batch, !run.batchReported {
+            // A batch child's final outcome goes to its batch first (confirmed), then on as usual.
+            run.batchReported = true
+            return self.reportToBatch(run, batch, outcome) { [unowned self] in self.notify(run, outcome, webhook: webhook, reply: reply) }
+        }
         let body = outcome.json
         let then = { [unowned self] in
             guard let webhook, let taskId = outcome.taskId ?? TaskParser.safeId(run.delivery.properties.messageId) else { return self.ack(run) }
@@ -731,6 +787,12 @@ final class BridgeEngine: AMQPConnectionExtension {
         if keepPublisherHeaders, let theirs = original.headers {
             for entry in theirs where !Self.isReservedHeader(entry.key) { headers[entry.key] = entry.value }
         }
+        if let batch = run.batch {
+            // A batch child stays one through retries, delays and parking.
+            headers["aq-batch"] = .string(batch.id)
+            headers["aq-batch-index"] = .int64(Int64(batch.index))
+            headers["aq-batch-join"] = .string(batch.join.rawValue)
+        }
         for entry in ours { headers[entry.key] = entry.value }
         return AMQPProperties(
             contentType: original.contentType ?? "application/json", contentEncoding: original.contentEncoding, headers: headers,
@@ -752,7 +814,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// is given up on dead-letters the webhook's body instead). A copy whose publisher headers do
     /// not fit AMQP goes without them; if even that cannot be published, the delivery is rejected
     /// to the queue's own dead-letter exchange (the broker keeps it whole).
-    private func deadLetter(_ run: Run, reason: String, error: String, status: Int?, taskId: String?,
+    func deadLetter(_ run: Run, reason: String, error: String, status: Int?, taskId: String?,
                             attempts: Int? = nil, base: AMQPProperties? = nil, body: [UInt8]? = nil,
                             then: @escaping () -> Void) {
         guard self.context.isCurrent(run.delivery) else { return self.end(run) }
@@ -812,7 +874,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// Publishes what comes next (a retry copy, a webhook job, a parked task), waits for the
     /// broker's confirm, then acks the delivery; hands the delivery back if the publish failed,
     /// or calls `unpublishable` when the copy can never be published as it is.
-    private func publishThenAck(_ run: Run, exchange: String, properties: AMQPProperties, body: [UInt8],
+    func publishThenAck(_ run: Run, exchange: String, properties: AMQPProperties, body: [UInt8],
                                 counting counter: BridgeMetrics.Counter, _ what: String,
                                 unpublishable: @escaping (AMQPError) -> Void) {
         self.publish(exchange: exchange, routingKey: run.queue.queueName, properties: properties, body: body) { [unowned self] result in
@@ -831,8 +893,8 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     // MARK: Webhooks
 
-    private func webhook(_ run: Run, url: String, taskId: String, body: [UInt8], attempt: Int) {
-        let id = "\(taskId):result"
+    func webhook(_ run: Run, url: String, taskId: String, body: [UInt8], attempt: Int, id webhookId: String? = nil) {
+        let id = webhookId ?? "\(taskId):result"
         let timeout = self.settings.webhookTimeout
         let request = Request(run: run, url: url, host: self.hostKey(url), id: id, taskId: taskId, attempt: attempt, body: body[...], timeout: timeout,
                               maxResponseBytes: 64 * 1024) { [unowned self] result in
@@ -856,7 +918,7 @@ final class BridgeEngine: AMQPConnectionExtension {
             if case .retryable(_, _, let retryAfter) = outcome, attempt < self.settings.webhookAttempts,
                let tier = RetryPolicy.tier(forRetry: attempt, retryAfter: retryAfter, tiers: self.settings.spec.retryTiers, jitter: self.settings.retryJitter) {
                 // Its own schedule: a webhook job waits in a tier; the callback never runs again.
-                let properties = self.webhookJob(url: url, taskId: taskId, attempt: attempt + 1, tier: tier, lastError: outcome.reason)
+                let properties = self.webhookJob(url: url, taskId: taskId, attempt: attempt + 1, tier: tier, lastError: outcome.reason, webhookId: webhookId)
                 self.publishThenAck(run, exchange: self.settings.spec.retryExchange, properties: properties, body: body,
                                     counting: .webhooksRetried, "the webhook retry") { _ in giveUp() }
                 return
@@ -868,22 +930,24 @@ final class BridgeEngine: AMQPConnectionExtension {
     }
 
     /// Properties of a webhook job: the webhook alone, waiting in a retry tier.
-    private func webhookJob(url: String, taskId: String, attempt: Int, tier: TimeSpan, lastError: String?) -> AMQPProperties {
+    func webhookJob(url: String, taskId: String, attempt: Int, tier: TimeSpan?, lastError: String?, webhookId: String? = nil) -> AMQPProperties {
         var headers: AMQPTable = ["aq-kind": "webhook", "aq-webhook-url": .string(url), "aq-task-id": .string(taskId),
-                                  "aq-attempt": .int32(Int32(clamping: attempt)), "retry-tier": .string(self.settings.spec.retryTierHeader(for: tier))]
+                                  "aq-attempt": .int32(Int32(clamping: attempt))]
+        if let tier { headers["retry-tier"] = .string(self.settings.spec.retryTierHeader(for: tier)) }
         if let lastError { headers["aq-last-error"] = .string(Self.clip(lastError, 200)) }
-        return AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent, messageId: "\(taskId):result",
+        if let webhookId { headers["aq-webhook-id"] = .string(webhookId) }
+        return AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent, messageId: webhookId ?? "\(taskId):result",
                               userId: self.settings.bridgeUser)
     }
 
     /// A webhook whose host would keep it waiting too long goes to the broker as a webhook job,
     /// its attempt unchanged: the task's delivery is acked and the prefetch window freed.
-    private func parkWebhook(_ run: Run, url: String, taskId: String, body: [UInt8], attempt: Int, reason: String) {
+    private func parkWebhook(_ run: Run, url: String, taskId: String, body: [UInt8], attempt: Int, webhookId: String, reason: String) {
         guard self.context.isCurrent(run.delivery) else { return self.end(run) }
         guard let tier = self.parkTier else { return }  // no tiers: it keeps its place in line
         self.logger.debug("webhook parked", metadata: ["task.id": "\(taskId)", "reason": "\(reason)"])
         self.publishThenAck(run, exchange: self.settings.spec.retryExchange,
-                            properties: self.webhookJob(url: url, taskId: taskId, attempt: attempt, tier: tier, lastError: nil), body: body,
+                            properties: self.webhookJob(url: url, taskId: taskId, attempt: attempt, tier: tier, lastError: nil, webhookId: webhookId), body: body,
                             counting: .tasksParked, "the parked webhook") { [unowned self] error in
             self.requeue(run, "could not park the webhook: \(error)")
         }
@@ -901,12 +965,13 @@ final class BridgeEngine: AMQPConnectionExtension {
             }
             return
         }
-        self.webhook(run, url: url, taskId: taskId, body: run.delivery.body, attempt: run.attempt)
+        self.webhook(run, url: url, taskId: taskId, body: run.delivery.body, attempt: run.attempt,
+                     id: TaskParser.safeId(headers?["aq-webhook-id"]?.stringValue))
     }
 
     /// Publishes with `mandatory`, so a message no queue takes (a retry tier missing from the
     /// broker, say) comes back as a failure instead of vanishing; `done` runs on this thread.
-    private func publish(exchange: String, routingKey: String, properties: AMQPProperties, body: [UInt8],
+    func publish(exchange: String, routingKey: String, properties: AMQPProperties, body: [UInt8],
                          _ done: @escaping (Result<Void, AMQPError>) -> Void) {
         self.context.publish(channel: self.publishChannel, exchange: exchange, routingKey: routingKey, properties: properties,
                              body: body, mandatory: true) { result in

@@ -21,6 +21,10 @@ public final class BridgeMetrics: Sendable {
         case tasksUnrouted = "aq_bridge_tasks_unrouted_total"
         case repliesPublished = "aq_bridge_replies_published_total"
         case repliesFailed = "aq_bridge_replies_failed_total"
+        case batchesCreated = "aq_bridge_batches_created_total"
+        case batchesEnded = "aq_bridge_batches_ended_total"
+        case batchOutcomes = "aq_bridge_batch_child_outcomes_total"
+        case batchChildrenSkipped = "aq_bridge_batch_children_skipped_total"
 
         var index: Int {
             switch self {
@@ -42,6 +46,10 @@ public final class BridgeMetrics: Sendable {
             case .tasksUnrouted: return 15
             case .repliesPublished: return 16
             case .repliesFailed: return 17
+            case .batchesCreated: return 18
+            case .batchesEnded: return 19
+            case .batchOutcomes: return 20
+            case .batchChildrenSkipped: return 21
             }
         }
 
@@ -65,6 +73,10 @@ public final class BridgeMetrics: Sendable {
             case .tasksUnrouted: return "Tasks whose routing key named no work queue, dead-lettered."
             case .repliesPublished: return "Outcomes published to a task's reply_to queue."
             case .repliesFailed: return "Outcomes whose reply_to queue did not take them, dead-lettered."
+            case .batchesCreated: return "Batches created (their opening message read and their children published)."
+            case .batchesEnded: return "Batches this bridge ended (completed, failed or expired) and reported."
+            case .batchOutcomes: return "Final outcomes of batch children published to their batch."
+            case .batchChildrenSkipped: return "Children of a fail-fast batch not run because their batch had already ended."
             }
         }
     }

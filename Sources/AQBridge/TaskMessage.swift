@@ -36,11 +36,14 @@ public struct MalformedTask: Error, Sendable, Equatable, CustomStringConvertible
     public var reason: String
     /// The failure webhook the body names, if it could be read and is a valid URL.
     public var notify: String?
+    /// Not a task but a batch message (it has `batch` or `batchPart`): see ``BatchParser``.
+    public var isBatch = false
     public var description: String { self.reason }
 
-    public init(reason: String, notify: String? = nil) {
+    public init(reason: String, notify: String? = nil, isBatch: Bool = false) {
         self.reason = reason
         self.notify = notify
+        self.isBatch = isBatch
     }
 }
 
@@ -77,7 +80,8 @@ public enum TaskParser {
     public static let maxDelay = Duration.seconds(30 * 86_400)
 
     /// The keys of the wire format, in the order ``parse(_:messageId:defaults:)`` looks for them.
-    static let keys: [StaticString] = ["callbackUrl", "payload", "webhookUrl", "failureWebhookUrl", "retries", "timeout", "taskId", "delay", "notBefore"]
+    static let keys: [StaticString] = ["callbackUrl", "payload", "webhookUrl", "failureWebhookUrl", "retries", "timeout", "taskId", "delay", "notBefore",
+                                       "batch", "batchPart"]
 
     /// Reads and checks a task body. `messageId` is the AMQP `message_id` (the task id).
     public static func parse(_ body: [UInt8], messageId: String?, defaults: TaskDefaults, now: Date = Date()) -> Result<TaskSpec, MalformedTask> {
@@ -97,6 +101,9 @@ public enum TaskParser {
             }
         } catch {
             return .failure(MalformedTask(reason: "the body is not a JSON object: \(error)"))
+        }
+        if members[9] != nil || members[10] != nil {
+            return .failure(MalformedTask(reason: "a batch message (batch or batchPart), not a task", isBatch: true))
         }
         let (callbackMember, payloadMember, webhookMember, failureMember) = (members[0], members[1], members[2], members[3])
         let (retriesMember, timeoutMember, taskIdMember, delayMember, notBeforeMember) = (members[4], members[5], members[6], members[7], members[8])

@@ -1,0 +1,462 @@
+import AMQPClient
+import AQTopology
+import Foundation
+
+/// A child's place in its batch.
+struct BatchLink {
+    var id: String
+    var index: Int
+    var join: BatchJoin
+}
+
+/// The broker objects of one batch (see ``BatchAggregator`` for what each holds).
+struct BatchQueues {
+    var replies: String
+    var state: String
+    var results: String
+
+    init(spec: TopologySpec, id: String) {
+        let base = spec.batchQueueName(forBatch: id)
+        self.replies = base + ".replies"
+        self.state = base + ".state"
+        self.results = base + ".results"
+    }
+}
+
+/// A batch whose reply queue this bridge consumes. Until its first delivery it is a standby
+/// (another bridge aggregates); then it restores the checkpoint and aggregates.
+final class BatchRun {
+    let id: String
+    let queues: BatchQueues
+    var consumerTag: String?
+    var machine: BatchAggregator?
+    /// Reply-queue deliveries not yet acked, oldest first.
+    var held: [AMQPDelivery] = []
+    /// The checkpoint(s) read from the state queue, acked once a newer one is confirmed.
+    var heldState: [AMQPDelivery] = []
+    /// Deliveries not yet fed to the machine (it is fed from the turn, not from the callback).
+    var inbox: [AMQPDelivery] = []
+    var finishing = false
+
+    init(id: String, queues: BatchQueues) {
+        self.id = id
+        self.queues = queues
+    }
+}
+
+extension BridgeEngine {
+    /// Reply-queue deliveries one aggregator takes at once (above the aggregator's fold size).
+    static let batchPrefetch = 4000
+    /// The largest batch webhook body; see ``BatchReport``.
+    static let maxBatchReportBytes = 8 << 20
+    /// How often a batch's timer comes back while the batch is open: how soon another bridge
+    /// takes over a batch whose bridges all went away.
+    static let batchTimerInterval: Int64 = 30_000
+
+    // MARK: Creating
+
+    /// A message with `batch` or `batchPart`: checked whole; its queues declared, its checkpoint,
+    /// children and timer published and confirmed; only then acked.
+    func batchMessage(_ run: Run) {
+        let spec = self.settings.spec
+        let known = Set(spec.workQueues.map(\.name))
+        let parsed = BatchParser.parse(run.delivery.body, messageId: run.delivery.properties.messageId, queue: run.queue.name,
+                                       defaults: run.queue.defaults, isWorkQueue: { known.contains($0) })
+        let message: BatchMessage
+        switch parsed {
+        case .failure(let malformed):
+            self.count(.tasksMalformed)
+            self.logger.warning("malformed batch dead-lettered", metadata: ["queue": "\(run.queue.name)", "reason": "\(malformed.reason)"])
+            let id = TaskParser.safeId(run.delivery.properties.messageId) ?? Self.stableId(run.delivery.body)
+            self.deadLetter(run, reason: "malformed", error: malformed.reason, status: nil, taskId: id) { [unowned self] in
+                // A refused part's children still end (as failed), so their batch is not left waiting.
+                if let part = malformed.part, part.count > 0 {
+                    for index in part.offset..<(part.offset + part.count) {
+                        let outcome = ChildOutcome.make(index: index, taskId: "\(part.batchId):\(index)", status: .failed, attempts: 0, result: nil,
+                                                        error: Array("{\"reason\":\"malformed\",\"message\":\(JSONScan.quote(malformed.reason))}".utf8))
+                        self.publishToBatch(part.batchId, kind: "outcome", body: outcome.json) { _ in }
+                    }
+                }
+                let outcome = Outcome(taskId: id, queue: run.queue.name, attempts: 0,
+                                      failure: .init(reason: "malformed", message: malformed.reason, status: nil, body: [], retryable: false))
+                self.notify(run, outcome, webhook: malformed.notify)
+            }
+            return
+        case .success(let value):
+            message = value
+        }
+        let id = message.batchId
+        let queues = BatchQueues(spec: spec, id: id)
+        let stateCount: UInt32
+        do throws(AMQPError) {
+            stateCount = try self.declareBatchQueues(queues, id: id)
+        } catch {
+            return self.requeue(run, "could not declare the queues of batch \(id): \(error)")
+        }
+        var outstanding = 1
+        var failure: AMQPError?
+        let done: (Result<Void, AMQPError>) -> Void = { [unowned self] result in
+            if case .failure(let error) = result, failure == nil { failure = error }
+            outstanding -= 1
+            guard outstanding == 0, self.isActive(run) else { return }
+            if let failure {
+                return self.requeue(run, "could not create batch \(id): \(failure)")
+            }
+            if case .create = message.kind { self.count(.batchesCreated) }
+            self.ack(run)
+            self.batchWork.append { [unowned self] in self.aggregate(id) }
+        }
+        if case .create(let manifest) = message.kind {
+            if stateCount == 0 {
+                // The first checkpoint. A create delivered again finds one and leaves it.
+                outstanding += 1
+                self.publish(exchange: "", routingKey: queues.state, properties: self.batchProperties(kind: "checkpoint", id: id),
+                             body: BatchCheckpoint(manifest: manifest).encoded(), done)
+            }
+            outstanding += 1
+            self.publishTimer(id: id, workQueue: run.queue, deadline: manifest.deadline, done)
+        }
+        for child in message.children {
+            outstanding += 1
+            let properties = AMQPProperties(
+                contentType: "application/json",
+                headers: ["aq-batch": .string(id), "aq-batch-index": .int64(Int64(child.index)),
+                          "aq-batch-join": .string(self.batchJoin(message, fallback: run).rawValue)],
+                deliveryMode: .persistent, messageId: child.spec.id, timestamp: UInt64(Date().timeIntervalSince1970),
+                userId: self.settings.bridgeUser)
+            self.publish(exchange: spec.taskExchange, routingKey: child.queue ?? run.queue.name, properties: properties, body: child.body, done)
+        }
+        done(.success(()))
+    }
+
+    /// The join rule children carry: the batch's, or for a part the one its batch was created with.
+    private func batchJoin(_ message: BatchMessage, fallback run: Run) -> BatchJoin {
+        if case .create(let manifest) = message.kind { return manifest.join }
+        // A part's children learn it from the checkpoint when the aggregator sees them fail;
+        // skipping before the run needs the join, which the part does not repeat: read it.
+        let queues = BatchQueues(spec: self.settings.spec, id: message.batchId)
+        if let delivery = try? self.context.get(channel: self.adminChannel, queue: queues.state) {
+            self.context.nack(delivery, requeue: true)
+            if let checkpoint = BatchCheckpoint.decode(delivery.body) { return checkpoint.manifest.join }
+        }
+        return .allSettled
+    }
+
+    /// Declares the batch's reply queue (single active consumer, bound to the batch exchange by
+    /// the batch id), state and results queues; returns how many messages the state queue holds.
+    private func declareBatchQueues(_ queues: BatchQueues, id: String) throws(AMQPError) -> UInt32 {
+        let spec = self.settings.spec
+        try self.context.declareQueue(channel: self.adminChannel, name: queues.replies, arguments: ["x-single-active-consumer": .bool(true)])
+        try self.context.bindQueue(channel: self.adminChannel, queue: queues.replies, exchange: spec.batchExchange, routingKey: id)
+        try self.context.declareQueue(channel: self.adminChannel, name: queues.results)
+        return try self.context.declareQueue(channel: self.adminChannel, name: queues.state).messageCount
+    }
+
+    func batchProperties(kind: String, id: String) -> AMQPProperties {
+        AMQPProperties(contentType: "application/json", headers: ["aq-batch-msg": .string(kind), "aq-batch": .string(id)],
+                       deliveryMode: .persistent, timestamp: UInt64(Date().timeIntervalSince1970), userId: self.settings.bridgeUser)
+    }
+
+    /// Publishes to the batch's reply queue (through the batch exchange). `done` gets true when
+    /// a queue took it, false when the batch is gone (nothing to report to).
+    func publishToBatch(_ id: String, kind: String, body: [UInt8], _ done: @escaping (Result<Bool, AMQPError>) -> Void) {
+        self.context.publish(channel: self.publishChannel, exchange: self.settings.spec.batchExchange, routingKey: id,
+                             properties: self.batchProperties(kind: kind, id: id), body: body, mandatory: true) { result in
+            switch result {
+            case .success(.returned): done(.success(false))
+            case .success: done(.success(true))
+            case .failure(let error): done(.failure(error))
+            }
+        }
+    }
+
+    /// The batch's timer: a message that waits in a retry tier and comes back to `workQueue`
+    /// every ``batchTimerInterval`` (sooner for the deadline), to whichever bridge is there.
+    func publishTimer(id: String, workQueue: ServedQueue, deadline: Int64?, _ done: @escaping (Result<Void, AMQPError>) -> Void) {
+        let now = Self.unixMilliseconds()
+        let wait = min(Self.batchTimerInterval, max(0, (deadline ?? Int64.max) - now))
+        let tiers = self.settings.spec.retryTiers
+        guard let tier = tiers.last(where: { $0.milliseconds <= wait }) ?? tiers.first else {
+            return done(.failure(AMQPError(code: .publishNacked, message: "batches need retry tiers for their timers")))
+        }
+        var headers: AMQPTable = ["aq-kind": "batch-timer", "aq-batch": .string(id), "retry-tier": .string(self.settings.spec.retryTierHeader(for: tier))]
+        if let deadline { headers["aq-not-before"] = .int64(deadline) }
+        let properties = AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent,
+                                        messageId: "\(id):timer", userId: self.settings.bridgeUser)
+        self.publish(exchange: self.settings.spec.retryExchange, routingKey: workQueue.queueName, properties: properties, body: Array("{}".utf8), done)
+    }
+
+    // MARK: Children
+
+    /// Whether a batch's reply queue still exists (a fail-fast batch deletes it when it fails).
+    func batchIsOpen(_ id: String) -> Bool {
+        let queues = BatchQueues(spec: self.settings.spec, id: id)
+        do throws(AMQPError) {
+            try self.context.declareQueue(channel: self.adminChannel, name: queues.replies, passive: true)
+            return true
+        } catch {
+            // 404: gone. Anything else: run the child rather than skip it on a doubt.
+            return error.replyCode != .notFound
+        }
+    }
+
+    /// Publishes a child's final outcome to its batch (confirmed), then `then`. A batch that is
+    /// gone (it ended) takes nothing: the child goes on alone.
+    func reportToBatch(_ run: Run, _ batch: BatchLink, _ outcome: Outcome, then: @escaping () -> Void) {
+        var error: [UInt8]?
+        if let failure = outcome.failure {
+            error = Array("{\"reason\":\(JSONScan.quote(failure.reason)),\"message\":\(JSONScan.quote(failure.message)),\"status\":\(failure.status.map(String.init) ?? "null"),\"retryable\":\(failure.retryable)}".utf8)
+        }
+        let child = ChildOutcome.make(index: batch.index, taskId: outcome.taskId ?? "\(batch.id):\(batch.index)",
+                                      status: outcome.failure == nil ? .completed : .failed, attempts: outcome.attempts,
+                                      result: outcome.failure == nil ? (outcome.result ?? Array("null".utf8)) : nil, error: error)
+        self.publishToBatch(batch.id, kind: "outcome", body: child.json) { [unowned self] result in
+            guard self.isActive(run) else { return }
+            switch result {
+            case .success(let taken):
+                if taken { self.count(.batchOutcomes) }
+                then()
+            case .failure(let error) where error.code == .invalidArgument:
+                self.logger.warning("a batch outcome could not be published", metadata: ["batch": "\(batch.id)", "error": "\(error)"])
+                then()
+            case .failure(let error):
+                self.requeue(run, "could not report to batch \(batch.id): \(error)")
+            }
+        }
+    }
+
+    // MARK: The timer
+
+    /// A batch's timer came back: make sure this bridge consumes the batch (as aggregator or
+    /// standby), mark the deadline when it has passed, else send the timer round again.
+    func batchTimer(_ run: Run) {
+        let headers = run.delivery.properties.headers
+        guard let id = headers?["aq-batch"]?.stringValue else {
+            return self.deadLetter(run, reason: "malformed", error: "a batch timer without aq-batch", status: nil, taskId: nil) { [unowned self] in self.ack(run) }
+        }
+        guard self.batchIsOpen(id) else { return self.ack(run) }  // the batch is over: the timer stops
+        self.aggregate(id)
+        let deadline = headers?["aq-not-before"]?.intValue
+        if let deadline, deadline <= Self.unixMilliseconds() {
+            return self.publishToBatch(id, kind: "deadline", body: Array("{}".utf8)) { [unowned self] result in
+                guard self.isActive(run) else { return }
+                if case .failure(let error) = result { return self.requeue(run, "could not mark the deadline of batch \(id): \(error)") }
+                self.ack(run)
+            }
+        }
+        // A wake-up for the aggregator: a batch that ended just before a crash is finished by it.
+        self.publishToBatch(id, kind: "wake", body: Array("{}".utf8)) { [unowned self] _ in
+            self.publishTimer(id: id, workQueue: run.queue, deadline: deadline) { [unowned self] result in
+                guard self.isActive(run) else { return }
+                if case .failure(let error) = result { return self.requeue(run, "could not send batch \(id)'s timer round: \(error)") }
+                self.ack(run)
+            }
+        }
+    }
+
+    // MARK: Aggregating
+
+    /// Consumes the batch's reply queue, unless this bridge already does. With single active
+    /// consumer, the broker gives it to one bridge at a time; the others wait as standbys.
+    func aggregate(_ id: String) {
+        guard self.batches[id] == nil, !self.draining else { return }
+        let batch = BatchRun(id: id, queues: BatchQueues(spec: self.settings.spec, id: id))
+        self.batches[id] = batch
+        do throws(AMQPError) {
+            batch.consumerTag = try self.context.consume(
+                channel: self.batchChannel, queue: batch.queues.replies,
+                handler: { [unowned self] delivery in
+                    // Fed from the turn: restoring and persisting make broker round trips.
+                    guard self.batches[id] === batch else { return }
+                    batch.inbox.append(delivery)
+                },
+                onEnd: { [unowned self] error in
+                    // Cancelled by the broker (the queue was deleted: another bridge finished it).
+                    if self.batches[id] === batch { self.batches[id] = nil }
+                    if let error, !batch.finishing { self.logger.debug("batch consumer ended", metadata: ["batch": "\(id)", "error": "\(error)"]) }
+                })
+        } catch {
+            self.batches[id] = nil
+            self.logger.warning("could not consume a batch's reply queue", metadata: ["batch": "\(id)", "error": "\(error)"])
+        }
+    }
+
+    private func feed(_ batch: BatchRun, now: ContinuousClock.Instant) {
+        while !batch.inbox.isEmpty, self.batches[batch.id] === batch, !batch.finishing {
+            let delivery = batch.inbox.removeFirst()
+            self.batchDelivery(batch, delivery, now: now)
+        }
+    }
+
+    private func batchDelivery(_ batch: BatchRun, _ delivery: AMQPDelivery, now: ContinuousClock.Instant) {
+        guard self.context.isCurrent(delivery) else { return }
+        // After a reconnect the held deliveries come again under new tags: start over.
+        if batch.machine != nil, let first = batch.held.first ?? batch.heldState.first, !self.context.isCurrent(first) {
+            batch.machine = nil
+            batch.held.removeAll()
+            batch.heldState.removeAll()
+        }
+        if batch.machine == nil {
+            guard self.restore(batch, now: now) else {
+                // No checkpoint yet (its create is being carried out): let go, the timer retries.
+                self.context.nack(delivery, requeue: true)
+                return self.stopAggregating(batch)
+            }
+        }
+        batch.held.append(delivery)
+        let input: BatchAggregator.Input
+        let headers = delivery.properties.userId.map { self.settings.trustedPublishers.contains($0) } == true ? delivery.properties.headers : nil
+        switch headers?["aq-batch-msg"]?.stringValue {
+        case "outcome"?: input = ChildOutcome.parse(delivery.body).map { .outcome($0) } ?? .ignored
+        case "deadline"?: input = .deadline
+        default: input = .ignored
+        }
+        if let actions = batch.machine?.receive(input, tag: delivery.deliveryTag, now: now) { self.carryOut(batch, actions) }
+    }
+
+    /// Reads the newest checkpoint from the state queue (holding what it read until a newer one
+    /// is confirmed) and starts the machine; false when there is none.
+    private func restore(_ batch: BatchRun, now: ContinuousClock.Instant) -> Bool {
+        var best: BatchCheckpoint?
+        do throws(AMQPError) {
+            while let delivery = try self.context.get(channel: self.adminChannel, queue: batch.queues.state) {
+                batch.heldState.append(delivery)
+                let trusted = delivery.properties.userId.map { self.settings.trustedPublishers.contains($0) } == true
+                if trusted, let checkpoint = BatchCheckpoint.decode(delivery.body), checkpoint.version >= (best?.version ?? -1) {
+                    best = checkpoint
+                }
+            }
+        } catch {
+            self.logger.warning("could not read a batch's checkpoint", metadata: ["batch": "\(batch.id)", "error": "\(error)"])
+        }
+        guard let best, best.manifest.id == batch.id else {
+            for delivery in batch.heldState where self.context.isCurrent(delivery) { self.context.nack(delivery, requeue: true) }
+            batch.heldState.removeAll()
+            return false
+        }
+        let (machine, actions) = BatchAggregator.restore(best, now: now)
+        batch.machine = machine
+        self.carryOut(batch, actions)
+        return true
+    }
+
+    func tickBatches(now: ContinuousClock.Instant) {
+        for batch in Array(self.batches.values) where !batch.inbox.isEmpty { self.feed(batch, now: now) }
+        for batch in self.batches.values where batch.machine != nil && !batch.finishing {
+            if let actions = batch.machine?.tick(now: now), !actions.isEmpty { self.carryOut(batch, actions) }
+        }
+    }
+
+    private func carryOut(_ batch: BatchRun, _ actions: [BatchAggregator.Action]) {
+        for action in actions {
+            switch action {
+            case .persist(let segment, let checkpoint, let ackUpTo): self.persist(batch, segment: segment, checkpoint: checkpoint, ackUpTo: ackUpTo)
+            case .finish(let checkpoint): self.finish(batch, checkpoint)
+            }
+        }
+    }
+
+    /// Segment, then checkpoint, both confirmed; then the old checkpoint and the folded replies
+    /// are acked. Any failure: this bridge lets the batch go (its deliveries return to the
+    /// broker) and takes it up again from the broker's state.
+    private func persist(_ batch: BatchRun, segment: [UInt8]?, checkpoint: BatchCheckpoint, ackUpTo: UInt64?) {
+        let id = batch.id
+        let writeCheckpoint = { [unowned self] in
+            self.publish(exchange: "", routingKey: batch.queues.state, properties: self.batchProperties(kind: "checkpoint", id: id),
+                         body: checkpoint.encoded()) { [unowned self] result in self.batchWork.append { [unowned self] in
+                guard self.batches[id] === batch, batch.machine != nil else { return }
+                if case .failure(let error) = result { return self.dropBatch(batch, "could not write its checkpoint: \(error)") }
+                // The checkpoint read or written before is now out of date.
+                for delivery in batch.heldState where self.context.isCurrent(delivery) { self.context.ack(delivery) }
+                batch.heldState.removeAll()
+                do throws(AMQPError) {
+                    while let delivery = try self.context.get(channel: self.adminChannel, queue: batch.queues.state) {
+                        let version = BatchCheckpoint.decode(delivery.body)?.version ?? -1
+                        if version >= checkpoint.version {
+                            batch.heldState.append(delivery)  // ours: held until the next one
+                            break
+                        }
+                        self.context.ack(delivery)
+                    }
+                } catch {
+                    return self.dropBatch(batch, "could not read its checkpoint back: \(error)")
+                }
+                if let ackUpTo, let last = batch.held.last(where: { $0.deliveryTag <= ackUpTo }) {
+                    if self.context.isCurrent(last) { self.context.ack(last, multiple: true) }
+                    batch.held.removeAll { $0.deliveryTag <= ackUpTo }
+                }
+                if let actions = batch.machine?.persisted(now: .now) { self.carryOut(batch, actions) }
+            } }
+        }
+        guard let segment else { return writeCheckpoint() }
+        self.publish(exchange: "", routingKey: batch.queues.results, properties: self.batchProperties(kind: "segment", id: id), body: segment) { [unowned self] result in
+            guard self.batches[id] === batch, batch.machine != nil else { return }
+            if case .failure(let error) = result { return self.batchWork.append { [unowned self] in self.dropBatch(batch, "could not write a result segment: \(error)") } }
+            writeCheckpoint()
+        }
+    }
+
+    /// The batch is over: its report is built from the result segments and sent as a webhook
+    /// job (confirmed, then delivered with retries like any webhook), then its queues are deleted.
+    private func finish(_ batch: BatchRun, _ checkpoint: BatchCheckpoint) {
+        batch.finishing = true
+        var segments: [[UInt8]] = []
+        do throws(AMQPError) {
+            while let delivery = try self.context.get(channel: self.adminChannel, queue: batch.queues.results) {
+                segments.append(delivery.body)  // not acked: the queue is deleted below
+            }
+        } catch {
+            batch.finishing = false
+            return self.dropBatch(batch, "could not read its results: \(error)")
+        }
+        let manifest = checkpoint.manifest
+        let status = checkpoint.status ?? .completed
+        let url = status == .completed ? manifest.webhookURL : (manifest.failureWebhookURL ?? manifest.webhookURL)
+        let cleanUp = { [unowned self] in
+            self.count(.batchesEnded)
+            self.logger.info("batch ended", metadata: ["batch": "\(batch.id)", "status": "\(status.rawValue)", "size": "\(manifest.size)",
+                                                       "settled": "\(checkpoint.settled.population)"])
+            if let tag = batch.consumerTag {
+                do throws(AMQPError) { try self.context.cancelConsumer(channel: self.batchChannel, tag: tag) } catch {}
+            }
+            for queue in [batch.queues.replies, batch.queues.results, batch.queues.state] {
+                do throws(AMQPError) { try self.context.deleteQueue(channel: self.adminChannel, name: queue) } catch {
+                    self.logger.warning("could not delete a batch queue (its expiry policy removes it)", metadata: ["queue": "\(queue)", "error": "\(error)"])
+                }
+            }
+            if self.batches[batch.id] === batch { self.batches[batch.id] = nil }
+        }
+        guard let url else { return cleanUp() }
+        let report = BatchReport.build(checkpoint, segments: segments, maxBytes: Self.maxBatchReportBytes)
+        var properties = self.webhookJob(url: url, taskId: manifest.id, attempt: 1, tier: nil, lastError: nil, webhookId: manifest.id)
+        properties.headers?["aq-batch-status"] = .string(status.rawValue)
+        let workQueue = self.settings.spec.queueName(forWorkQueue: manifest.queue)
+        self.publish(exchange: "", routingKey: workQueue, properties: properties, body: report) { [unowned self] result in self.batchWork.append {
+            if case .failure(let error) = result {
+                batch.finishing = false
+                return self.dropBatch(batch, "could not publish its webhook: \(error)")
+            }
+            cleanUp()
+        } }
+    }
+
+    /// Lets the batch go after a failure: its deliveries return to the broker, and the next
+    /// timer round (or another bridge) takes it up again from the broker's state.
+    private func dropBatch(_ batch: BatchRun, _ why: String) {
+        self.logger.warning("batch aggregation interrupted; the broker keeps its state", metadata: ["batch": "\(batch.id)", "reason": "\(why)"])
+        self.stopAggregating(batch)
+    }
+
+    private func stopAggregating(_ batch: BatchRun) {
+        if self.batches[batch.id] === batch { self.batches[batch.id] = nil }
+        batch.machine = nil
+        for delivery in batch.heldState where self.context.isCurrent(delivery) { self.context.nack(delivery, requeue: true) }
+        batch.heldState.removeAll()
+        if let tag = batch.consumerTag {
+            // Cancelling leaves its unacked deliveries with the channel; nack them back.
+            do throws(AMQPError) { try self.context.cancelConsumer(channel: self.batchChannel, tag: tag) } catch {}
+        }
+        for delivery in batch.held where self.context.isCurrent(delivery) { self.context.nack(delivery, requeue: true) }
+        batch.held.removeAll()
+    }
+}

@@ -1,0 +1,146 @@
+import AMQPClient
+import AQBridge
+import AQHTTP
+import AQTestSupport
+import Foundation
+import Testing
+
+/// Fan-out / fan-in done by the bridge, against the real broker and HTTP servers.
+@Suite(.serialized, .timeLimit(.minutes(3))) struct BatchEndToEndTests {
+    /// The names of the batch queues in the test's virtual host (management API).
+    static func batchQueues(_ bridge: BridgeHarness) async throws -> [String] {
+        let base = try AMQPConfiguration(url: BridgeHarness.baseURL)
+        let response = try await BlockingHTTP.request(method: "GET", url: BridgeHarness.managementURL + "/api/queues/\(bridge.vhost)?columns=name",
+                                                      username: base.user, password: base.password)
+        let list = (try? JSONSerialization.jsonObject(with: Data(response.body))) as? [[String: Any]] ?? []
+        return list.compactMap { $0["name"] as? String }.filter { $0.hasPrefix("aq.batch.") }.sorted()
+    }
+
+    static func waitGone(_ bridge: BridgeHarness, timeout: Duration = .seconds(15)) async throws -> [String] {
+        let deadline = ContinuousClock.now + timeout
+        var left = try await self.batchQueues(bridge)
+        while !left.isEmpty, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(100))
+            left = try await self.batchQueues(bridge)
+        }
+        return left
+    }
+
+    static func child(_ url: String, _ payload: String = "{}", extra: String = "") -> String {
+        #"{"callbackUrl":"\#(url)","payload":\#(payload)\#(extra)}"#
+    }
+
+    @Test func allSettledReportsEveryChildInOrderOnceAndCleansUp() async throws {
+        let receiver = try Receiver()
+        receiver.on("/price") { request, _ in
+            let symbol = request.json?["symbol"] as? String ?? "?"
+            return .json(#"{"symbol":"\#(symbol)","score":\#(symbol.count)}"#)
+        }
+        receiver.on("/refuses") { _, _ in .text("unknown symbol", status: 422) }
+        let bridge = try await BridgeHarness.start()
+        // Seed step 3 as a native batch: five stocks, two of which fail; one child keeps its own
+        // webhook (the seed's on-stock-analyzed), as code migrating step by step would.
+        let tasks = [
+            Self.child(receiver.url("/price"), #"{"symbol":"AAPL"}"#, extra: #","webhookUrl":"\#(receiver.url("/on-stock-analyzed"))""#),
+            Self.child(receiver.url("/refuses"), #"{"symbol":"XXXX"}"#),
+            Self.child(receiver.url("/price"), #"{"symbol":"MSFT"}"#),
+            Self.child(receiver.url("/refuses"), #"{"symbol":"YYYY"}"#),
+            Self.child(receiver.url("/price"), #"{"symbol":"GOOG"}"#, extra: #","queue":"reports""#),
+        ]
+        try await bridge.publish(#"{"batch":{"id":"portfolio-1","webhookUrl":"\#(receiver.url("/on-portfolio-done"))"},"tasks":[\#(tasks.joined(separator: ","))]}"#)
+        let done = try await receiver.wait("/on-portfolio-done", count: 1)
+        let report = try #require(done[0].request.json)
+        #expect(report["batchId"] as? String == "portfolio-1")
+        #expect(report["status"] as? String == "completed", "allSettled completes even when children failed")
+        #expect(report["counts"] as? [String: Int] == ["completed": 3, "failed": 2, "skipped": 0])
+        let children = try #require(report["children"] as? [[String: Any]])
+        #expect(children.map { $0["index"] as? Int } == [0, 1, 2, 3, 4])
+        #expect(children.map { $0["taskId"] as? String } == (0..<5).map { "portfolio-1:\($0)" })
+        #expect(children.map { $0["status"] as? String } == ["completed", "failed", "completed", "failed", "completed"])
+        #expect((children[2]["result"] as? [String: Any])?["symbol"] as? String == "MSFT")
+        #expect((children[1]["error"] as? [String: Any])?["reason"] as? String == "not-retryable")
+        #expect(done[0].request.header("webhook-id") == "portfolio-1", "the batch webhook's id is the batch id")
+        let perChild = try await receiver.wait("/on-stock-analyzed", count: 1)
+        #expect(perChild[0].request.json?["taskId"] as? String == "portfolio-1:0")
+        #expect(try await Self.waitGone(bridge).isEmpty, "the batch's queues are deleted once its webhook is out")
+        try await bridge.waitIdle()
+        #expect(receiver.requests("/on-portfolio-done").count == 1, "one batch webhook")
+        #expect(bridge.service.metrics.value(.batchesCreated) == 1 && bridge.service.metrics.value(.batchesEnded) == 1)
+        await bridge.stop()
+    }
+
+    @Test func allFailsFastAndSkipsChildrenNotYetStarted() async throws {
+        let receiver = try Receiver()
+        receiver.on("/refuses") { _, _ in .text("no", status: 422) }
+        let bridge = try await BridgeHarness.start()
+        // The failing child runs at once; the others wait 3 s (a delay) and find their batch over.
+        var tasks = [Self.child(receiver.url("/refuses"))]
+        tasks += (0..<3).map { _ in Self.child(receiver.url("/later"), extra: #","delay":3"#) }
+        let created = ContinuousClock.now
+        try await bridge.publish(#"{"batch":{"id":"fast","join":"all","webhookUrl":"\#(receiver.url("/done"))"},"tasks":[\#(tasks.joined(separator: ","))]}"#)
+        let done = try await receiver.wait("/done", count: 1)
+        #expect(done[0].at - created < .seconds(3), "the batch fails at the first failure, not when the rest are done")
+        let report = try #require(done[0].request.json)
+        #expect(report["status"] as? String == "failed")
+        #expect(report["counts"] as? [String: Int] == ["completed": 0, "failed": 1, "skipped": 3])
+        let deadline = ContinuousClock.now + .seconds(20)
+        while bridge.service.metrics.value(.batchChildrenSkipped) < 3, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+        #expect(bridge.service.metrics.value(.batchChildrenSkipped) == 3)
+        #expect(receiver.requests("/later").isEmpty, "skipped children never run")
+        #expect(try await Self.waitGone(bridge).isEmpty)
+        await bridge.stop()
+    }
+
+    @Test func aDeadlineEndsTheBatchAsExpiredWithWhatArrived() async throws {
+        let receiver = try Receiver()
+        receiver.onDelayed("/slow", by: .seconds(8))
+        let bridge = try await BridgeHarness.start()
+        let tasks = [Self.child(receiver.url("/quick")), Self.child(receiver.url("/slow"), extra: #","timeout":10"#)]
+        let created = ContinuousClock.now
+        try await bridge.publish(#"{"batch":{"id":"late","deadline":2,"webhookUrl":"\#(receiver.url("/done"))"},"tasks":[\#(tasks.joined(separator: ","))]}"#)
+        let done = try await receiver.wait("/done", count: 1)
+        #expect(done[0].at - created >= .seconds(2) && done[0].at - created < .seconds(6), "ended at its deadline: \(done[0].at - created)")
+        let report = try #require(done[0].request.json)
+        #expect(report["status"] as? String == "expired")
+        #expect(report["counts"] as? [String: Int] == ["completed": 1, "failed": 0, "pending": 1])
+        #expect(((report["children"] as? [[String: Any]])?.map { $0["status"] as? String }) == ["completed", "pending"])
+        #expect(try await Self.waitGone(bridge).isEmpty)
+        await bridge.stop()
+    }
+
+    @Test func aBigBatchComesInPartsAndCountsEachChildOnce() async throws {
+        let receiver = try Receiver()
+        let bridge = try await BridgeHarness.start()
+        let size = 2500
+        let child = Self.child(receiver.url("/work"))
+        func tasks(_ count: Int) -> String { Array(repeating: child, count: count).joined(separator: ",") }
+        try await bridge.publish(#"{"batch":{"id":"big","size":\#(size),"webhookUrl":"\#(receiver.url("/done"))"},"tasks":[\#(tasks(1000))]}"#)
+        try await bridge.publish(#"{"batchPart":{"id":"big","offset":1000},"tasks":[\#(tasks(1000))]}"#)
+        // A part sent twice (a publisher retrying) runs its children again but counts them once.
+        try await bridge.publish(#"{"batchPart":{"id":"big","offset":2000},"tasks":[\#(tasks(500))]}"#)
+        try await bridge.publish(#"{"batchPart":{"id":"big","offset":2000},"tasks":[\#(tasks(500))]}"#)
+        let done = try await receiver.wait("/done", count: 1, timeout: .seconds(90))
+        let report = try #require(done[0].request.json)
+        #expect(report["status"] as? String == "completed")
+        #expect(report["counts"] as? [String: Int] == ["completed": size, "failed": 0, "skipped": 0])
+        #expect((report["children"] as? [[String: Any]])?.map { $0["index"] as? Int } == Array(0..<size))
+        #expect(try await Self.waitGone(bridge).isEmpty)
+        await bridge.stop()
+    }
+
+    @Test func aMalformedBatchRunsNoChildAndIsDeadLetteredWithItsReason() async throws {
+        let receiver = try Receiver()
+        let bridge = try await BridgeHarness.start()
+        let tasks = [Self.child(receiver.url("/work")), #"{"payload":1}"#]
+        try await bridge.publish(#"{"batch":{"id":"bad","webhookUrl":"\#(receiver.url("/done"))"},"tasks":[\#(tasks.joined(separator: ","))]}"#, id: "bad")
+        let told = try await receiver.wait("/done", count: 1)
+        #expect(told[0].request.json?["status"] as? String == "failed")
+        #expect(((told[0].request.json?["error"] as? [String: Any])?["message"] as? String)?.contains("tasks[1]: callbackUrl is missing") == true)
+        try await bridge.waitIdle()
+        let dead = try await bridge.deadLetters()
+        #expect(dead.count == 1 && dead[0].properties.headers?["aq-reason"]?.stringValue == "malformed")
+        #expect(receiver.requests("/work").isEmpty, "no child ran")
+        #expect(try await Self.batchQueues(bridge).isEmpty, "nothing was created")
+        await bridge.stop()
+    }
+}
