@@ -106,4 +106,67 @@ import Testing
         await connection.close()
         try? await BridgeHarness.management("DELETE", "/api/vhosts/\(vhost)")
     }
+
+    @Test func aBatchSurvivesKillDashNineOfItsAggregatorAndThenOfEveryBridge() async throws {
+        let (vhost, url, dir) = try await BridgeHarness.prepareVHost()
+        let callbacks = Atomic<Int>(0)
+        let reports = Mutex<[[UInt8]]>([])
+        let webhookIds = Mutex<[String]>([])
+        let server = try HTTPServer { request, responder in
+            if request.path == "/done" {
+                reports.withLock { $0.append(request.body) }
+                webhookIds.withLock { $0.append(request.header("webhook-id") ?? "-") }
+                return responder.respond(.json("{}"))
+            }
+            callbacks.add(1, ordering: .relaxed)
+            // Each child takes 300 ms: the batch runs for several seconds.
+            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(300)) { responder.respond(.json(#"{"ok":1}"#)) }
+        }
+        defer { server.shutdown() }
+        let connection = try await AMQPConnection.connect(url)
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let size = 1000
+        let child = #"{"callbackUrl":"http://127.0.0.1:\#(server.port)/cb","payload":{}}"#
+        let body = #"{"batch":{"id":"survivor","webhookUrl":"http://127.0.0.1:\#(server.port)/done"},"tasks":[\#(Array(repeating: child, count: size).joined(separator: ","))]}"#
+        try await channel.publish(Array(body.utf8), exchange: "aq.tasks", routingKey: "default",
+                                  properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent))
+        func waitCallbacks(_ count: Int) async throws {
+            let deadline = ContinuousClock.now + .seconds(60)
+            while callbacks.load(ordering: .relaxed) < count, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        // A creates the batch and aggregates it; B joins; A is killed mid-batch.
+        let a = try self.launch(url: url, topology: dir)
+        try await waitCallbacks(150)
+        let b = try self.launch(url: url, topology: dir)
+        try await waitCallbacks(400)
+        kill(a.processIdentifier, SIGKILL)
+        a.waitUntilExit()
+        #expect(reports.withLock { $0.isEmpty }, "the kill came mid-batch")
+        // Then every bridge dies, and a new one is started.
+        try await waitCallbacks(600)
+        kill(b.processIdentifier, SIGKILL)
+        b.waitUntilExit()
+        let c = try self.launch(url: url, topology: dir)
+        let deadline = ContinuousClock.now + .seconds(90)
+        while reports.withLock({ $0.isEmpty }), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        try await Task.sleep(for: .seconds(1))
+        let all = reports.withLock { $0 }
+        #expect(all.count >= 1, "the batch completed")
+        #expect(Set(all).count == 1, "a duplicate webhook (possible after a crash) carries the same body")
+        #expect(Set(webhookIds.withLock { $0 }) == ["survivor"])
+        let report = try #require(all.first.flatMap { try? JSONSerialization.jsonObject(with: Data($0)) as? [String: Any] })
+        #expect(report["status"] as? String == "completed")
+        #expect(report["counts"] as? [String: Int] == ["completed": size, "failed": 0, "skipped": 0], "every child counted once")
+        // Its queues are gone.
+        let base = try AMQPConfiguration(url: BridgeHarness.baseURL)
+        let listing = try await BlockingHTTP.request(method: "GET", url: BridgeHarness.managementURL + "/api/queues/\(vhost)?columns=name",
+                                                     username: base.user, password: base.password)
+        let names = ((try? JSONSerialization.jsonObject(with: Data(listing.body))) as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+        #expect(names.filter { $0.hasPrefix("aq.batch.") }.isEmpty, "left: \(names.filter { $0.hasPrefix("aq.batch.") })")
+        c.terminate()
+        c.waitUntilExit()
+        await connection.close()
+        try? await BridgeHarness.management("DELETE", "/api/vhosts/\(vhost)")
+    }
 }
