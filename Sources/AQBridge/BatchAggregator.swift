@@ -333,9 +333,9 @@ public struct BatchAggregator: Sendable {
 public enum BatchReport {
     /// Builds the report: children in input order, each child's first outcome in the segments;
     /// children with none are `pending` (an expired batch) or `skipped` (a batch that failed
-    /// fast, or ended without them). Over `maxBytes`, results and error details are left out
-    /// (`"detail": "omitted"`); if it is still over, the list stops there (`"truncated": true`)
-    /// while the counts stay complete.
+    /// fast, or ended without them). Over `maxBytes`, each child is reduced to its index and
+    /// status (`"resultsOmitted": true`; its task id is `<batch id>:<index>`); if it is still
+    /// over, the list stops there (`"truncated": true`) while the counts stay complete.
     public static func build(_ checkpoint: BatchCheckpoint, segments: [[UInt8]], maxBytes: Int) -> [UInt8] {
         let size = checkpoint.manifest.size
         // Where each child's first outcome is: (segment, range in it).
@@ -366,11 +366,12 @@ public enum BatchReport {
                     if full {
                         entry = json
                     } else {
-                        let taskId = "\(manifest.id):\(index)"
-                        entry = Array("{\"index\":\(index),\"taskId\":\(JSONScan.quote(taskId)),\"status\":\"\(statuses[index]?.rawValue ?? missing)\",\"detail\":\"omitted\"}".utf8)
+                        entry = Array("{\"index\":\(index),\"status\":\"\(statuses[index]?.rawValue ?? missing)\"}".utf8)
                     }
-                } else {
+                } else if full {
                     entry = Array("{\"index\":\(index),\"taskId\":\(JSONScan.quote("\(manifest.id):\(index)")),\"status\":\"\(missing)\"}".utf8)
+                } else {
+                    entry = Array("{\"index\":\(index),\"status\":\"\(missing)\"}".utf8)
                 }
                 if out.count + entry.count + 1 > limit { return (out, false) }
                 if !out.isEmpty { out.append(UInt8(ascii: ",")) }

@@ -427,7 +427,9 @@ extension BridgeEngine {
             if self.batches[batch.id] === batch { self.batches[batch.id] = nil }
         }
         guard let url else { return cleanUp() }
-        let report = BatchReport.build(checkpoint, segments: segments, maxBytes: Self.maxBatchReportBytes)
+        // The report travels as a webhook job on the work queue: it must stay readable there.
+        let limit = self.settings.queues.first { $0.name == manifest.queue }?.defaults.maxPayloadBytes ?? TaskDefaults().maxPayloadBytes
+        let report = BatchReport.build(checkpoint, segments: segments, maxBytes: min(Self.maxBatchReportBytes, limit))
         var properties = self.webhookJob(url: url, taskId: manifest.id, attempt: 1, tier: nil, lastError: nil, webhookId: manifest.id)
         properties.headers?["aq-batch-status"] = .string(status.rawValue)
         let workQueue = self.settings.spec.queueName(forWorkQueue: manifest.queue)

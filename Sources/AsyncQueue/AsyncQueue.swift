@@ -17,6 +17,8 @@ public final class AsyncQueue: Sendable {
     let channel: AMQPChannel
     let taskExchange: String
     public let tasks: Tasks
+    /// Fan-out / fan-in: a batch of tasks with one webhook when all are done.
+    public let batches: Batches
 
     /// - Parameters:
     ///   - taskExchange: the topology's task exchange (`aq.tasks` by default).
@@ -27,8 +29,9 @@ public final class AsyncQueue: Sendable {
         self.channel = try await connection.openChannel()
         try await self.channel.enableConfirms()
         self.taskExchange = taskExchange
-        self.tasks = Tasks(channel: self.channel, exchange: taskExchange,
-                           queues: WorkQueueDirectory(connection: connection, prefix: workQueuePrefix))
+        let directory = WorkQueueDirectory(connection: connection, prefix: workQueuePrefix)
+        self.tasks = Tasks(channel: self.channel, exchange: taskExchange, queues: directory)
+        self.batches = Batches(channel: self.channel, exchange: taskExchange, queues: directory)
     }
 
     public static func connect(_ url: String, taskExchange: String = "aq.tasks", workQueuePrefix: String = "aq.work.") async throws -> AsyncQueue {
@@ -155,6 +158,134 @@ public final class AsyncQueue: Sendable {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.withoutEscapingSlashes]
             return Array(try encoder.encode(wire))
+        }
+    }
+}
+
+extension AsyncQueue {
+    /// One child of a batch: a task like any other, minus its id (`<batch id>:<index>`).
+    public struct BatchTask<Payload: Encodable & Sendable>: Sendable, Encodable {
+        public var callbackUrl: String
+        public var payload: Payload
+        /// A per-child webhook still works (code that counted completions itself can migrate step by step).
+        public var webhookUrl: String?
+        public var failureWebhookUrl: String?
+        public var retries: Int?
+        public var timeout: Double?
+        public var delay: Double?
+        /// The work queue it runs on, when not the batch's.
+        public var queue: String?
+
+        public init(callbackUrl: String, payload: Payload, webhookUrl: String? = nil, failureWebhookUrl: String? = nil,
+                    retries: Int? = nil, timeout: Double? = nil, delay: Double? = nil, queue: String? = nil) {
+            self.callbackUrl = callbackUrl
+            self.payload = payload
+            self.webhookUrl = webhookUrl
+            self.failureWebhookUrl = failureWebhookUrl
+            self.retries = retries
+            self.timeout = timeout
+            self.delay = delay
+            self.queue = queue
+        }
+    }
+
+    public enum Join: String, Sendable, Encodable {
+        /// Wait for every child and report each (the default).
+        case allSettled
+        /// Fail at the first child that fails for good; children not yet started are skipped.
+        case all
+    }
+
+    public struct Batches: Sendable {
+        let channel: AMQPChannel
+        let exchange: String
+        let queues: WorkQueueDirectory
+
+        /// Children per message: a bigger batch is sent as an opening message and parts.
+        public static let childrenPerMessage = 10_000
+        /// Bytes of children per message (the bridge's `max_payload_bytes` is 1 MiB by default).
+        public static let bytesPerMessage = 512 * 1024
+
+        struct Options: Encodable {
+            var id: String
+            var webhookUrl: String?
+            var failureWebhookUrl: String?
+            var join: Join?
+            var deadline: Double?
+            var size: Int?
+        }
+
+        struct Part: Encodable {
+            var id: String
+            var offset: Int
+        }
+
+        /// Creates a batch and returns its id once the broker has confirmed every message of it.
+        /// aq-bridge runs the children (ids `<batch id>:<index>`) and, when the batch ends, POSTs
+        /// one report to `webhookUrl`: status (`completed`, `failed`, `expired`), counts and each
+        /// child's outcome in input order.
+        ///
+        /// - Parameters:
+        ///   - join: `.allSettled` waits for every child; `.all` fails at the first failure.
+        ///   - deadline: seconds; at the deadline the batch ends as `expired` with what arrived.
+        ///   - failureWebhookUrl: where a failed or expired batch is reported instead.
+        ///   - queue: the work queue the children run on unless a child names its own.
+        ///   - id: the batch id (at most 192 bytes); a UUID when nil.
+        @discardableResult
+        public func create<Payload: Encodable & Sendable>(
+            _ tasks: [BatchTask<Payload>], webhookUrl: String? = nil, failureWebhookUrl: String? = nil, join: Join = .allSettled,
+            deadline: Double? = nil, queue: String = "default", id: String? = nil
+        ) async throws -> String {
+            let id = id ?? UUID().uuidString.lowercased()
+            guard !id.isEmpty, id.utf8.count <= 192,
+                  !id.unicodeScalars.contains(where: { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) || $0.value == 0x2028 || $0.value == 0x2029 })
+            else {
+                throw AMQPError(code: .invalidArgument, message: "a batch id must be 1 to 192 bytes without control characters")
+            }
+            guard !tasks.isEmpty else { throw AMQPError(code: .invalidArgument, message: "a batch needs at least one task") }
+            try await self.queues.check(queue)
+            for name in Set(tasks.compactMap(\.queue)) { try await self.queues.check(name) }
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.withoutEscapingSlashes]
+            // Messages of at most 10,000 children and 512 KiB (the bridge takes 1 MiB by default).
+            var chunks: [[UInt8]] = []
+            var current: [UInt8] = []
+            var counts: [Int] = []
+            var count = 0
+            for task in tasks {
+                let json = Array(try encoder.encode(task))
+                if count > 0, count == Self.childrenPerMessage || current.count + json.count + 1 > Self.bytesPerMessage {
+                    chunks.append(current)
+                    counts.append(count)
+                    current = []
+                    count = 0
+                }
+                if !current.isEmpty { current.append(UInt8(ascii: ",")) }
+                current += json
+                count += 1
+            }
+            chunks.append(current)
+            counts.append(count)
+            var confirms: [AMQPPublishConfirm] = []
+            var offset = 0
+            for (index, chunk) in chunks.enumerated() {
+                let head: [UInt8]
+                if index == 0 {
+                    let options = Options(id: id, webhookUrl: webhookUrl, failureWebhookUrl: failureWebhookUrl, join: join, deadline: deadline,
+                                          size: chunks.count > 1 ? tasks.count : nil)
+                    head = Array(#"{"batch":"#.utf8) + Array(try encoder.encode(options))
+                } else {
+                    head = Array(#"{"batchPart":"#.utf8) + Array(try encoder.encode(Part(id: id, offset: offset)))
+                }
+                let body = head + Array(#","tasks":["#.utf8) + chunk + Array("]}".utf8)
+                confirms.append(self.channel.beginPublish(
+                    body, exchange: self.exchange, routingKey: queue,
+                    properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, messageId: index == 0 ? id : "\(id):part:\(offset)",
+                                               timestamp: UInt64(Date().timeIntervalSince1970), appId: "asyncqueue-swift")))
+                offset += counts[index]
+            }
+            for confirm in confirms { _ = try await confirm.result() }
+            return id
         }
     }
 }

@@ -2,6 +2,7 @@ import AMQPClient
 import AQBridge
 import AQHTTP
 import AQTestSupport
+import AsyncQueue
 import Foundation
 import Testing
 
@@ -141,6 +142,39 @@ import Testing
         #expect(dead.count == 1 && dead[0].properties.headers?["aq-reason"]?.stringValue == "malformed")
         #expect(receiver.requests("/work").isEmpty, "no child ran")
         #expect(try await Self.batchQueues(bridge).isEmpty, "nothing was created")
+        await bridge.stop()
+    }
+
+    @Test func theSwiftClientCreatesABatchOfTwelveThousandChildren() async throws {
+        let receiver = try Receiver()
+        let bridge = try await BridgeHarness.start()
+        let aq = try await AsyncQueue(connection: bridge.connection)
+        let size = 12_000  // over one message's 10,000: the client sends an opening message and a part
+        let tasks = (0..<size).map { AsyncQueue.BatchTask(callbackUrl: receiver.url("/work"), payload: ["n": $0]) }
+        let id = try await aq.batches.create(tasks, webhookUrl: receiver.url("/done"), deadline: 300)
+        let done: [Receiver.Recorded]
+        do { done = try await receiver.wait("/done", count: 1, timeout: .seconds(40)) } catch {
+            Issue.record("no report: work=\(receiver.requests("/work").count) queues=\(try await Self.batchQueues(bridge)) metrics created=\(bridge.service.metrics.value(.batchesCreated)) outcomes=\(bridge.service.metrics.value(.batchOutcomes)) malformed=\(bridge.service.metrics.value(.tasksMalformed)) unreadable=\(bridge.service.metrics.value(.tasksUnreadable))")
+            for queue in try await Self.batchQueues(bridge) { Issue.record("\(queue) holds \(try await bridge.depth(queue))") }
+            throw error
+        }
+        let report = try #require(done[0].request.json)
+        #expect(report["batchId"] as? String == id)
+        #expect(report["counts"] as? [String: Int] == ["completed": size, "failed": 0, "skipped": 0])
+        #expect(done[0].request.body.count <= 1 << 20, "the report stays within max_payload_bytes")
+        #expect(report["resultsOmitted"] as? Bool == true, "12,000 results do not fit 1 MiB: they are left out, the list is whole")
+        #expect((report["children"] as? [[String: Any]])?.count == size)
+        #expect(receiver.requests("/work").count >= size)
+        #expect(try await Self.waitGone(bridge).isEmpty)
+        await bridge.stop()
+    }
+
+    @Test func theSwiftClientRefusesAnUnknownChildQueue() async throws {
+        let bridge = try await BridgeHarness.start()
+        let aq = try await AsyncQueue(connection: bridge.connection)
+        await #expect(throws: AMQPError.self) {
+            try await aq.batches.create([AsyncQueue.BatchTask(callbackUrl: "http://127.0.0.1:1/x", payload: 1, queue: "nope")])
+        }
         await bridge.stop()
     }
 }

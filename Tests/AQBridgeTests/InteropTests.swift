@@ -37,4 +37,27 @@ import Testing
         #expect(hook["status"] as? String == "completed")
         #expect(((hook["result"] as? [String: Any])?["echo"] as? [String: Any])?["n"] as? Int == 7)
     }
+
+    @Test func aBatchFromPikaIsAggregatedIntoOneSignedWebhook() async throws {
+        let secret = "whsec_" + Data((0..<24).map { _ in UInt8.random(in: 0...255) }).base64EncodedString()
+        let bridge = try await BridgeHarness.start { $0.signingSecrets = [secret] }
+        defer { Task { await bridge.stop() } }
+        guard FileManager.default.isExecutableFile(atPath: Self.python) else {
+            Issue.record("needs Python with pika and standardwebhooks at \(Self.python) (scripts/test installs them)")
+            return
+        }
+        let result = try TestEnvironment.run(URL(fileURLWithPath: Self.python),
+                                             [Self.root.appendingPathComponent("Tests/interop/pika_batch.py").path, bridge.amqpURL, secret])
+        let text = result.out + result.err
+        #expect(result.status == 0, "\(text)")
+        let line = try #require(try JSONSerialization.jsonObject(with: Data((result.out.split(separator: "\n").last ?? "").utf8)) as? [String: Any], "\(text)")
+        let report = try #require(line["report"] as? [String: Any])
+        let batchId = try #require(line["batchId"] as? String)
+        #expect(report["verified"] as? Bool == true, "\(report)")
+        #expect(report["id"] as? String == batchId)
+        let body = try #require(report["body"] as? [String: Any])
+        #expect(body["status"] as? String == "completed")
+        let children = try #require(body["children"] as? [[String: Any]])
+        #expect(children.map { ($0["result"] as? [String: Any])?["symbol"] as? String } == ["AAPL", "MSFT", "GOOG", "AMZN"])
+    }
 }
