@@ -32,8 +32,6 @@ final class BatchRun {
     var machine: BatchAggregator?
     /// Reply-queue deliveries not yet acked, oldest first.
     var held: [AMQPDelivery] = []
-    /// The checkpoint(s) read from the state queue, acked once a newer one is confirmed.
-    var heldState: [AMQPDelivery] = []
     /// Deliveries not yet fed to the machine (it is fed from the turn, not from the callback).
     var inbox: [AMQPDelivery] = []
     var finishing = false
@@ -291,10 +289,9 @@ extension BridgeEngine {
     private func batchDelivery(_ batch: BatchRun, _ delivery: AMQPDelivery, now: ContinuousClock.Instant) {
         guard self.context.isCurrent(delivery) else { return }
         // After a reconnect the held deliveries come again under new tags: start over.
-        if batch.machine != nil, let first = batch.held.first ?? batch.heldState.first, !self.context.isCurrent(first) {
+        if batch.machine != nil, let first = batch.held.first, !self.context.isCurrent(first) {
             batch.machine = nil
             batch.held.removeAll()
-            batch.heldState.removeAll()
         }
         if batch.machine == nil {
             guard self.restore(batch, now: now) else {
@@ -314,26 +311,25 @@ extension BridgeEngine {
         if let actions = batch.machine?.receive(input, tag: delivery.deliveryTag, now: now) { self.carryOut(batch, actions) }
     }
 
-    /// Reads the newest checkpoint from the state queue (holding what it read until a newer one
-    /// is confirmed) and starts the machine; false when there is none.
+    /// Reads the newest checkpoint from the state queue and starts the machine; false when there
+    /// is none. Older checkpoints (a crash can leave one) are removed; the newest is given back,
+    /// so the queue always holds it and `aq batch status` can read it.
     private func restore(_ batch: BatchRun, now: ContinuousClock.Instant) -> Bool {
-        var best: BatchCheckpoint?
+        var read: [(AMQPDelivery, BatchCheckpoint?)] = []
         do throws(AMQPError) {
             while let delivery = try self.context.get(channel: self.adminChannel, queue: batch.queues.state) {
-                batch.heldState.append(delivery)
                 let trusted = delivery.properties.userId.map { self.settings.trustedPublishers.contains($0) } == true
-                if trusted, let checkpoint = BatchCheckpoint.decode(delivery.body), checkpoint.version >= (best?.version ?? -1) {
-                    best = checkpoint
-                }
+                read.append((delivery, trusted ? BatchCheckpoint.decode(delivery.body) : nil))
             }
         } catch {
             self.logger.warning("could not read a batch's checkpoint", metadata: ["batch": "\(batch.id)", "error": "\(error)"])
         }
-        guard let best, best.manifest.id == batch.id else {
-            for delivery in batch.heldState where self.context.isCurrent(delivery) { self.context.nack(delivery, requeue: true) }
-            batch.heldState.removeAll()
-            return false
+        let best = read.compactMap(\.1).filter { $0.manifest.id == batch.id }.max { $0.version < $1.version }
+        for (delivery, checkpoint) in read where self.context.isCurrent(delivery) {
+            // Older ones, and what is not a checkpoint of ours, are removed; the newest is given back.
+            if let best, checkpoint?.version ?? -1 < best.version { self.context.ack(delivery) } else { self.context.nack(delivery, requeue: true) }
         }
+        guard let best else { return false }
         let (machine, actions) = BatchAggregator.restore(best, now: now)
         batch.machine = machine
         self.carryOut(batch, actions)
@@ -366,14 +362,14 @@ extension BridgeEngine {
                          body: checkpoint.encoded()) { [unowned self] result in self.batchWork.append { [unowned self] in
                 guard self.batches[id] === batch, batch.machine != nil else { return }
                 if case .failure(let error) = result { return self.dropBatch(batch, "could not write its checkpoint: \(error)") }
-                // The checkpoint read or written before is now out of date.
-                for delivery in batch.heldState where self.context.isCurrent(delivery) { self.context.ack(delivery) }
-                batch.heldState.removeAll()
+                // The checkpoints before it are out of date: removed, up to the new one (given back).
                 do throws(AMQPError) {
                     while let delivery = try self.context.get(channel: self.adminChannel, queue: batch.queues.state) {
-                        let version = BatchCheckpoint.decode(delivery.body)?.version ?? -1
+                        let trusted = delivery.properties.userId.map { self.settings.trustedPublishers.contains($0) } == true
+                        // Not ours (untrusted or unreadable): removed like an old one.
+                        let version = trusted ? BatchCheckpoint.decode(delivery.body)?.version ?? -1 : -1
                         if version >= checkpoint.version {
-                            batch.heldState.append(delivery)  // ours: held until the next one
+                            self.context.nack(delivery, requeue: true)
                             break
                         }
                         self.context.ack(delivery)
@@ -452,8 +448,6 @@ extension BridgeEngine {
     private func stopAggregating(_ batch: BatchRun) {
         if self.batches[batch.id] === batch { self.batches[batch.id] = nil }
         batch.machine = nil
-        for delivery in batch.heldState where self.context.isCurrent(delivery) { self.context.nack(delivery, requeue: true) }
-        batch.heldState.removeAll()
         if let tag = batch.consumerTag {
             // Cancelling leaves its unacked deliveries with the channel; nack them back.
             do throws(AMQPError) { try self.context.cancelConsumer(channel: self.batchChannel, tag: tag) } catch {}

@@ -177,4 +177,40 @@ import Testing
         }
         await bridge.stop()
     }
+
+    @Test func aqBatchStatusTellsHowFarABatchIsWithoutDisturbingIt() async throws {
+        let receiver = try Receiver()
+        receiver.onDelayed("/slow", by: .seconds(4))
+        let bridge = try await BridgeHarness.start()
+        let tasks = (0..<3).map { _ in Self.child(receiver.url("/quick")) } + [Self.child(receiver.url("/slow"))]
+        try await bridge.publish(#"{"batch":{"id":"watched","join":"all","webhookUrl":"\#(receiver.url("/done"))"},"tasks":[\#(tasks.joined(separator: ","))]}"#)
+        _ = try await receiver.wait("/slow", count: 1)
+        func status() throws -> (Int32, [String: Any]?, String) {
+            let result = try TestEnvironment.run(TestEnvironment.builtProgram("aq"), [
+                "batch", "status", "watched", "--json", "--url", bridge.amqpURL, "-f", bridge.topologyDir.path,
+                "--management-url", BridgeHarness.managementURL,
+            ])
+            return (result.status, try? JSONSerialization.jsonObject(with: Data(result.out.utf8)) as? [String: Any], result.out + result.err)
+        }
+        // The three quick children are folded into the checkpoint within a moment.
+        var seen: [String: Any]?
+        let deadline = ContinuousClock.now + .seconds(10)
+        while ContinuousClock.now < deadline {
+            let (code, json, text) = try status()
+            #expect(code == 0, "\(text)")
+            seen = json
+            if json?["settled"] as? Int == 3 { break }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        #expect(seen?["state"] as? String == "open")
+        #expect(seen?["size"] as? Int == 4 && seen?["settled"] as? Int == 3 && seen?["completed"] as? Int == 3)
+        #expect(seen?["join"] as? String == "all")
+        // Looking did not disturb it: it completes, once.
+        let done = try await receiver.wait("/done", count: 1)
+        #expect(done[0].request.json?["status"] as? String == "completed")
+        #expect(try await Self.waitGone(bridge).isEmpty)
+        let (code, _, text) = try status()
+        #expect(code == 1 && text.contains("not found"), "\(text)")
+        await bridge.stop()
+    }
 }
