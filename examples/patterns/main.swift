@@ -1,5 +1,5 @@
 // The seed guide's patterns against a running aq-bridge: fire-and-forget (with and without a
-// failure-only webhook) and request-reply. A small app serves the callback and webhook endpoints on
+// failure-only webhook), request-reply, and fan-out / fan-in as a native batch. A small app serves the callback and webhook endpoints on
 // 127.0.0.1, publishes the tasks with the AsyncQueue Swift client, and prints what its webhooks
 // receive.
 //
@@ -33,7 +33,11 @@ let app = try HTTPServer(port: port) { request, responder in
         // Callback: do the work, answer with the result.
         let jobId = body["jobId"] as? String ?? "?"
         responder.respond(.json(#"{"jobId":"\#(jobId)","reportUrl":"https://files.example/reports/\#(jobId).pdf"}"#))
-    case "/api/on-task-failed", "/api/on-report-ready":
+    case "/api/analyze-stock":
+        // Callback of one batch child: analyse one symbol (here: a made-up score).
+        let symbol = body["symbol"] as? String ?? "?"
+        responder.respond(.json(#"{"symbol":"\#(symbol)","analysis":{"score":\#(symbol.unicodeScalars.reduce(0) { $0 + Int($1.value) } % 100)}}"#))
+    case "/api/on-task-failed", "/api/on-report-ready", "/api/on-portfolio-analyzed":
         // Webhooks: the outcome arrives here once.
         webhooks.withLock { $0.append((request.path, request.bodyString)) }
         responder.respond(.json(#"{"received":true}"#))
@@ -79,9 +83,20 @@ let report = try await aq.tasks.create(
     timeout: 120)
 print("request-reply: task \(report) published for job \(jobId)")
 
-// Wait for both webhooks (bounded).
+// --- Step 3: fan-out / fan-in, aggregated by AsyncQueue ---------------------------------------
+// One batch instead of one task per stock plus a database counter: the bridge runs the children
+// in parallel and POSTs one report, every child's result in input order, when all are done.
+struct Stock: Encodable, Sendable { var symbol: String }
+let stocks = ["AAPL", "MSFT", "GOOG", "AMZN"]
+let portfolio = try await aq.batches.create(
+    stocks.map { AsyncQueue.BatchTask(callbackUrl: "\(base)/api/analyze-stock", payload: Stock(symbol: $0), retries: 2, timeout: 30) },
+    webhookUrl: "\(base)/api/on-portfolio-analyzed",
+    deadline: 300)
+print("fan-out/fan-in: batch \(portfolio) of \(stocks.count) stocks published")
+
+// Wait for the three webhooks (bounded).
 let deadline = ContinuousClock.now + .seconds(60)
-while webhooks.withLock({ $0.count }) < 2 && ContinuousClock.now < deadline {
+while webhooks.withLock({ $0.count }) < 3 && ContinuousClock.now < deadline {
     try await Task.sleep(for: .milliseconds(50))
 }
 for (path, body) in webhooks.withLock({ $0 }) {
@@ -90,8 +105,8 @@ for (path, body) in webhooks.withLock({ $0 }) {
 let received = webhooks.withLock { $0 }
 await aq.close()
 app.shutdown()
-if received.count < 2 {
-    print("expected 2 webhooks, got \(received.count): is aq-bridge running against \(URLText.redacted(amqpURL))?")
+if received.count < 3 {
+    print("expected 3 webhooks, got \(received.count): is aq-bridge running against \(URLText.redacted(amqpURL))?")
     exit(1)
 }
 if received.contains(where: { $0.1.contains(fine) }) {
