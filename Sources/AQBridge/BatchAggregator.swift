@@ -330,48 +330,69 @@ public struct BatchAggregator: Sendable {
 }
 
 /// The batch webhook's body, built from the checkpoint and the result segments. Pure.
-public enum BatchReport {
-    /// Builds the report: children in input order, each child's first outcome in the segments;
-    /// children with none are `pending` (an expired batch) or `skipped` (a batch that failed
-    /// fast, or ended without them). Over `maxBytes`, each child is reduced to its index and
-    /// status (`"resultsOmitted": true`; its task id is `<batch id>:<index>`); if it is still
-    /// over, the list stops there (`"truncated": true`) while the counts stay complete.
-    public static func build(_ checkpoint: BatchCheckpoint, segments: [[UInt8]], maxBytes: Int) -> [UInt8] {
-        let size = checkpoint.manifest.size
-        // Where each child's first outcome is: (segment, range in it).
-        var found = [(segment: Int32, start: Int32, end: Int32)?](repeating: nil, count: size)
-        var statuses = [ChildOutcome.Status?](repeating: nil, count: size)
-        for (s, segment) in segments.enumerated() {
-            try? JSONScan.forEachElement(segment) { (member: JSONScan.Member) throws(JSONScan.Failure) in
-                guard member.kind == .object, let outcome = ChildOutcome.parse(Array(segment[member.range])),
-                      outcome.index < size, found[outcome.index] == nil else { return }
-                found[outcome.index] = (Int32(s), Int32(member.range.lowerBound), Int32(member.range.upperBound))
-                statuses[outcome.index] = outcome.status
+///
+/// Segments are added one at a time and let go: memory is a status byte per child plus the
+/// entries kept for the report, which stop being kept once they pass `maxBytes`.
+public struct BatchReport {
+    let checkpoint: BatchCheckpoint
+    let maxBytes: Int
+    /// 0: no outcome; else the status's raw value's first byte (`c`ompleted, `f`ailed).
+    private var statuses: [UInt8]
+    private var entries: [[UInt8]?]
+    private var keptBytes = 0
+    private var overflow = false
+
+    public init(_ checkpoint: BatchCheckpoint, maxBytes: Int) {
+        self.checkpoint = checkpoint
+        self.maxBytes = maxBytes
+        self.statuses = [UInt8](repeating: 0, count: checkpoint.manifest.size)
+        self.entries = [[UInt8]?](repeating: nil, count: checkpoint.manifest.size)
+    }
+
+    /// Adds a result segment (a JSON array of outcomes); the first outcome of a child wins.
+    public mutating func add(segment: [UInt8]) {
+        let size = self.checkpoint.manifest.size
+        try? JSONScan.forEachElement(segment) { (member: JSONScan.Member) throws(JSONScan.Failure) in
+            guard member.kind == .object, let outcome = ChildOutcome.parse(Array(segment[member.range])),
+                  outcome.index < size, self.statuses[outcome.index] == 0 else { return }
+            self.statuses[outcome.index] = outcome.status == .completed ? UInt8(ascii: "c") : UInt8(ascii: "f")
+            guard !self.overflow else { return }
+            self.keptBytes += outcome.json.count + 1
+            if self.keptBytes > self.maxBytes {
+                // The full report cannot fit: stop keeping entries (and let go of those kept).
+                self.overflow = true
+                self.entries = []
+            } else {
+                self.entries[outcome.index] = outcome.json
             }
         }
-        let completed = statuses.reduce(0) { $0 + ($1 == .completed ? 1 : 0) }
-        let failed = statuses.reduce(0) { $0 + ($1 == .failed ? 1 : 0) }
-        let status = checkpoint.status ?? .completed
+    }
+
+    /// Builds the report: children in input order; children with no outcome are `pending` (an
+    /// expired batch) or `skipped` (a batch that failed fast, or ended without them). Over
+    /// `maxBytes`, each child is reduced to its index and status (`"resultsOmitted": true`; its
+    /// task id is `<batch id>:<index>`); if it is still over, the list stops there
+    /// (`"truncated": true`) while the counts stay complete.
+    public func build() -> [UInt8] {
+        let size = self.checkpoint.manifest.size
+        let completed = self.statuses.reduce(0) { $0 + ($1 == UInt8(ascii: "c") ? 1 : 0) }
+        let failed = self.statuses.reduce(0) { $0 + ($1 == UInt8(ascii: "f") ? 1 : 0) }
+        let status = self.checkpoint.status ?? .completed
         let missing = status == .expired ? "pending" : "skipped"
-        let manifest = checkpoint.manifest
+        let manifest = self.checkpoint.manifest
         var head = "{\"batchId\":\(JSONScan.quote(manifest.id)),\"status\":\"\(status.rawValue)\",\"join\":\"\(manifest.join.rawValue)\""
         head += ",\"size\":\(size),\"counts\":{\"completed\":\(completed),\"failed\":\(failed),\"\(missing)\":\(size - completed - failed)}"
-        func entries(full: Bool, limit: Int) -> (bytes: [UInt8], complete: Bool) {
+        func name(_ status: UInt8) -> String { status == UInt8(ascii: "c") ? "completed" : status == UInt8(ascii: "f") ? "failed" : missing }
+        func list(full: Bool, limit: Int) -> (bytes: [UInt8], complete: Bool) {
             var out: [UInt8] = []
             for index in 0..<size {
-                var entry: [UInt8]
-                if let place = found[index] {
-                    let segment = segments[Int(place.segment)]
-                    let json = Array(segment[Int(place.start)..<Int(place.end)])
-                    if full {
-                        entry = json
-                    } else {
-                        entry = Array("{\"index\":\(index),\"status\":\"\(statuses[index]?.rawValue ?? missing)\"}".utf8)
-                    }
+                let entry: [UInt8]
+                if full, let kept = self.entries[index] {
+                    entry = kept
                 } else if full {
                     entry = Array("{\"index\":\(index),\"taskId\":\(JSONScan.quote("\(manifest.id):\(index)")),\"status\":\"\(missing)\"}".utf8)
                 } else {
-                    entry = Array("{\"index\":\(index),\"status\":\"\(missing)\"}".utf8)
+                    entry = Array("{\"index\":\(index),\"status\":\"\(name(self.statuses[index]))\"}".utf8)
                 }
                 if out.count + entry.count + 1 > limit { return (out, false) }
                 if !out.isEmpty { out.append(UInt8(ascii: ",")) }
@@ -379,17 +400,24 @@ public enum BatchReport {
             }
             return (out, true)
         }
-        let budget = max(0, maxBytes - head.utf8.count - 64)
-        var (list, complete) = entries(full: true, limit: budget)
+        let budget = max(0, self.maxBytes - head.utf8.count - 64)
+        var (children, complete) = self.overflow ? ([], false) : list(full: true, limit: budget)
         var omitted = false
         if !complete {
-            (list, complete) = entries(full: false, limit: budget)
+            (children, complete) = list(full: false, limit: budget)
             omitted = true
         }
         var tail = "]"
         if omitted { tail += ",\"resultsOmitted\":true" }
         if !complete { tail += ",\"truncated\":true" }
         tail += "}"
-        return Array((head + ",\"children\":[").utf8) + list + Array(tail.utf8)
+        return Array((head + ",\"children\":[").utf8) + children + Array(tail.utf8)
+    }
+
+    /// The report from segments at hand (tests, tools).
+    public static func build(_ checkpoint: BatchCheckpoint, segments: [[UInt8]], maxBytes: Int) -> [UInt8] {
+        var report = BatchReport(checkpoint, maxBytes: maxBytes)
+        for segment in segments { report.add(segment: segment) }
+        return report.build()
     }
 }

@@ -51,6 +51,12 @@ extension BridgeEngine {
     /// takes over a batch whose bridges all went away.
     static let batchTimerInterval: Int64 = 30_000
 
+    /// The broker vouches that a trusted user (the bridge's own, or `trusted_publishers`)
+    /// published it: only then do its `aq-…` headers and batch bookkeeping count.
+    func isTrusted(_ properties: AMQPProperties) -> Bool {
+        properties.userId.map { self.settings.trustedPublishers.contains($0) } ?? false
+    }
+
     // MARK: Creating
 
     /// A message with `batch` or `batchPart`: checked whole; its queues declared, its checkpoint,
@@ -82,6 +88,10 @@ extension BridgeEngine {
             return
         case .success(let value):
             message = value
+            // The children hold their own bytes: the message's body is let go.
+            self.inFlightBytes -= run.bytes
+            run.bytes = 0
+            run.delivery = run.delivery.withoutBody()
         }
         let id = message.batchId
         let queues = BatchQueues(spec: spec, id: id)
@@ -114,12 +124,13 @@ extension BridgeEngine {
             outstanding += 1
             self.publishTimer(id: id, workQueue: run.queue, deadline: manifest.deadline, done)
         }
+        let join = self.batchJoin(message, fallback: run)
         for child in message.children {
             outstanding += 1
             let properties = AMQPProperties(
                 contentType: "application/json",
                 headers: ["aq-batch": .string(id), "aq-batch-index": .int64(Int64(child.index)),
-                          "aq-batch-join": .string(self.batchJoin(message, fallback: run).rawValue)],
+                          "aq-batch-join": .string(join.rawValue)],
                 deliveryMode: .persistent, messageId: child.spec.id, timestamp: UInt64(Date().timeIntervalSince1970),
                 userId: self.settings.bridgeUser)
             self.publish(exchange: spec.taskExchange, routingKey: child.queue ?? run.queue.name, properties: properties, body: child.body, done)
@@ -280,8 +291,9 @@ extension BridgeEngine {
     }
 
     private func feed(_ batch: BatchRun, now: ContinuousClock.Instant) {
-        while !batch.inbox.isEmpty, self.batches[batch.id] === batch, !batch.finishing {
-            let delivery = batch.inbox.removeFirst()
+        let deliveries = batch.inbox
+        batch.inbox.removeAll(keepingCapacity: true)
+        for delivery in deliveries where self.batches[batch.id] === batch && !batch.finishing {
             self.batchDelivery(batch, delivery, now: now)
         }
     }
@@ -302,7 +314,7 @@ extension BridgeEngine {
         }
         batch.held.append(delivery)
         let input: BatchAggregator.Input
-        let headers = delivery.properties.userId.map { self.settings.trustedPublishers.contains($0) } == true ? delivery.properties.headers : nil
+        let headers = self.isTrusted(delivery.properties) ? delivery.properties.headers : nil
         switch headers?["aq-batch-msg"]?.stringValue {
         case "outcome"?: input = ChildOutcome.parse(delivery.body).map { .outcome($0) } ?? .ignored
         case "deadline"?: input = .deadline
@@ -318,7 +330,7 @@ extension BridgeEngine {
         var read: [(AMQPDelivery, BatchCheckpoint?)] = []
         do throws(AMQPError) {
             while let delivery = try self.context.get(channel: self.adminChannel, queue: batch.queues.state) {
-                let trusted = delivery.properties.userId.map { self.settings.trustedPublishers.contains($0) } == true
+                let trusted = self.isTrusted(delivery.properties)
                 read.append((delivery, trusted ? BatchCheckpoint.decode(delivery.body) : nil))
             }
         } catch {
@@ -365,7 +377,7 @@ extension BridgeEngine {
                 // The checkpoints before it are out of date: removed, up to the new one (given back).
                 do throws(AMQPError) {
                     while let delivery = try self.context.get(channel: self.adminChannel, queue: batch.queues.state) {
-                        let trusted = delivery.properties.userId.map { self.settings.trustedPublishers.contains($0) } == true
+                        let trusted = self.isTrusted(delivery.properties)
                         // Not ours (untrusted or unreadable): removed like an old one.
                         let version = trusted ? BatchCheckpoint.decode(delivery.body)?.version ?? -1 : -1
                         if version >= checkpoint.version {
@@ -396,16 +408,19 @@ extension BridgeEngine {
     /// job (confirmed, then delivered with retries like any webhook), then its queues are deleted.
     private func finish(_ batch: BatchRun, _ checkpoint: BatchCheckpoint) {
         batch.finishing = true
-        var segments: [[UInt8]] = []
+        let manifest = checkpoint.manifest
+        // The report travels as a webhook job on the work queue: it must stay readable there.
+        let limit = self.settings.queues.first { $0.name == manifest.queue }?.defaults.maxPayloadBytes ?? TaskDefaults().maxPayloadBytes
+        var builder = BatchReport(checkpoint, maxBytes: min(Self.maxBatchReportBytes, limit))
         do throws(AMQPError) {
+            // One segment at a time, not acked: the queue is deleted below.
             while let delivery = try self.context.get(channel: self.adminChannel, queue: batch.queues.results) {
-                segments.append(delivery.body)  // not acked: the queue is deleted below
+                builder.add(segment: delivery.body)
             }
         } catch {
             batch.finishing = false
             return self.dropBatch(batch, "could not read its results: \(error)")
         }
-        let manifest = checkpoint.manifest
         let status = checkpoint.status ?? .completed
         let url = status == .completed ? manifest.webhookURL : (manifest.failureWebhookURL ?? manifest.webhookURL)
         let cleanUp = { [unowned self] in
@@ -423,9 +438,7 @@ extension BridgeEngine {
             if self.batches[batch.id] === batch { self.batches[batch.id] = nil }
         }
         guard let url else { return cleanUp() }
-        // The report travels as a webhook job on the work queue: it must stay readable there.
-        let limit = self.settings.queues.first { $0.name == manifest.queue }?.defaults.maxPayloadBytes ?? TaskDefaults().maxPayloadBytes
-        let report = BatchReport.build(checkpoint, segments: segments, maxBytes: min(Self.maxBatchReportBytes, limit))
+        let report = builder.build()
         var properties = self.webhookJob(url: url, taskId: manifest.id, attempt: 1, tier: nil, lastError: nil, webhookId: manifest.id)
         properties.headers?["aq-batch-status"] = .string(status.rawValue)
         let workQueue = self.settings.spec.queueName(forWorkQueue: manifest.queue)

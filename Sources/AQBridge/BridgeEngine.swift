@@ -138,7 +138,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     var runs: [ObjectIdentifier: Run] = [:]
     var admission: Admission<Request, Int>
     /// Bytes held by active runs, and the most ever held at once.
-    private(set) var inFlightBytes = 0
+    var inFlightBytes = 0
     private(set) var peakInFlightBytes = 0
     /// `Content-Type` and `AsyncQueue-Queue`, built once per queue.
     private var sharedHeaderLists: [String: SharedHeaders] = [:]
@@ -295,7 +295,7 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     func received(_ delivery: AMQPDelivery, queue: ServedQueue, index: Int) {
         let properties = delivery.properties
-        let trusted = properties.userId.map { self.settings.trustedPublishers.contains($0) } ?? false
+        let trusted = self.isTrusted(properties)
         // Bookkeeping headers count only on messages the broker says a trusted user published.
         let headers = trusted ? properties.headers : nil
         let attempt = Int(min(max(1, headers?["aq-attempt"]?.intValue ?? 1), 1_000_000))

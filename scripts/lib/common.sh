@@ -137,3 +137,17 @@ aq_broker_stop() {
 
 aq_broker_url() { echo "amqp://guest:guest@127.0.0.1:$AQ_BROKER_PORT/%2F"; }
 aq_management_url() { echo "http://127.0.0.1:$((AQ_BROKER_PORT + 1))"; }
+
+# --- the system broker the benchmark harness (../shared/bench) expects ---------------------------
+# Debian's RabbitMQ on 127.0.0.1:5672 with its management plugin (vhost /bench is the harness's),
+# started when it is not running.
+aq_system_broker() {
+    aq_ensure_packages rabbitmq-server curl pkg-config librabbitmq-dev libcurl4-openssl-dev libssl-dev
+    if ! rabbitmqctl -q status >/dev/null 2>&1; then
+        aq_log "starting the system RabbitMQ (rabbitmq-server -detached)"
+        /usr/sbin/rabbitmq-server -detached
+        for _ in $(seq 1 60); do rabbitmqctl -q await_startup --timeout 2 >/dev/null 2>&1 && break; sleep 1; done
+    fi
+    rabbitmq-plugins -q enable rabbitmq_management >/dev/null
+    for _ in $(seq 1 60); do curl -fsS -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null 2>&1 && break; sleep 1; done
+}

@@ -334,6 +334,9 @@ extension ConnectionDriver {
         self.incoming[id] = IncomingContent(origin: origin, maxBodyBytes: self.configuration.contentLimits.maxBodyBytes)
         self.completedGet = nil
         let content = try self.readUntilGetCompletes(doing: "reading a basic.get message")
+        // The body is ours now: rabbitmq-c's frame pools go back (a caller looping over
+        // basic.get within one turn would otherwise hold every message's frames).
+        if let conn = self.conn { amqp_maybe_release_buffers(conn) }
         guard case .getOk(let tag, let redelivered, let exchange, let routingKey, let count) = content.origin else {
             throw AMQPError(code: .protocolError, message: "basic.get: unexpected content")
         }
