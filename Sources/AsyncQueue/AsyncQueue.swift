@@ -128,12 +128,7 @@ public final class AsyncQueue: Sendable {
         public func create<Payload: Encodable & Sendable>(
             callbackUrl: String, payload: Payload, options: Options, queue: String = "default", id: String? = nil
         ) async throws -> String {
-            let id = id ?? UUID().uuidString.lowercased()
-            guard !id.isEmpty, id.utf8.count <= 200,
-                  !id.unicodeScalars.contains(where: { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) || $0.value == 0x2028 || $0.value == 0x2029 })
-            else {
-                throw AMQPError(code: .invalidArgument, message: "a task id must be 1 to 200 bytes without control characters")
-            }
+            let id = try AsyncQueue.checkedId(id, what: "task", maxBytes: 200)
             if options.delay != nil && options.notBefore != nil {
                 throw AMQPError(code: .invalidArgument, message: "give delay or notBefore, not both")
             }
@@ -163,6 +158,18 @@ public final class AsyncQueue: Sendable {
 }
 
 extension AsyncQueue {
+    /// The id given, or a UUID; refused when it would not fit the bridge's ids (AMQP's 255-byte
+    /// `message_id` once suffixed) or holds control characters.
+    static func checkedId(_ id: String?, what: String, maxBytes: Int) throws -> String {
+        let id = id ?? UUID().uuidString.lowercased()
+        guard !id.isEmpty, id.utf8.count <= maxBytes,
+              !id.unicodeScalars.contains(where: { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) || $0.value == 0x2028 || $0.value == 0x2029 })
+        else {
+            throw AMQPError(code: .invalidArgument, message: "a \(what) id must be 1 to \(maxBytes) bytes without control characters")
+        }
+        return id
+    }
+
     /// One child of a batch: a task like any other, minus its id (`<batch id>:<index>`).
     public struct BatchTask<Payload: Encodable & Sendable>: Sendable, Encodable {
         public var callbackUrl: String
@@ -236,12 +243,7 @@ extension AsyncQueue {
             _ tasks: [BatchTask<Payload>], webhookUrl: String? = nil, failureWebhookUrl: String? = nil, join: Join = .allSettled,
             deadline: Double? = nil, queue: String = "default", id: String? = nil
         ) async throws -> String {
-            let id = id ?? UUID().uuidString.lowercased()
-            guard !id.isEmpty, id.utf8.count <= 192,
-                  !id.unicodeScalars.contains(where: { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) || $0.value == 0x2028 || $0.value == 0x2029 })
-            else {
-                throw AMQPError(code: .invalidArgument, message: "a batch id must be 1 to 192 bytes without control characters")
-            }
+            let id = try AsyncQueue.checkedId(id, what: "batch", maxBytes: 192)
             guard !tasks.isEmpty else { throw AMQPError(code: .invalidArgument, message: "a batch needs at least one task") }
             try await self.queues.check(queue)
             for name in Set(tasks.compactMap(\.queue)) { try await self.queues.check(name) }
