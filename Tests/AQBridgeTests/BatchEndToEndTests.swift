@@ -38,14 +38,16 @@ import Testing
             return .json(#"{"symbol":"\#(symbol)","score":\#(symbol.count)}"#)
         }
         receiver.on("/refuses") { _, _ in .text("unknown symbol", status: 422) }
+        receiver.on("/unavailable") { _, _ in .text("try later", status: 503) }
         let bridge = try await BridgeHarness.start()
-        // Seed step 3 as a native batch: five stocks, two of which fail; one child keeps its own
+        // Seed step 3 as a native batch: five stocks, two of which fail (one at once, one after
+        // its retries); one child keeps its own
         // webhook (the seed's on-stock-analyzed), as code migrating step by step would.
         let tasks = [
             Self.child(receiver.url("/price"), #"{"symbol":"AAPL"}"#, extra: #","webhookUrl":"\#(receiver.url("/on-stock-analyzed"))""#),
             Self.child(receiver.url("/refuses"), #"{"symbol":"XXXX"}"#),
             Self.child(receiver.url("/price"), #"{"symbol":"MSFT"}"#),
-            Self.child(receiver.url("/refuses"), #"{"symbol":"YYYY"}"#),
+            Self.child(receiver.url("/unavailable"), #"{"symbol":"YYYY"}"#, extra: #","retries":1"#),
             Self.child(receiver.url("/price"), #"{"symbol":"GOOG"}"#, extra: #","queue":"reports""#),
         ]
         try await bridge.publish(#"{"batch":{"id":"portfolio-1","webhookUrl":"\#(receiver.url("/on-portfolio-done"))"},"tasks":[\#(tasks.joined(separator: ","))]}"#)
@@ -60,6 +62,8 @@ import Testing
         #expect(children.map { $0["status"] as? String } == ["completed", "failed", "completed", "failed", "completed"])
         #expect((children[2]["result"] as? [String: Any])?["symbol"] as? String == "MSFT")
         #expect((children[1]["error"] as? [String: Any])?["reason"] as? String == "not-retryable")
+        #expect((children[3]["error"] as? [String: Any])?["reason"] as? String == "retries-exhausted")
+        #expect(children[3]["attempts"] as? Int == 2 && receiver.requests("/unavailable").count == 2)
         #expect(done[0].request.header("webhook-id") == "portfolio-1", "the batch webhook's id is the batch id")
         let perChild = try await receiver.wait("/on-stock-analyzed", count: 1)
         #expect(perChild[0].request.json?["taskId"] as? String == "portfolio-1:0")
