@@ -243,22 +243,32 @@ public struct BatchAggregator: Sendable {
 
     /// A delivery from the reply queue, with its delivery tag.
     public mutating func receive(_ input: Input, tag: UInt64, now: ContinuousClock.Instant) -> [Action] {
+        self.receive([input], tag: tag, now: now)
+    }
+
+    /// A delivery that carries several inputs (outcomes one bridge published together): all are
+    /// folded before anything is persisted, so its ack never runs ahead of one of them.
+    public mutating func receive(_ inputs: [Input], tag: UInt64, now: ContinuousClock.Instant) -> [Action] {
         self.lastTag = max(self.lastTag ?? 0, tag)
         guard !self.finished, self.checkpoint.status == nil else { return [] }
-        switch input {
-        case .ignored:
-            break
-        case .deadline:
-            return self.end(.expired)
-        case .outcome(let outcome):
-            // Out of range, or a child that already counts (it ran twice): ignored.
-            guard outcome.index < self.checkpoint.manifest.size, self.checkpoint.settled.insert(outcome.index) else { break }
-            if outcome.status == .failed { self.checkpoint.failed.insert(outcome.index) }
-            self.pending.append(outcome)
-            self.pendingBytes += outcome.json.count
-            if self.oldestPending == nil { self.oldestPending = now }
-            if let status = self.endStatus() { return self.end(status) }
+        var deadline = false
+        for input in inputs {
+            switch input {
+            case .ignored:
+                break
+            case .deadline:
+                deadline = true
+            case .outcome(let outcome):
+                // Out of range, or a child that already counts (it ran twice): ignored.
+                guard outcome.index < self.checkpoint.manifest.size, self.checkpoint.settled.insert(outcome.index) else { continue }
+                if outcome.status == .failed { self.checkpoint.failed.insert(outcome.index) }
+                self.pending.append(outcome)
+                self.pendingBytes += outcome.json.count
+                if self.oldestPending == nil { self.oldestPending = now }
+            }
         }
+        if let status = self.endStatus() { return self.end(status) }
+        if deadline { return self.end(.expired) }
         return self.persistIfDue(now: now)
     }
 

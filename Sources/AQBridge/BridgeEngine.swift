@@ -134,6 +134,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// never from inside a delivery or confirm callback, where a nested RPC would read frames
     /// that belong to the one being dispatched.
     var batchWork: [() -> Void] = []
+    /// Batch outcomes of this turn, per batch (see ``bufferOutcome(_:_:_:)``).
+    var outcomeBuffers: [String: OutcomeBuffer] = [:]
     var consumers: [(channel: UInt16, tag: String)] = []
     var runs: [ObjectIdentifier: Run] = [:]
     var admission: Admission<Request, Int>
@@ -214,6 +216,7 @@ final class BridgeEngine: AMQPConnectionExtension {
                 }
             }
         }
+        if !self.outcomeBuffers.isEmpty { self.flushOutcomes() }
         if !self.batchWork.isEmpty {
             let work = self.batchWork
             self.batchWork.removeAll()

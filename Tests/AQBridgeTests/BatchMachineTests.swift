@@ -156,6 +156,25 @@ import Testing
         #expect(machine.receive(Self.outcome(2), tag: 5, now: Self.t0).isEmpty)
     }
 
+    @Test func outcomesPublishedTogetherAreAllFoldedBeforeTheirDeliveryIsAcked() {
+        var policy = BatchAggregator.Policy()
+        policy.maxPending = 2
+        var (machine, _) = BatchAggregator.restore(BatchCheckpoint(manifest: Self.manifest(size: 10)), policy: policy, now: Self.t0)
+        let actions = machine.receive([Self.outcome(1), Self.outcome(2), Self.outcome(3)], tag: 7, now: Self.t0)
+        guard case .persist(_, let checkpoint, let ack)? = actions.first, actions.count == 1 else { Issue.record("\(actions)"); return }
+        #expect(checkpoint.settled.population == 3 && ack == 7, "one persist, holding all three, acks their message")
+    }
+
+    @Test func outcomeBuffersAreOneObjectOrAnArray() {
+        var buffer = OutcomeBuffer()
+        buffer.add(Array(#"{"index":1}"#.utf8)) { _ in }
+        #expect(String(decoding: buffer.body, as: UTF8.self) == #"{"index":1}"#)
+        buffer.add(Array(#"{"index":2}"#.utf8)) { _ in }
+        buffer.add(Array(#"{"index":3}"#.utf8)) { _ in }
+        #expect(String(decoding: buffer.body, as: UTF8.self) == #"[{"index":1},{"index":2},{"index":3}]"#)
+        #expect(buffer.waiting.count == 3)
+    }
+
     @Test func allFailsAtTheFirstFailure() {
         var (machine, _) = BatchAggregator.restore(BatchCheckpoint(manifest: Self.manifest(size: 100, join: .all)), now: Self.t0)
         #expect(machine.receive(Self.outcome(5), tag: 1, now: Self.t0).isEmpty)
@@ -197,14 +216,17 @@ import Testing
         var generator = SystemRandomNumberGenerator()
         for round in 0..<200 {
             let size = Int.random(in: 1...60, using: &generator)
-            var reply: [(tag: UInt64, input: BatchAggregator.Input)] = []
+            var reply: [(tag: UInt64, inputs: [BatchAggregator.Input])] = []
             var tag: UInt64 = 0
-            // Children finish in a random order; some run twice.
+            // Children finish in a random order; some run twice; a bridge may publish several
+            // outcomes in one message.
             var order = Array(0..<size).shuffled(using: &generator)
             order += order.filter { _ in Int.random(in: 0..<5, using: &generator) == 0 }
-            for index in order {
+            while !order.isEmpty {
+                let take = min(order.count, Int.random(in: 0..<4, using: &generator) == 0 ? Int.random(in: 2...5, using: &generator) : 1)
                 tag += 1
-                reply.append((tag, Self.outcome(index, index % 7 == 3 ? .failed : .completed, result: "\(index)")))
+                reply.append((tag, order.prefix(take).map { Self.outcome($0, $0 % 7 == 3 ? .failed : .completed, result: "\($0)") }))
+                order.removeFirst(take)
             }
             var state: [BatchCheckpoint] = [BatchCheckpoint(manifest: Self.manifest(size: size))]
             var results: [[UInt8]] = []
@@ -251,7 +273,7 @@ import Testing
                         handle(machine.persisted(now: Self.t0))
                     } else if let next {
                         lastDelivered = next.tag
-                        handle(machine.receive(next.input, tag: next.tag, now: Self.t0))
+                        handle(machine.receive(next.inputs, tag: next.tag, now: Self.t0))
                         if Int.random(in: 0..<40, using: &generator) == 0 { crashed = true }
                     } else {
                         handle(machine.tick(now: Self.t0 + .seconds(1)))
