@@ -442,6 +442,12 @@ extension BridgeEngine {
                 } catch {
                     return self.dropBatch(batch, "could not read its checkpoint back: \(error)")
                 }
+                if segment == nil {
+                    // A refresh (every 10 minutes at most while deliveries are held): the results
+                    // queue is otherwise only published to, which does not count as use for its
+                    // expiry policy; declaring it again does.
+                    _ = try? self.context.declareQueue(channel: self.adminChannel, name: batch.queues.results)
+                }
                 if let ackUpTo, let last = batch.held.last(where: { $0.deliveryTag <= ackUpTo }) {
                     if self.context.isCurrent(last) { self.context.ack(last, multiple: true) }
                     batch.held.removeAll { $0.deliveryTag <= ackUpTo }

@@ -13,13 +13,11 @@ extension TopologySpec {
             warnings.append(TopologyWarning(location: queue.origin, message:
                 "task_timeout \(queue.taskTimeout) of work queue '\(queue.name)' reaches the broker's consumer_timeout (\(limit)): the broker would close the bridge's channel during an attempt; raise consumer_timeout in rabbitmq.conf or shorten the timeout"))
         }
-        if self.batchLifetime >= limit {
-            warnings.append(TopologyWarning(location: nil, message:
-                "fan_in.batch_lifetime \(self.batchLifetime) reaches consumer_timeout (\(limit)): an aggregator holding a batch's replies unacknowledged that long loses its channel; keep batches shorter or raise consumer_timeout"))
-        }
+        // A batch's aggregator never holds a delivery near consumer_timeout (it checkpoints every
+        // 10 minutes), so only the queues' expiry bounds how long a batch may wait.
         if self.batchQueueExpiry <= self.batchLifetime {
             warnings.append(TopologyWarning(location: nil, message:
-                "fan_in.queue_expires \(self.batchQueueExpiry) is not longer than batch_lifetime \(self.batchLifetime): a batch's reply queue, and its results, could vanish while the batch runs"))
+                "fan_in.queue_expires \(self.batchQueueExpiry) is not longer than batch_lifetime \(self.batchLifetime): a batch's queues, and its results, could vanish while no bridge runs"))
         }
         if let expiry = self.deadLetterExpiry, let longest = self.retryTiers.last, longest >= expiry {
             warnings.append(TopologyWarning(location: nil, message:
