@@ -106,7 +106,7 @@ extension AQCommand.Batch {
                 ISO8601DateFormatter().string(from: Date(timeIntervalSince1970: Double(milliseconds) / 1000))
             }
             print("batch \(checkpoint.manifest.id): \(state), join \(checkpoint.manifest.join), work queue \(checkpoint.manifest.queue)")
-            print("  children: \(checkpoint.manifest.size); settled \(settled) (completed \(settled - failed), failed \(failed)); \(waiting) outcome(s) not yet folded")
+            print("  children: \(checkpoint.manifest.size); settled \(settled) (completed \(settled - failed), failed \(failed)); \(waiting) outcome message(s) not yet folded")
             print("  created \(time(checkpoint.manifest.createdAt))" + (checkpoint.manifest.deadline.map { ", deadline \(time($0))" } ?? ", no deadline"))
             print("  aggregator attached: \(consumers > 0 ? "yes" : "no (the batch's timer brings one within 30 s)"); checkpoint version \(checkpoint.version)")
         }
