@@ -37,6 +37,9 @@ public struct BatchManifest: Sendable, Codable, Equatable {
     public var createdAt: Int64
     /// The work queue the batch was created on: its timer returns there.
     public var queue: String
+    /// The AMQP user that created it (its `user_id`, which the broker checks): only that user's
+    /// parts and re-creates are taken (nil: the creator sent none, so nobody can be told apart).
+    public var creator: String?
 
     public init(id: String, size: Int, join: BatchJoin = .allSettled, webhookURL: String? = nil, failureWebhookURL: String? = nil,
                 deadline: Int64? = nil, createdAt: Int64, queue: String) {
@@ -239,7 +242,7 @@ public enum BatchParser {
         if let tasks, tasks.kind == .array {
             try? JSONScan.forEachElement(Array(body[tasks.range])) { _ in count += 1 }
         }
-        count = min(count, Self.maxSize - offset)
+        count = min(count, Self.maxSize - offset, Self.maxChildrenPerMessage)
         func bad(_ reason: String) -> Result<BatchMessage, MalformedBatch> {
             .failure(MalformedBatch(reason: reason, part: (id, offset, count)))
         }

@@ -57,6 +57,9 @@ final class BatchRun {
     /// Deliveries not yet fed to the machine (it is fed from the turn, not from the callback).
     var inbox: [AMQPDelivery] = []
     var finishing = false
+    /// Bumped whenever the machine is replaced or dropped: a persist or finish begun for an
+    /// earlier machine must not act on a later one.
+    var generation = 0
 
     init(id: String, queues: BatchQueues) {
         self.id = id
@@ -86,36 +89,52 @@ extension BridgeEngine {
     func batchMessage(_ run: Run) {
         let spec = self.settings.spec
         let known = Set(spec.workQueues.map(\.name))
+        let creator = run.delivery.properties.userId
         let parsed = BatchParser.parse(run.delivery.body, messageId: run.delivery.properties.messageId, queue: run.queue.name,
                                        defaults: run.queue.defaults, isWorkQueue: { known.contains($0) })
         let message: BatchMessage
         switch parsed {
         case .failure(let malformed):
-            self.count(.tasksMalformed)
-            self.logger.warning("malformed batch dead-lettered", metadata: ["queue": "\(run.queue.name)", "reason": "\(malformed.reason)"])
-            let id = TaskParser.safeId(run.delivery.properties.messageId) ?? Self.stableId(run.delivery.body)
-            self.deadLetter(run, reason: "malformed", error: malformed.reason, status: nil, taskId: id) { [unowned self] in
-                // A refused part's children still end (as failed), so their batch is not left waiting.
-                if let part = malformed.part, part.count > 0 {
-                    for index in part.offset..<(part.offset + part.count) {
-                        let outcome = ChildOutcome.make(index: index, taskId: "\(part.batchId):\(index)", status: .failed, attempts: 0, result: nil,
-                                                        error: Array("{\"reason\":\"malformed\",\"message\":\(JSONScan.quote(malformed.reason))}".utf8))
-                        self.publishToBatch(part.batchId, kind: "outcome", body: outcome.json) { _ in }
-                    }
-                }
-                let outcome = Outcome(taskId: id, queue: run.queue.name, attempts: 0,
-                                      failure: .init(reason: "malformed", message: malformed.reason, status: nil, body: [], retryable: false))
-                self.notify(run, outcome, webhook: malformed.notify)
+            // A refused part's children still end (as failed) so that their batch is not left
+            // waiting — only when the part comes from the batch's own creator.
+            var failures: (id: String, indexes: Range<Int>)?
+            if let part = malformed.part, part.count > 0, case .open(let checkpoint?) = self.batchState(part.batchId),
+               checkpoint.manifest.creator == creator {
+                failures = (part.batchId, part.offset..<(part.offset + part.count))
             }
-            return
+            return self.refuseBatch(run, malformed.reason, notify: malformed.notify, failures: failures)
         case .success(let value):
             message = value
-            // The children hold their own bytes: the message's body is let go.
-            self.inFlightBytes -= run.bytes
-            run.bytes = 0
-            run.delivery = run.delivery.withoutBody()
         }
         let id = message.batchId
+        // A part needs its batch open; a create whose id is taken must come from the same creator.
+        let state = self.batchState(id)
+        var join = BatchJoin.allSettled
+        switch (message.kind, state) {
+        case (.create(let manifest), .open(let existing?)):
+            if existing.manifest.creator != creator {
+                return self.refuseBatch(run, "batch id '\(id.prefix(80))' is in use by another publisher", notify: manifest.failureWebhookURL ?? manifest.webhookURL, failures: nil)
+            }
+            join = existing.manifest.join
+        case (.create(let manifest), _):
+            join = manifest.join
+        case (.part, .gone):
+            // Its create may still be on its way (another bridge): wait in the broker a little.
+            let parked = run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0
+            if parked < 3 { return self.park(run, reason: "batch \(id) is not open yet") }
+            return self.refuseBatch(run, "batchPart for batch '\(id.prefix(80))', which is not open (it ended, or was never created)", notify: nil, failures: nil)
+        case (.part, .open(let existing)):
+            if let existing, existing.manifest.creator != creator {
+                return self.refuseBatch(run, "batchPart from another publisher than the batch's creator", notify: nil, failures: nil)
+            }
+            join = existing?.manifest.join ?? .allSettled
+        case (_, .unknown(let error)):
+            return self.requeue(run, "could not read the state of batch \(id): \(error)")
+        }
+        // The children hold their own bytes: the message's body is let go.
+        self.inFlightBytes -= run.bytes
+        run.bytes = 0
+        run.delivery = run.delivery.withoutBody()
         let queues = BatchQueues(spec: spec, id: id)
         let stateCount: UInt32
         do throws(AMQPError) {
@@ -136,9 +155,10 @@ extension BridgeEngine {
             self.ack(run)
             self.batchWork.append { [unowned self] in self.aggregate(id) }
         }
-        if case .create(let manifest) = message.kind {
+        if case .create(var manifest) = message.kind {
             if stateCount == 0 {
                 // The first checkpoint. A create delivered again finds one and leaves it.
+                manifest.creator = creator
                 outstanding += 1
                 self.publish(exchange: "", routingKey: queues.state, properties: self.batchProperties(kind: "checkpoint", id: id),
                              body: BatchCheckpoint(manifest: manifest).encoded(), done)
@@ -146,7 +166,6 @@ extension BridgeEngine {
             outstanding += 1
             self.publishTimer(id: id, workQueue: run.queue, deadline: manifest.deadline, done)
         }
-        let join = self.batchJoin(message, fallback: run)
         for child in message.children {
             outstanding += 1
             let properties = AMQPProperties(
@@ -160,17 +179,60 @@ extension BridgeEngine {
         done(.success(()))
     }
 
-    /// The join rule children carry: the batch's, or for a part the one its batch was created with.
-    private func batchJoin(_ message: BatchMessage, fallback run: Run) -> BatchJoin {
-        if case .create(let manifest) = message.kind { return manifest.join }
-        // A part's children learn it from the checkpoint when the aggregator sees them fail;
-        // skipping before the run needs the join, which the part does not repeat: read it.
-        let queues = BatchQueues(spec: self.settings.spec, id: message.batchId)
-        if let delivery = try? self.context.get(channel: self.adminChannel, queue: queues.state) {
-            self.context.nack(delivery, requeue: true)
-            if let checkpoint = BatchCheckpoint.decode(delivery.body) { return checkpoint.manifest.join }
+    /// Dead-letters a batch message with the reason and tells its webhook; `failures` are the
+    /// children of a refused part, reported to their batch as failed (confirmed) first.
+    private func refuseBatch(_ run: Run, _ reason: String, notify: String?, failures: (id: String, indexes: Range<Int>)?) {
+        self.count(.tasksMalformed)
+        self.logger.warning("malformed batch dead-lettered", metadata: ["queue": "\(run.queue.name)", "reason": "\(reason)"])
+        let id = TaskParser.safeId(run.delivery.properties.messageId) ?? Self.stableId(run.delivery.body)
+        self.deadLetter(run, reason: "malformed", error: reason, status: nil, taskId: id) { [unowned self] in
+            let tell = { [unowned self] in
+                let outcome = Outcome(taskId: id, queue: run.queue.name, attempts: 0,
+                                      failure: .init(reason: "malformed", message: reason, status: nil, body: [], retryable: false))
+                self.notify(run, outcome, webhook: notify)
+            }
+            guard let failures else { return tell() }
+            let error = Array("{\"reason\":\"malformed\",\"message\":\(JSONScan.quote(reason))}".utf8)
+            var buffer = OutcomeBuffer()
+            for index in failures.indexes {
+                buffer.add(ChildOutcome.make(index: index, taskId: "\(failures.id):\(index)", status: .failed, attempts: 0, result: nil, error: error).json) { _ in }
+            }
+            self.publishToBatch(failures.id, kind: "outcome", body: buffer.body) { [unowned self] result in
+                guard self.isActive(run) else { return }
+                if case .failure(let error) = result, error.code != .invalidArgument {
+                    return self.requeue(run, "could not report a refused part to batch \(failures.id): \(error)")
+                }
+                tell()
+            }
         }
-        return .allSettled
+    }
+
+    enum BatchState {
+        /// Its queues exist; the newest checkpoint, when one could be read.
+        case open(BatchCheckpoint?)
+        case gone
+        case unknown(AMQPError)
+    }
+
+    /// Whether a batch's queues exist, and its checkpoint (read and given back at once).
+    func batchState(_ id: String) -> BatchState {
+        let queues = BatchQueues(spec: self.settings.spec, id: id)
+        do throws(AMQPError) {
+            try self.context.declareQueue(channel: self.adminChannel, name: queues.state, passive: true)
+            var best: BatchCheckpoint?
+            var read: [AMQPDelivery] = []
+            while let delivery = try self.context.get(channel: self.adminChannel, queue: queues.state) {
+                read.append(delivery.withoutBody())
+                if self.isTrusted(delivery.properties), let checkpoint = BatchCheckpoint.decode(delivery.body),
+                   checkpoint.manifest.id == id, checkpoint.version >= (best?.version ?? -1) {
+                    best = checkpoint
+                }
+            }
+            for delivery in read { self.context.nack(delivery, requeue: true) }
+            return .open(best)
+        } catch {
+            return error.replyCode == .notFound ? .gone : .unknown(error)
+        }
     }
 
     /// Declares the batch's reply queue (single active consumer, bound to the batch exchange by
@@ -292,15 +354,11 @@ extension BridgeEngine {
         guard self.batchIsOpen(id) else { return self.ack(run) }  // the batch is over: the timer stops
         self.aggregate(id)
         let deadline = headers?["aq-not-before"]?.intValue
-        if let deadline, deadline <= Self.unixMilliseconds() {
-            return self.publishToBatch(id, kind: "deadline", body: Array("{}".utf8)) { [unowned self] result in
-                guard self.isActive(run) else { return }
-                if case .failure(let error) = result { return self.requeue(run, "could not mark the deadline of batch \(id): \(error)") }
-                self.ack(run)
-            }
-        }
-        // A wake-up for the aggregator: a batch that ended just before a crash is finished by it.
-        self.publishToBatch(id, kind: "wake", body: Array("{}".utf8)) { [unowned self] _ in
+        // Past the deadline: the mark ends the batch. Either way the timer goes round again until
+        // the batch is gone, and wakes the aggregator (one that died after ending the batch but
+        // before its clean-up is finished by the next).
+        let kind = deadline.map { $0 <= Self.unixMilliseconds() } == true ? "deadline" : "wake"
+        self.publishToBatch(id, kind: kind, body: Array("{}".utf8)) { [unowned self] _ in
             self.publishTimer(id: id, workQueue: run.queue, deadline: deadline) { [unowned self] result in
                 guard self.isActive(run) else { return }
                 if case .failure(let error) = result { return self.requeue(run, "could not send batch \(id)'s timer round: \(error)") }
@@ -322,7 +380,7 @@ extension BridgeEngine {
                 channel: self.batchChannel, queue: batch.queues.replies,
                 handler: { [unowned self] delivery in
                     // Fed from the turn: restoring and persisting make broker round trips.
-                    guard self.batches[id] === batch else { return }
+                    guard self.batches[id] === batch else { return self.context.nack(delivery, requeue: true) }
                     batch.inbox.append(delivery)
                 },
                 onEnd: { [unowned self] error in
@@ -337,11 +395,15 @@ extension BridgeEngine {
     }
 
     private func feed(_ batch: BatchRun, now: ContinuousClock.Instant) {
-        let deliveries = batch.inbox
-        batch.inbox.removeAll(keepingCapacity: true)
-        for delivery in deliveries where self.batches[batch.id] === batch && !batch.finishing {
-            self.batchDelivery(batch, delivery, now: now)
+        // While it finishes, what arrives waits (deleted with the queue, or given back if the
+        // finish fails).
+        guard !batch.finishing else { return }
+        var index = 0
+        while index < batch.inbox.count, self.batches[batch.id] === batch, !batch.finishing {
+            self.batchDelivery(batch, batch.inbox[index], now: now)
+            index += 1
         }
+        if index > 0 { batch.inbox.removeFirst(min(index, batch.inbox.count)) }
     }
 
     private func batchDelivery(_ batch: BatchRun, _ delivery: AMQPDelivery, now: ContinuousClock.Instant) {
@@ -349,16 +411,17 @@ extension BridgeEngine {
         // After a reconnect the held deliveries come again under new tags: start over.
         if batch.machine != nil, let first = batch.held.first, !self.context.isCurrent(first) {
             batch.machine = nil
+            batch.generation += 1
             batch.held.removeAll()
         }
         if batch.machine == nil {
             guard self.restore(batch, now: now) else {
-                // No checkpoint yet (its create is being carried out): let go, the timer retries.
-                self.context.nack(delivery, requeue: true)
+                // No checkpoint yet (its create is being carried out), or it could not be read:
+                // let go (this delivery and the rest go back); the timer brings it round again.
                 return self.stopAggregating(batch)
             }
         }
-        batch.held.append(delivery)
+        batch.held.append(delivery.withoutBody())  // held for its ack only
         let inputs: [BatchAggregator.Input]
         let headers = self.isTrusted(delivery.properties) ? delivery.properties.headers : nil
         switch headers?["aq-batch-msg"]?.stringValue {
@@ -387,7 +450,10 @@ extension BridgeEngine {
                 read.append((delivery, trusted ? BatchCheckpoint.decode(delivery.body) : nil))
             }
         } catch {
+            // A partial read could miss the newest: give back what was read and try later.
             self.logger.warning("could not read a batch's checkpoint", metadata: ["batch": "\(batch.id)", "error": "\(error)"])
+            for (delivery, _) in read where self.context.isCurrent(delivery) { self.context.nack(delivery, requeue: true) }
+            return false
         }
         let best = read.compactMap(\.1).filter { $0.manifest.id == batch.id }.max { $0.version < $1.version }
         for (delivery, checkpoint) in read where self.context.isCurrent(delivery) {
@@ -396,6 +462,7 @@ extension BridgeEngine {
         }
         guard let best else { return false }
         let (machine, actions) = BatchAggregator.restore(best, now: now)
+        batch.generation += 1
         batch.machine = machine
         self.carryOut(batch, actions)
         return true
@@ -422,10 +489,13 @@ extension BridgeEngine {
     /// broker) and takes it up again from the broker's state.
     private func persist(_ batch: BatchRun, segment: [UInt8]?, checkpoint: BatchCheckpoint, ackUpTo: UInt64?) {
         let id = batch.id
+        // Only the machine that asked for this persist may see it done.
+        let generation = batch.generation
+        let current = { [unowned self] in self.batches[id] === batch && batch.machine != nil && batch.generation == generation }
         let writeCheckpoint = { [unowned self] in
             self.publish(exchange: "", routingKey: batch.queues.state, properties: self.batchProperties(kind: "checkpoint", id: id),
                          body: checkpoint.encoded()) { [unowned self] result in self.batchWork.append { [unowned self] in
-                guard self.batches[id] === batch, batch.machine != nil else { return }
+                guard current() else { return }
                 if case .failure(let error) = result { return self.dropBatch(batch, "could not write its checkpoint: \(error)") }
                 // The checkpoints before it are out of date: removed, up to the new one (given back).
                 do throws(AMQPError) {
@@ -448,8 +518,10 @@ extension BridgeEngine {
                     // expiry policy; declaring it again does.
                     _ = try? self.context.declareQueue(channel: self.adminChannel, name: batch.queues.results)
                 }
-                if let ackUpTo, let last = batch.held.last(where: { $0.deliveryTag <= ackUpTo }) {
-                    if self.context.isCurrent(last) { self.context.ack(last, multiple: true) }
+                if let ackUpTo {
+                    // One by one: the batch channel carries every batch's deliveries, so a
+                    // `multiple` ack would settle other batches' too (the client merges runs).
+                    for delivery in batch.held where delivery.deliveryTag <= ackUpTo && self.context.isCurrent(delivery) { self.context.ack(delivery) }
                     batch.held.removeAll { $0.deliveryTag <= ackUpTo }
                 }
                 if let actions = batch.machine?.persisted(now: .now) { self.carryOut(batch, actions) }
@@ -457,7 +529,7 @@ extension BridgeEngine {
         }
         guard let segment else { return writeCheckpoint() }
         self.publish(exchange: "", routingKey: batch.queues.results, properties: self.batchProperties(kind: "segment", id: id), body: segment) { [unowned self] result in
-            guard self.batches[id] === batch, batch.machine != nil else { return }
+            guard current() else { return }
             if case .failure(let error) = result { return self.batchWork.append { [unowned self] in self.dropBatch(batch, "could not write a result segment: \(error)") } }
             writeCheckpoint()
         }
@@ -471,12 +543,20 @@ extension BridgeEngine {
         // The report travels as a webhook job on the work queue: it must stay readable there.
         let limit = self.settings.queues.first { $0.name == manifest.queue }?.defaults.maxPayloadBytes ?? TaskDefaults().maxPayloadBytes
         var builder = BatchReport(checkpoint, maxBytes: min(Self.maxBatchReportBytes, limit))
+        // One segment at a time, not acked (the queue is deleted below), kept without its body
+        // to be given back if the report cannot go out.
+        var segments: [AMQPDelivery] = []
+        let giveBack = { [unowned self] in
+            for delivery in segments where self.context.isCurrent(delivery) { self.context.nack(delivery, requeue: true) }
+            segments.removeAll()
+        }
         do throws(AMQPError) {
-            // One segment at a time, not acked: the queue is deleted below.
             while let delivery = try self.context.get(channel: self.adminChannel, queue: batch.queues.results) {
-                builder.add(segment: delivery.body)
+                if self.isTrusted(delivery.properties) { builder.add(segment: delivery.body) }
+                segments.append(delivery.withoutBody())
             }
         } catch {
+            giveBack()
             batch.finishing = false
             return self.dropBatch(batch, "could not read its results: \(error)")
         }
@@ -503,6 +583,7 @@ extension BridgeEngine {
         let workQueue = self.settings.spec.queueName(forWorkQueue: manifest.queue)
         self.publish(exchange: "", routingKey: workQueue, properties: properties, body: report) { [unowned self] result in self.batchWork.append {
             if case .failure(let error) = result {
+                giveBack()
                 batch.finishing = false
                 return self.dropBatch(batch, "could not publish its webhook: \(error)")
             }
@@ -520,11 +601,13 @@ extension BridgeEngine {
     private func stopAggregating(_ batch: BatchRun) {
         if self.batches[batch.id] === batch { self.batches[batch.id] = nil }
         batch.machine = nil
+        batch.generation += 1
         if let tag = batch.consumerTag {
             // Cancelling leaves its unacked deliveries with the channel; nack them back.
             do throws(AMQPError) { try self.context.cancelConsumer(channel: self.batchChannel, tag: tag) } catch {}
         }
-        for delivery in batch.held where self.context.isCurrent(delivery) { self.context.nack(delivery, requeue: true) }
+        for delivery in batch.held + batch.inbox where self.context.isCurrent(delivery) { self.context.nack(delivery, requeue: true) }
         batch.held.removeAll()
+        batch.inbox.removeAll()
     }
 }

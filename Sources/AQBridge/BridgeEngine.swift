@@ -544,7 +544,7 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     /// Sends the task back to the broker for a while without spending an attempt: its host has a
     /// long line, or the bridge holds too many bytes. It returns after the park tier's delay.
-    private func park(_ run: Run, reason: String) {
+    func park(_ run: Run, reason: String) {
         guard self.context.isCurrent(run.delivery) else { return self.end(run) }
         guard let tier = self.parkTier else { return self.requeue(run, "cannot park without retry tiers") }
         let parked = Int32(clamping: (run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0) + 1)

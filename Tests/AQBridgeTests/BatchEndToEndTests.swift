@@ -217,4 +217,53 @@ import Testing
         #expect(code == 1 && text.contains("not found"), "\(text)")
         await bridge.stop()
     }
+
+    @Test func onlyTheCreatorMayAddPartsOrReuseTheId() async throws {
+        let receiver = try Receiver()
+        receiver.onDelayed("/slow", by: .seconds(2))
+        let bridge = try await BridgeHarness.start()
+        let owner = try await bridge.appConnection()
+        let stranger = try await bridge.appConnection()
+        func publish(_ app: (user: String, connection: AMQPConnection, channel: AMQPChannel), _ body: String) async throws {
+            try await app.channel.publish(Array(body.utf8), exchange: "aq.tasks", routingKey: "default",
+                                          properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, userId: app.user))
+        }
+        try await publish(owner, #"{"batch":{"id":"mine","size":2,"webhookUrl":"\#(receiver.url("/done"))"},"tasks":[\#(Self.child(receiver.url("/slow")))]}"#)
+        _ = try await receiver.wait("/slow", count: 1)
+        // A stranger's part (even a refused one, which would report its children as failed)
+        // and a stranger's create with the same id are refused; nothing of theirs runs or counts.
+        try await publish(stranger, #"{"batchPart":{"id":"mine","offset":1},"tasks":[\#(Self.child(receiver.url("/intruder")))]}"#)
+        try await publish(stranger, #"{"batchPart":{"id":"mine","offset":1},"tasks":[{}]}"#)
+        try await publish(stranger, #"{"batch":{"id":"mine","webhookUrl":"\#(receiver.url("/stolen"))"},"tasks":[\#(Self.child(receiver.url("/intruder")))]}"#)
+        let deadline = ContinuousClock.now + .seconds(10)
+        while bridge.service.metrics.value(.tasksMalformed) < 3, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+        #expect(bridge.service.metrics.value(.tasksMalformed) == 3)
+        // The owner's part completes it.
+        try await publish(owner, #"{"batchPart":{"id":"mine","offset":1},"tasks":[\#(Self.child(receiver.url("/work")))]}"#)
+        let done = try await receiver.wait("/done", count: 1)
+        #expect(done[0].request.json?["counts"] as? [String: Int] == ["completed": 2, "failed": 0, "skipped": 0])
+        #expect(receiver.requests("/intruder").isEmpty)
+        // The stranger is told why its create was refused; it never gets the owner's report.
+        #expect(receiver.requests("/stolen").map { $0.request.json?["status"] as? String } == ["failed"])
+        #expect(((receiver.requests("/stolen").first?.request.json?["error"] as? [String: Any])?["message"] as? String)?.contains("in use by another publisher") == true)
+        await owner.connection.close()
+        await stranger.connection.close()
+        await bridge.stop()
+    }
+
+    @Test func aPartForABatchThatIsNotOpenWaitsABitThenIsDeadLettered() async throws {
+        let receiver = try Receiver()
+        let bridge = try await BridgeHarness.start()
+        try await bridge.publish(#"{"batchPart":{"id":"nobody","offset":0},"tasks":[\#(Self.child(receiver.url("/work")))]}"#, id: "orphan")
+        let deadline = ContinuousClock.now + .seconds(40)
+        while bridge.service.metrics.value(.tasksMalformed) < 1, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(100)) }
+        #expect(bridge.service.metrics.value(.tasksParked) == 3, "parked while its create might still be on its way")
+        try await bridge.waitIdle()
+        let dead = try await bridge.deadLetters()
+        #expect(dead.count == 1)
+        #expect(dead.first?.properties.headers?["aq-error"]?.stringValue?.contains("not open") == true)
+        #expect(receiver.requests("/work").isEmpty)
+        #expect(try await Self.batchQueues(bridge).isEmpty, "a stray part creates nothing")
+        await bridge.stop()
+    }
 }
