@@ -69,7 +69,7 @@ final class BatchRun {
 
 extension BridgeEngine {
     /// Reply-queue deliveries one aggregator takes at once (above the aggregator's fold size).
-    static let batchPrefetch = 4000
+    static let batchPrefetch = 1000
     /// The largest batch webhook body; see ``BatchReport``.
     static let maxBatchReportBytes = 8 << 20
     /// How often a batch's timer comes back while the batch is open: how soon another bridge
@@ -319,11 +319,11 @@ extension BridgeEngine {
     }
 
     /// Outcomes of one turn for the same batch go out as one message (a JSON array): half the
-    /// broker's work per child at high rates. Flushed at the end of the turn, or at 256 KiB.
+    /// broker's work per child at high rates. Flushed at the end of the turn, or at 64 KiB.
     func bufferOutcome(_ id: String, _ json: [UInt8], _ done: @escaping (Result<Bool, AMQPError>) -> Void) {
         var buffer = self.outcomeBuffers.removeValue(forKey: id) ?? OutcomeBuffer()
         buffer.add(json, done)
-        if buffer.bytes >= 256 * 1024 {
+        if buffer.bytes >= 64 * 1024 {
             self.publishOutcomes(id, buffer)
         } else {
             self.outcomeBuffers[id] = buffer

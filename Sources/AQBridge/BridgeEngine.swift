@@ -373,6 +373,13 @@ final class BridgeEngine: AMQPConnectionExtension {
             "queue": "\(queue.name)", "task.id": "\(TaskParser.safeId(delivery.properties?.messageId) ?? "-")",
             "bytes": "\(delivery.bodySize)", "reason": "\(delivery.problem)",
         ])
+        // A batch child that cannot be read still ends, as failed, or its batch would wait for it.
+        if let properties = delivery.properties, self.isTrusted(properties), let id = properties.headers?["aq-batch"]?.stringValue,
+           let index = properties.headers?["aq-batch-index"]?.intValue {
+            let error = Array("{\"reason\":\"unreadable\",\"message\":\(JSONScan.quote(delivery.problem))}".utf8)
+            let outcome = ChildOutcome.make(index: Int(clamping: index), taskId: "\(id):\(index)", status: .failed, attempts: 0, result: nil, error: error)
+            self.bufferOutcome(id, outcome.json) { _ in }
+        }
     }
 
     // MARK: HTTP requests, admitted per queue and per host
