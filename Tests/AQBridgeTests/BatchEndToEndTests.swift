@@ -266,4 +266,28 @@ import Testing
         #expect(try await Self.batchQueues(bridge).isEmpty, "a stray part creates nothing")
         await bridge.stop()
     }
+
+    @Test func aBatchCompletesWhenTheBrokerClosesTheBridgesConnectionMidBatch() async throws {
+        let receiver = try Receiver()
+        receiver.onDelayed("/work", by: .milliseconds(200))  // 32 at a time per host: several seconds in all
+        let bridge = try await BridgeHarness.start()
+        let size = 1000
+        let tasks = Array(repeating: Self.child(receiver.url("/work")), count: size).joined(separator: ",")
+        try await bridge.publish(#"{"batch":{"id":"bumpy","webhookUrl":"\#(receiver.url("/done"))"},"tasks":[\#(tasks)]}"#)
+        // Mid-batch, with outcomes folded and held: the broker closes the bridge's connection.
+        let deadline = ContinuousClock.now + .seconds(30)
+        while receiver.requests("/work").count < 300, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        let listing = try TestEnvironment.rabbitmqctl("-q", "list_connections", "pid", "vhost", "client_properties")
+        let line = try #require(listing.split(separator: "\n").first { $0.contains("\t\(bridge.vhost)\t") && $0.contains("aq-bridge") })
+        try TestEnvironment.rabbitmqctl("close_connection", String(line.split(separator: "\t")[0]), "test: mid-batch")
+        #expect(receiver.requests("/done").isEmpty, "the connection closed mid-batch")
+        let done = try await receiver.wait("/done", count: 1, timeout: .seconds(90))
+        try await Task.sleep(for: .seconds(1))
+        let reports = receiver.requests("/done").map(\.request.body)
+        #expect(Set(reports).count == 1, "a repeated report (possible after a connection loss) is the same report")
+        let report = try #require(done[0].request.json)
+        #expect(report["counts"] as? [String: Int] == ["completed": size, "failed": 0, "skipped": 0], "every child counted once")
+        #expect(try await Self.waitGone(bridge).isEmpty)
+        await bridge.stop()
+    }
 }
