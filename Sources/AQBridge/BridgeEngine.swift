@@ -68,6 +68,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         /// The batch it is a child of (from the trusted `aq-batch…` headers the creating bridge set).
         var batch: BatchLink?
         var batchReported = false
+        /// The chain step it runs (its message carries the chain's context).
+        var chain: ChainRun?
         /// Bytes this run holds in memory (its body, a result waiting for the webhook).
         var bytes: Int
         /// In flight: not yet acked, handed back or abandoned.
@@ -323,6 +325,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         switch TaskParser.parse(delivery.body, messageId: properties.messageId, defaults: queue.defaults) {
         case .failure(let malformed) where malformed.isBatch:
             self.batchWork.append { [unowned self] in self.batchMessage(run) }
+        case .failure(let malformed) where malformed.isChain:
+            self.chainMessage(run)
         case .failure(let malformed):
             self.count(.tasksMalformed)
             self.logger.warning("malformed task dead-lettered", metadata: ["queue": "\(queue.name)", "reason": "\(malformed.reason)"])
@@ -359,7 +363,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     }
 
     /// A task that was read and checked: held until it is due, or called back now.
-    private func proceed(_ run: Run, _ task: TaskSpec) {
+    func proceed(_ run: Run, _ task: TaskSpec) {
         if let due = self.dueTime(run, task), due > Self.unixMilliseconds() {
             return self.delay(run, task, until: due)
         }
@@ -527,6 +531,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     private func completed(_ run: Run, _ task: TaskSpec, result: [UInt8]) {
         self.count(.tasksCompleted)
         self.hold(run, bytes: result.count)
+        if let chain = run.chain { return self.chainStepCompleted(run, chain, result: result) }
         self.notify(run, Outcome(taskId: task.id, queue: run.queue.name, attempts: run.attempt, result: result), webhook: task.webhook(forFailure: false))
     }
 
@@ -583,7 +588,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         }
     }
 
-    private func failed(_ run: Run, _ task: TaskSpec, outcome: AttemptOutcome, responseBody: [UInt8]) {
+    func failed(_ run: Run, _ task: TaskSpec, outcome: AttemptOutcome, responseBody: [UInt8]) {
         guard self.context.isCurrent(run.delivery) else { return self.end(run) }
         let exhausted: Bool
         if case .retryable = outcome { exhausted = true } else { exhausted = false }
@@ -651,6 +656,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// and acks the delivery once both are done (or handed on: a webhook that fails becomes a
     /// webhook job, a reply no queue takes is dead-lettered).
     func notify(_ run: Run, _ outcome: Outcome, webhook: String?, reply: Bool = true) {
+        if let chain = run.chain, outcome.failure != nil { return self.chainStepFailed(run, chain, outcome) }
         if let batch = run.batch, !run.batchReported {
             // A batch child's final outcome goes to its batch first (confirmed), then on as usual.
             run.batchReported = true

@@ -25,6 +25,9 @@ public final class BridgeMetrics: Sendable {
         case batchesEnded = "aq_bridge_batches_ended_total"
         case batchOutcomes = "aq_bridge_batch_child_outcomes_total"
         case batchChildrenSkipped = "aq_bridge_batch_children_skipped_total"
+        case chainsCreated = "aq_bridge_chains_created_total"
+        case chainsCompleted = "aq_bridge_chains_completed_total"
+        case chainsFailed = "aq_bridge_chains_failed_total"
 
         var index: Int {
             switch self {
@@ -50,6 +53,9 @@ public final class BridgeMetrics: Sendable {
             case .batchesEnded: return 19
             case .batchOutcomes: return 20
             case .batchChildrenSkipped: return 21
+            case .chainsCreated: return 22
+            case .chainsCompleted: return 23
+            case .chainsFailed: return 24
             }
         }
 
@@ -77,6 +83,9 @@ public final class BridgeMetrics: Sendable {
             case .batchesEnded: return "Batches this bridge ended (completed, failed or expired) and reported."
             case .batchOutcomes: return "Final outcomes of batch children published to their batch."
             case .batchChildrenSkipped: return "Children of a fail-fast batch not run because their batch had already ended."
+            case .chainsCreated: return "Chains created (their first step published)."
+            case .chainsCompleted: return "Chains whose last step succeeded."
+            case .chainsFailed: return "Chains ended by a step that failed for good."
             }
         }
     }

@@ -38,12 +38,15 @@ public struct MalformedTask: Error, Sendable, Equatable, CustomStringConvertible
     public var notify: String?
     /// Not a task but a batch message (it has `batch` or `batchPart`): see ``BatchParser``.
     public var isBatch = false
+    /// Not a task but a chain message (it has `chain`): see ``ChainParser``.
+    public var isChain = false
     public var description: String { self.reason }
 
-    public init(reason: String, notify: String? = nil, isBatch: Bool = false) {
+    public init(reason: String, notify: String? = nil, isBatch: Bool = false, isChain: Bool = false) {
         self.reason = reason
         self.notify = notify
         self.isBatch = isBatch
+        self.isChain = isChain
     }
 }
 
@@ -81,7 +84,7 @@ public enum TaskParser {
 
     /// The keys of the wire format, in the order ``parse(_:messageId:defaults:)`` looks for them.
     static let keys: [StaticString] = ["callbackUrl", "payload", "webhookUrl", "failureWebhookUrl", "retries", "timeout", "taskId", "delay", "notBefore",
-                                       "batch", "batchPart"]
+                                       "batch", "batchPart", "chain"]
 
     /// Reads and checks a task body. `messageId` is the AMQP `message_id` (the task id).
     public static func parse(_ body: [UInt8], messageId: String?, defaults: TaskDefaults, now: Date = Date()) -> Result<TaskSpec, MalformedTask> {
@@ -104,6 +107,9 @@ public enum TaskParser {
         }
         if members[9] != nil || members[10] != nil {
             return .failure(MalformedTask(reason: "a batch message (batch or batchPart), not a task", isBatch: true))
+        }
+        if members[11] != nil {
+            return .failure(MalformedTask(reason: "a chain message, not a task", isChain: true))
         }
         let (callbackMember, payloadMember, webhookMember, failureMember) = (members[0], members[1], members[2], members[3])
         let (retriesMember, timeoutMember, taskIdMember, delayMember, notBeforeMember) = (members[4], members[5], members[6], members[7], members[8])

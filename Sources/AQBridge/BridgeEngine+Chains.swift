@@ -1,0 +1,147 @@
+import AMQPClient
+import Foundation
+
+/// A chain step in flight: the context its message carries.
+struct ChainRun {
+    var message: ChainMessage
+    var step: Int
+    /// When its step message was published (Unix ms): the step's start.
+    var startedAt: Int64
+    /// The work queue the chain lives on (webhook jobs go there).
+    var home: String
+}
+
+extension BridgeEngine {
+    // MARK: Chains
+
+    /// A message with `chain`: a create publishes step 1; a step message runs its step's
+    /// callback like a task, with the chain's context as its body.
+    func chainMessage(_ run: Run) {
+        let known = Set(self.settings.spec.workQueues.map(\.name))
+        let parsed = ChainParser.parse(run.delivery.body, messageId: run.delivery.properties.messageId, defaults: run.queue.defaults,
+                                       isWorkQueue: { known.contains($0) })
+        var message: ChainMessage
+        switch parsed {
+        case .failure(let malformed):
+            self.count(.tasksMalformed)
+            self.logger.warning("malformed chain dead-lettered", metadata: ["queue": "\(run.queue.name)", "reason": "\(malformed.reason)"])
+            let id = TaskParser.safeId(run.delivery.properties.messageId) ?? Self.stableId(run.delivery.body)
+            return self.deadLetter(run, reason: "malformed", error: malformed.reason, status: nil, taskId: id) { [unowned self] in
+                let outcome = Outcome(taskId: id, queue: run.queue.name, attempts: 0,
+                                      failure: .init(reason: "malformed", message: malformed.reason, status: nil, body: [], retryable: false))
+                self.notify(run, outcome, webhook: malformed.notify)
+            }
+        case .success(let value):
+            message = value
+        }
+        let home = message.queue ?? run.queue.name
+        message.queue = home
+        guard let step = message.step else {
+            // A create: step 1 goes out (confirmed), then the create is acked.
+            self.count(.chainsCreated)
+            return self.publishStep(message, step: 1, history: [], results: []) { [unowned self] result in
+                guard self.isActive(run) else { return }
+                switch result {
+                case .success: self.ack(run)
+                case .failure(let error) where error.code == .invalidArgument:
+                    self.deadLetter(run, reason: "malformed", error: "its first step could not be published: \(error.message)", status: nil, taskId: message.id) { [unowned self] in self.ack(run) }
+                case .failure(let error): self.requeue(run, "could not start chain \(message.id): \(error)")
+                }
+            }
+        }
+        var task = message.specs[step - 1]
+        task.payload = message.callbackBody(step: step)[...]
+        task.webhookURL = nil
+        task.failureWebhookURL = nil
+        let started = run.delivery.properties.timestamp.map { Int64($0) * 1000 } ?? Self.unixMilliseconds()
+        run.chain = ChainRun(message: message, step: step, startedAt: started, home: home)
+        run.task = task
+        self.proceed(run, task)
+    }
+
+    /// Publishes step `step` of the chain to `aq.chain`, routed to its work queue.
+    private func publishStep(_ message: ChainMessage, step: Int, history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>],
+                             _ done: @escaping (Result<Void, AMQPError>) -> Void) {
+        let body = message.stepMessage(step: step, history: history, results: results)
+        let limit = self.settings.queues.first { $0.name == (message.queues[step - 1] ?? message.queue) }?.defaults.maxPayloadBytes
+            ?? TaskDefaults().maxPayloadBytes
+        guard body.count <= limit else {
+            return done(.failure(AMQPError(code: .invalidArgument, message: "the chain's context for step \(step) is \(body.count) bytes, over max_payload_bytes (\(limit))")))
+        }
+        let queue = message.queues[step - 1] ?? message.queue ?? "default"
+        let properties = AMQPProperties(contentType: "application/json", headers: ["aq-chain": .string(message.id), "aq-chain-step": .int32(Int32(step))],
+                                        deliveryMode: .persistent, messageId: "\(message.id):\(step)",
+                                        timestamp: UInt64(Date().timeIntervalSince1970), userId: self.settings.bridgeUser)
+        self.publish(exchange: self.settings.spec.chainExchange, routingKey: "\(queue).\(message.id).\(step)", properties: properties, body: body, done)
+    }
+
+    /// A webhook job for a chain (published to its work queue, confirmed; delivered like any webhook).
+    private func chainWebhook(_ chain: ChainRun, url: String, id: String, body: [UInt8], _ done: @escaping (Result<Void, AMQPError>) -> Void) {
+        let properties = self.webhookJob(url: url, taskId: chain.message.id, attempt: 1, tier: nil, lastError: nil, webhookId: id)
+        self.publish(exchange: "", routingKey: self.settings.spec.queueName(forWorkQueue: chain.home), properties: properties, body: body, done)
+    }
+
+    private func historyEntry(_ run: Run, _ chain: ChainRun, status: String) -> ArraySlice<UInt8> {
+        Array("{\"step\":\(chain.step),\"taskId\":\(JSONScan.quote("\(chain.message.id):\(chain.step)")),\"attempts\":\(run.attempt),\"status\":\"\(status)\",\"startedAt\":\(chain.startedAt),\"endedAt\":\(Self.unixMilliseconds())}".utf8)[...]
+    }
+
+    private static func list(_ items: [ArraySlice<UInt8>]) -> String {
+        "[" + items.map { String(decoding: $0, as: UTF8.self) }.joined(separator: ",") + "]"
+    }
+
+    /// A step succeeded: the next step (and the step webhook) go out, or the chain's final
+    /// webhook when it was the last; all confirmed before the step is acked.
+    func chainStepCompleted(_ run: Run, _ chain: ChainRun, result: [UInt8]) {
+        let message = chain.message
+        let history = message.history + [self.historyEntry(run, chain, status: "completed")]
+        let results = message.results + [result[...]]
+        var outstanding = 1
+        var failure: AMQPError?
+        let done: (Result<Void, AMQPError>) -> Void = { [unowned self] outcome in
+            if case .failure(let error) = outcome, failure == nil { failure = error }
+            outstanding -= 1
+            guard outstanding == 0, self.isActive(run) else { return }
+            guard let failure else { return self.ack(run) }
+            if failure.code == .invalidArgument, let task = run.task {
+                // The chain cannot go on (its context outgrew the limit): it fails at this step.
+                return self.failed(run, task, outcome: .permanent(reason: failure.message, status: nil), responseBody: [])
+            }
+            self.requeue(run, "could not advance chain \(message.id): \(failure)")
+        }
+        let result = String(decoding: result, as: UTF8.self)
+        if let url = message.stepWebhookURL {
+            outstanding += 1
+            let body = "{\"chainId\":\(JSONScan.quote(message.id)),\"step\":\(chain.step),\"taskId\":\(JSONScan.quote("\(message.id):\(chain.step)")),\"status\":\"completed\",\"result\":\(result)}"
+            self.chainWebhook(chain, url: url, id: "\(message.id):\(chain.step):result", body: Array(body.utf8), done)
+        }
+        if chain.step < message.steps.count {
+            outstanding += 1
+            self.publishStep(message, step: chain.step + 1, history: history, results: results, done)
+        } else {
+            self.count(.chainsCompleted)
+            if let url = message.webhookURL {
+                outstanding += 1
+                let body = "{\"chainId\":\(JSONScan.quote(message.id)),\"status\":\"completed\",\"result\":\(result),\"steps\":\(Self.list(history))}"
+                self.chainWebhook(chain, url: url, id: message.id, body: Array(body.utf8), done)
+            }
+        }
+        done(.success(()))
+    }
+
+    /// A step failed for good (it is in the dead-letter queue with the whole context, so
+    /// publishing it back resumes the chain there): the chain's failure webhook goes out, then
+    /// the step is acked.
+    func chainStepFailed(_ run: Run, _ chain: ChainRun, _ outcome: Outcome) {
+        self.count(.chainsFailed)
+        let message = chain.message
+        guard let url = message.failureWebhookURL ?? message.webhookURL, let failure = outcome.failure else { return self.ack(run) }
+        let history = message.history + [self.historyEntry(run, chain, status: "failed")]
+        let error = "{\"reason\":\(JSONScan.quote(failure.reason)),\"message\":\(JSONScan.quote(failure.message)),\"status\":\(failure.status.map(String.init) ?? "null")}"
+        let body = "{\"chainId\":\(JSONScan.quote(message.id)),\"status\":\"failed\",\"failedStep\":\(chain.step),\"error\":\(error),\"results\":\(Self.list(message.results)),\"steps\":\(Self.list(history))}"
+        self.chainWebhook(chain, url: url, id: message.id, body: Array(body.utf8)) { [unowned self] result in
+            guard self.isActive(run) else { return }
+            if case .failure(let error) = result, error.code != .invalidArgument { return self.requeue(run, "could not report chain \(message.id)'s failure: \(error)") }
+            self.ack(run)
+        }
+    }
+}

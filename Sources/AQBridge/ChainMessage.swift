@@ -1,0 +1,185 @@
+import Foundation
+
+// Chaining on the wire (issue 10). A chain is created by one message published like a task:
+//
+//     {"chain": {"id": "order-7", "webhookUrl": "...", "failureWebhookUrl": "...", "stepWebhookUrl": "..."},
+//      "payload": {...},
+//      "steps": [{"callbackUrl": "...", "retries": 2, "timeout": 30, "queue": "reports"}, ...]}
+//
+// The bridge turns it into step messages, each carrying the whole context — the chain's options,
+// payload and steps, which step is next, and what the earlier steps did — routed on `aq.chain`
+// by `<work queue>.<chain id>.<step>`. A step message is also the way to resume: a failed step's
+// dead letter, published back, runs that step again with the earlier results intact.
+
+/// A chain message, read: a create (no `step`) or a step (`step` = 1-based number to run).
+public struct ChainMessage: Sendable {
+    public var id: String
+    public var webhookURL: String?
+    public var failureWebhookURL: String?
+    public var stepWebhookURL: String?
+    /// The work queue the chain was created on (its steps run there unless they name their own).
+    public var queue: String?
+    /// The raw JSON of the payload and steps, re-emitted verbatim in the next step's message.
+    public var payload: ArraySlice<UInt8>
+    public var steps: [ArraySlice<UInt8>]
+    /// The step to run (1-based); nil for a create.
+    public var step: Int?
+    /// Per finished step: `{"step","taskId","attempts","status","startedAt","endedAt"}`.
+    public var history: [ArraySlice<UInt8>]
+    /// The finished steps' results, in order.
+    public var results: [ArraySlice<UInt8>]
+    /// Each step's work queue (nil: the chain's own).
+    public var queues: [String?]
+    public var specs: [TaskSpec]
+
+    /// The body a step's callback receives: the chain id, the step number (1-based), the chain's
+    /// payload and the previous step's result (null for the first).
+    public func callbackBody(step: Int) -> [UInt8] {
+        var out = Array("{\"chainId\":\(JSONScan.quote(self.id)),\"step\":\(step),\"payload\":".utf8)
+        out += self.payload
+        out += Array(",\"previousResult\":".utf8)
+        out += self.results.last ?? Array("null".utf8)[...]
+        out.append(UInt8(ascii: "}"))
+        return out
+    }
+
+    /// The message for step `step` after the earlier ones did `history` and gave `results`.
+    public func stepMessage(step: Int, history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>]) -> [UInt8] {
+        func list(_ items: [ArraySlice<UInt8>]) -> [UInt8] {
+            var out: [UInt8] = [UInt8(ascii: "[")]
+            for (i, item) in items.enumerated() {
+                if i > 0 { out.append(UInt8(ascii: ",")) }
+                out += item
+            }
+            out.append(UInt8(ascii: "]"))
+            return out
+        }
+        var chain = "{\"id\":\(JSONScan.quote(self.id))"
+        for (key, url) in [("webhookUrl", self.webhookURL), ("failureWebhookUrl", self.failureWebhookURL), ("stepWebhookUrl", self.stepWebhookURL)] {
+            if let url { chain += ",\"\(key)\":\(JSONScan.quote(url))" }
+        }
+        if let queue = self.queue { chain += ",\"queue\":\(JSONScan.quote(queue))" }
+        chain += "}"
+        var out = Array("{\"chain\":\(chain)".utf8) + Array(",\"payload\":".utf8) + self.payload
+        out += Array(",\"steps\":".utf8) + list(self.steps) + Array(",\"step\":\(step),\"history\":".utf8) + list(history)
+        out += Array(",\"results\":".utf8) + list(results)
+        out.append(UInt8(ascii: "}"))
+        return out
+    }
+}
+
+public enum ChainParser {
+    public static let maxSteps = 100
+    /// A chain id leaves room for `:<step>` in a task id.
+    public static let maxIdBytes = TaskParser.maxIdBytes - 8
+
+    static let optionKeys: Set<String> = ["id", "webhookUrl", "failureWebhookUrl", "stepWebhookUrl", "queue"]
+    static let topKeys: Set<String> = ["chain", "payload", "steps", "step", "history", "results"]
+
+    /// Reads and checks a chain message received on work queue `queue`.
+    public static func parse(_ body: [UInt8], messageId: String?, defaults: TaskDefaults, isWorkQueue: (String) -> Bool,
+                             now: Date = Date()) -> Result<ChainMessage, MalformedTask> {
+        let top: [String: JSONScan.Member]
+        do { top = try JSONScan.members(body) } catch {
+            return .failure(MalformedTask(reason: "the body is not a JSON object: \(error)"))
+        }
+        guard let chain = top["chain"], chain.kind == .object else { return .failure(MalformedTask(reason: "chain must be an object")) }
+        let options = Array(body[chain.range])
+        guard let members = try? JSONScan.members(options) else { return .failure(MalformedTask(reason: "chain is not a valid object")) }
+        var notify: String?
+        var urls: [String: String] = [:]
+        for key in ["failureWebhookUrl", "webhookUrl", "stepWebhookUrl"] {
+            guard let member = members[key], member.kind != .null else { continue }
+            guard member.kind == .string, let url = try? JSONScan.decodeString(options, member.range) else {
+                return .failure(MalformedTask(reason: "chain.\(key) must be a string", notify: notify))
+            }
+            if let problem = TaskParser.urlProblem(url) { return .failure(MalformedTask(reason: "chain.\(key) \(problem)", notify: notify)) }
+            urls[key] = url
+            if notify == nil, key != "stepWebhookUrl" { notify = url }
+        }
+        func bad(_ reason: String) -> Result<ChainMessage, MalformedTask> { .failure(MalformedTask(reason: reason, notify: notify)) }
+        if let unknown = top.keys.sorted().first(where: { !Self.topKeys.contains($0) }) {
+            return bad("unknown key '\(unknown.prefix(64))' in a chain message (chain, payload, steps are allowed)")
+        }
+        if let unknown = members.keys.sorted().first(where: { !Self.optionKeys.contains($0) }) {
+            return bad("unknown chain option '\(unknown.prefix(64))' (known: \(Self.optionKeys.sorted().joined(separator: ", ")))")
+        }
+        var home: String?
+        if let member = members["queue"], member.kind != .null {
+            guard member.kind == .string, let name = try? JSONScan.decodeString(options, member.range), isWorkQueue(name) else {
+                return bad("chain.queue must name a work queue")
+            }
+            home = name
+        }
+        var id: String? = messageId.flatMap { $0.isEmpty ? nil : $0 }
+        if let member = members["id"], member.kind != .null {
+            guard member.kind == .string, let text = try? JSONScan.decodeString(options, member.range) else { return bad("chain.id must be a string") }
+            id = text
+        }
+        if top["step"] != nil, let messageId, let colon = messageId.lastIndex(of: ":"), members["id"] == nil {
+            id = String(messageId[..<colon])  // a step published back without chain.id: its message id is <chain id>:<step>
+        }
+        guard let id = TaskParser.safeId(id ?? UUID().uuidString.lowercased()), id.utf8.count <= Self.maxIdBytes else {
+            return bad("the chain id must be at most \(Self.maxIdBytes) bytes without control characters")
+        }
+        guard let stepsMember = top["steps"], stepsMember.kind == .array else { return bad("steps must be an array of step objects") }
+        let stepsBytes = Array(body[stepsMember.range])
+        var steps: [JSONScan.Member] = []
+        do {
+            try JSONScan.forEachElement(stepsBytes) { (member: JSONScan.Member) throws(JSONScan.Failure) in steps.append(member) }
+        } catch {
+            return bad("steps is not a valid array: \(error)")
+        }
+        guard (1...Self.maxSteps).contains(steps.count) else { return bad("a chain has 1 to \(Self.maxSteps) steps, not \(steps.count)") }
+        var specs: [TaskSpec] = []
+        var queues: [String?] = []
+        for (i, step) in steps.enumerated() {
+            guard step.kind == .object, let object = try? JSONScan.members(Array(stepsBytes[step.range])) else { return bad("steps[\(i)] must be an object") }
+            let stepBytes = Array(stepsBytes[step.range])
+            for key in ["payload", "taskId", "webhookUrl", "failureWebhookUrl", "batch", "batchPart", "chain"] where object[key] != nil {
+                return bad("steps[\(i)]: '\(key)' is not allowed in a step (the chain gives its payload and webhooks)")
+            }
+            var queue: String?
+            if let member = object["queue"], member.kind != .null {
+                guard member.kind == .string, let name = try? JSONScan.decodeString(stepBytes, member.range), isWorkQueue(name) else {
+                    return bad("steps[\(i)].queue must name a work queue")
+                }
+                queue = name
+            }
+            switch TaskParser.parse(stepBytes, messageId: "\(id):\(i + 1)", defaults: defaults, now: now) {
+            case .failure(let error): return bad("steps[\(i)]: \(error.reason)")
+            case .success(let spec): specs.append(spec)
+            }
+            queues.append(queue)
+        }
+        var step: Int?
+        if let member = top["step"] {
+            guard let value = JSONScan.integer(body, member, in: 1...steps.count) else { return bad("step must be a step number from 1 to \(steps.count)") }
+            step = value
+        }
+        func list(_ key: String) -> Result<[ArraySlice<UInt8>], MalformedTask> {
+            guard let member = top[key], member.kind != .null else { return .success([]) }
+            guard member.kind == .array else { return .failure(MalformedTask(reason: "\(key) must be an array", notify: notify)) }
+            var items: [ArraySlice<UInt8>] = []
+            let base = member.range.lowerBound
+            try? JSONScan.forEachElement(Array(body[member.range])) { (element: JSONScan.Member) throws(JSONScan.Failure) in
+                items.append(body[(base + element.range.lowerBound)..<(base + element.range.upperBound)])
+            }
+            return .success(items)
+        }
+        let history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>]
+        switch (list("history"), list("results")) {
+        case (.failure(let error), _), (_, .failure(let error)): return .failure(error)
+        case (.success(let h), .success(let r)): (history, results) = (h, r)
+        }
+        if let step, results.count != step - 1 || history.count != step - 1 {
+            return bad("step \(step) needs the \(step - 1) earlier steps' history and results")
+        }
+        if step == nil, top["history"] != nil || top["results"] != nil { return bad("history and results come with step") }
+        let payload = top["payload"].map { body[$0.range] } ?? Array("null".utf8)[...]
+        return .success(ChainMessage(id: id, webhookURL: urls["webhookUrl"], failureWebhookURL: urls["failureWebhookUrl"],
+                                     stepWebhookURL: urls["stepWebhookUrl"], queue: home, payload: payload,
+                                     steps: steps.map { stepsBytes[$0.range] }, step: step, history: history, results: results,
+                                     queues: queues, specs: specs))
+    }
+}

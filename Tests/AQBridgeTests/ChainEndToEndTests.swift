@@ -1,0 +1,91 @@
+import AMQPClient
+import AQBridge
+import AQHTTP
+import AQTestSupport
+import Foundation
+import Synchronization
+import Testing
+
+/// Chaining done by the bridge, against the real broker and HTTP servers.
+@Suite(.serialized, .timeLimit(.minutes(3))) struct ChainEndToEndTests {
+    @Test func eachStepGetsThePreviousResultAndTheFinalWebhookTellsEveryStep() async throws {
+        let receiver = try Receiver()
+        for step in 1...3 {
+            receiver.on("/s\(step)") { request, _ in
+                let previous = (request.json?["previousResult"] as? [String: Any])?["total"] as? Int ?? 0
+                return .json(#"{"total":\#(previous + step)}"#)
+            }
+        }
+        let bridge = try await BridgeHarness.start()
+        let steps = [
+            #"{"callbackUrl":"\#(receiver.url("/s1"))"}"#,
+            #"{"callbackUrl":"\#(receiver.url("/s2"))","queue":"reports","retries":1}"#,
+            #"{"callbackUrl":"\#(receiver.url("/s3"))"}"#,
+        ]
+        try await bridge.publish(#"{"chain":{"id":"order-7","webhookUrl":"\#(receiver.url("/done"))","stepWebhookUrl":"\#(receiver.url("/on-step-done"))"},"payload":{"orderId":7},"steps":[\#(steps.joined(separator: ","))]}"#)
+        let done = try await receiver.wait("/done", count: 1)
+        let first = try #require(receiver.requests("/s1").first?.request.json)
+        #expect(first["chainId"] as? String == "order-7" && first["step"] as? Int == 1)
+        #expect((first["payload"] as? [String: Any])?["orderId"] as? Int == 7)
+        #expect(first["previousResult"] is NSNull)
+        let third = try #require(receiver.requests("/s3").first?.request.json)
+        #expect(third["step"] as? Int == 3 && (third["previousResult"] as? [String: Any])?["total"] as? Int == 3)
+        #expect(receiver.requests("/s2").first?.request.header("AsyncQueue-Queue") == "reports", "a step runs on its own work queue")
+        let report = try #require(done[0].request.json)
+        #expect(report["chainId"] as? String == "order-7" && report["status"] as? String == "completed")
+        #expect((report["result"] as? [String: Any])?["total"] as? Int == 6)
+        let history = try #require(report["steps"] as? [[String: Any]])
+        #expect(history.map { $0["taskId"] as? String } == ["order-7:1", "order-7:2", "order-7:3"])
+        #expect(history.allSatisfy { ($0["status"] as? String) == "completed" && ($0["attempts"] as? Int) == 1 })
+        #expect(history.allSatisfy { ($0["startedAt"] as? Int ?? 0) <= ($0["endedAt"] as? Int ?? -1) })
+        #expect(done[0].request.header("webhook-id") == "order-7")
+        let stepHooks = try await receiver.wait("/on-step-done", count: 3)
+        #expect(Set(stepHooks.compactMap { $0.request.json?["step"] as? Int }) == [1, 2, 3])
+        #expect(receiver.requests("/s1").count == 1 && receiver.requests("/s2").count == 1 && receiver.requests("/s3").count == 1)
+        await bridge.stop()
+    }
+
+    @Test func aFailedStepEndsTheChainAndItsDeadLetterResumesItThere() async throws {
+        let receiver = try Receiver()
+        let healthy = Atomic<Bool>(false)
+        receiver.on("/s1") { _, _ in .json(#"{"reserved":true}"#) }
+        receiver.on("/s2") { _, _ in healthy.load(ordering: .relaxed) ? .json(#"{"charged":true}"#) : .text("card declined", status: 422) }
+        let bridge = try await BridgeHarness.start()
+        let steps = [#"{"callbackUrl":"\#(receiver.url("/s1"))"}"#, #"{"callbackUrl":"\#(receiver.url("/s2"))"}"#]
+        try await bridge.publish(#"{"chain":{"id":"order-8","webhookUrl":"\#(receiver.url("/done"))","failureWebhookUrl":"\#(receiver.url("/failed"))"},"payload":{},"steps":[\#(steps.joined(separator: ","))]}"#)
+        let failed = try await receiver.wait("/failed", count: 1)
+        let report = try #require(failed[0].request.json)
+        #expect(report["status"] as? String == "failed" && report["failedStep"] as? Int == 2)
+        #expect((report["error"] as? [String: Any])?["reason"] as? String == "not-retryable")
+        #expect((report["results"] as? [[String: Any]])?.first?["reserved"] as? Bool == true, "the results so far")
+        #expect((report["steps"] as? [[String: Any]])?.map { $0["status"] as? String } == ["completed", "failed"])
+        // The failed step waits in the dead-letter queue with the whole chain; fixed, and
+        // published back, it resumes the chain at step 2 without running step 1 again.
+        try await bridge.waitIdle()
+        let dead = try await bridge.deadLetters()
+        let letter = try #require(dead.first)
+        #expect(dead.count == 1 && letter.properties.messageId == "order-8:2")
+        healthy.store(true, ordering: .relaxed)
+        try await bridge.channel.publish(letter.body, exchange: "aq.chain", routingKey: "default.order-8.2",
+                                         properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, messageId: "order-8:2"))
+        let done = try await receiver.wait("/done", count: 1)
+        #expect(done[0].request.json?["status"] as? String == "completed")
+        #expect(((done[0].request.json?["steps"] as? [[String: Any]])?.count) == 2)
+        #expect(receiver.requests("/s1").count == 1, "step 1 did not run again")
+        await bridge.stop()
+    }
+
+    @Test func malformedChainsAreRefusedWhole() async throws {
+        let receiver = try Receiver()
+        let bridge = try await BridgeHarness.start()
+        try await bridge.publish(#"{"chain":{"id":"c","webhookUrl":"\#(receiver.url("/told"))"},"payload":{},"steps":[{"callbackUrl":"\#(receiver.url("/s1"))"},{"callbackUrl":"ftp://x"}]}"#)
+        try await bridge.publish(#"{"chain":{"id":"c2"},"steps":[]}"#)
+        try await bridge.publish(#"{"chain":{"id":"c3","colour":"red"},"steps":[{"callbackUrl":"\#(receiver.url("/s1"))"}]}"#)
+        let told = try await receiver.wait("/told", count: 1)
+        #expect(((told[0].request.json?["error"] as? [String: Any])?["message"] as? String)?.contains("steps[1]") == true)
+        try await bridge.waitIdle()
+        #expect(try await bridge.deadLetters().count == 3)
+        #expect(receiver.requests("/s1").isEmpty, "no step ran")
+        await bridge.stop()
+    }
+}
