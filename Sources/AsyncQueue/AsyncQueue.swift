@@ -19,6 +19,8 @@ public final class AsyncQueue: Sendable {
     public let tasks: Tasks
     /// Fan-out / fan-in: a batch of tasks with one webhook when all are done.
     public let batches: Batches
+    /// Chaining: steps run in order, each given the previous step's result.
+    public let chains: Chains
 
     /// - Parameters:
     ///   - taskExchange: the topology's task exchange (`aq.tasks` by default).
@@ -32,6 +34,7 @@ public final class AsyncQueue: Sendable {
         let directory = WorkQueueDirectory(connection: connection, prefix: workQueuePrefix)
         self.tasks = Tasks(channel: self.channel, exchange: taskExchange, queues: directory)
         self.batches = Batches(channel: self.channel, exchange: taskExchange, queues: directory)
+        self.chains = Chains(channel: self.channel, exchange: taskExchange, queues: directory)
     }
 
     public static func connect(_ url: String, taskExchange: String = "aq.tasks", workQueuePrefix: String = "aq.work.") async throws -> AsyncQueue {
@@ -287,6 +290,67 @@ extension AsyncQueue {
                 offset += counts[index]
             }
             for confirm in confirms { _ = try await confirm.result() }
+            return id
+        }
+    }
+}
+
+extension AsyncQueue {
+    /// One step of a chain: a callback, with its own retries, timeout and work queue.
+    public struct ChainStep: Sendable, Encodable {
+        public var callbackUrl: String
+        public var retries: Int?
+        public var timeout: Double?
+        public var queue: String?
+
+        public init(callbackUrl: String, retries: Int? = nil, timeout: Double? = nil, queue: String? = nil) {
+            self.callbackUrl = callbackUrl
+            self.retries = retries
+            self.timeout = timeout
+            self.queue = queue
+        }
+    }
+
+    public struct Chains: Sendable {
+        let channel: AMQPChannel
+        let exchange: String
+        let queues: WorkQueueDirectory
+
+        struct Options: Encodable {
+            var id: String
+            var webhookUrl: String?
+            var failureWebhookUrl: String?
+            var stepWebhookUrl: String?
+        }
+
+        struct Message<P: Encodable & Sendable>: Encodable {
+            var chain: Options
+            var payload: P
+            var steps: [ChainStep]
+        }
+
+        /// Creates a chain and returns its id once the broker has confirmed it. aq-bridge runs
+        /// the steps in order; step n's callback receives `{"chainId", "step": n, "payload",
+        /// "previousResult"}`. `webhookUrl` gets the last result and every step's record;
+        /// `stepWebhookUrl` hears of each step; a step that fails for good ends the chain
+        /// (reported to `failureWebhookUrl`, else `webhookUrl`).
+        @discardableResult
+        public func create<Payload: Encodable & Sendable>(
+            _ steps: [ChainStep], payload: Payload, webhookUrl: String? = nil, failureWebhookUrl: String? = nil,
+            stepWebhookUrl: String? = nil, queue: String = "default", id: String? = nil
+        ) async throws -> String {
+            let id = try AsyncQueue.checkedId(id, what: "chain", maxBytes: 192)
+            guard (1...100).contains(steps.count) else { throw AMQPError(code: .invalidArgument, message: "a chain has 1 to 100 steps") }
+            try await self.queues.check(queue)
+            for name in Set(steps.compactMap(\.queue)) { try await self.queues.check(name) }
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.withoutEscapingSlashes]
+            let body = Array(try encoder.encode(Message(chain: Options(id: id, webhookUrl: webhookUrl, failureWebhookUrl: failureWebhookUrl,
+                                                                       stepWebhookUrl: stepWebhookUrl), payload: payload, steps: steps)))
+            try await self.channel.publish(
+                body, exchange: self.exchange, routingKey: queue,
+                properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, messageId: id,
+                                           timestamp: UInt64(Date().timeIntervalSince1970), appId: "asyncqueue-swift"))
             return id
         }
     }

@@ -1,7 +1,8 @@
 import AMQPClient
-import AQBridge
+@testable import AQBridge
 import AQHTTP
 import AQTestSupport
+import AsyncQueue
 import Foundation
 import Synchronization
 import Testing
@@ -87,5 +88,58 @@ import Testing
         #expect(try await bridge.deadLetters().count == 3)
         #expect(receiver.requests("/s1").isEmpty, "no step ran")
         await bridge.stop()
+    }
+
+    @Test func theSwiftClientCreatesAChain() async throws {
+        let receiver = try Receiver()
+        receiver.on("/double") { request, _ in
+            let previous = (request.json?["previousResult"] as? [String: Any])?["n"] as? Int
+            let start = (request.json?["payload"] as? [String: Any])?["n"] as? Int ?? 0
+            return .json(#"{"n":\#((previous ?? start) * 2)}"#)
+        }
+        let bridge = try await BridgeHarness.start()
+        let aq = try await AsyncQueue(connection: bridge.connection)
+        let id = try await aq.chains.create(Array(repeating: AsyncQueue.ChainStep(callbackUrl: receiver.url("/double")), count: 4),
+                                            payload: ["n": 3], webhookUrl: receiver.url("/done"))
+        let done = try await receiver.wait("/done", count: 1)
+        #expect(done[0].request.json?["chainId"] as? String == id)
+        #expect((done[0].request.json?["result"] as? [String: Any])?["n"] as? Int == 48)
+        await bridge.stop()
+    }
+}
+
+@Suite struct ChainParserTests {
+    static func parse(_ json: String, messageId: String? = nil) -> Result<ChainMessage, MalformedTask> {
+        ChainParser.parse(Array(json.utf8), messageId: messageId, defaults: TaskDefaults(), isWorkQueue: { ["default", "reports"].contains($0) })
+    }
+
+    @Test func aStepMessageCarriesTheWholeChainAndReadsBack() throws {
+        let create = try Self.parse(#"{"chain":{"id":"c","webhookUrl":"http://app/done"},"payload":{"x":1},"steps":[{"callbackUrl":"http://s/1"},{"callbackUrl":"http://s/2","queue":"reports","retries":0}]}"#).get()
+        #expect(create.step == nil && create.specs.count == 2 && create.queues == [nil, "reports"])
+        var withHome = create
+        withHome.queue = "default"
+        let next = withHome.stepMessage(step: 2, history: [Array(#"{"step":1}"#.utf8)[...]], results: [Array(#"{"r":1}"#.utf8)[...]])
+        let step = try ChainParser.parse(next, messageId: nil, defaults: TaskDefaults(), isWorkQueue: { _ in true }).get()
+        #expect(step.id == "c" && step.step == 2 && step.queue == "default" && step.webhookURL == "http://app/done")
+        #expect(String(decoding: step.callbackBody(step: 2), as: UTF8.self) == #"{"chainId":"c","step":2,"payload":{"x":1},"previousResult":{"r":1}}"#)
+        #expect(step.specs[1].retries == 0)
+    }
+
+    @Test func badChainsAreRefusedWithAReason() {
+        let cases: [(String, String)] = [
+            (#"{"chain":{},"steps":[]}"#, "1 to 100 steps"),
+            (#"{"chain":{},"steps":[{"callbackUrl":"http://s/1","payload":1}]}"#, "'payload' is not allowed in a step"),
+            (#"{"chain":{},"steps":[{"callbackUrl":"http://s/1","queue":"nope"}]}"#, "must name a work queue"),
+            (#"{"chain":{"colour":1},"steps":[{"callbackUrl":"http://s/1"}]}"#, "unknown chain option"),
+            (#"{"chain":{},"steps":[{"callbackUrl":"http://s/1"}],"step":2,"history":[],"results":[]}"#, "step must be a step number"),
+            (#"{"chain":{},"steps":[{"callbackUrl":"http://s/1"},{"callbackUrl":"http://s/2"}],"step":2,"history":[],"results":[]}"#, "earlier steps' history"),
+            (#"{"chain":"x","steps":[]}"#, "chain must be an object"),
+        ]
+        for (json, reason) in cases {
+            switch Self.parse(json) {
+            case .success: Issue.record("accepted: \(json)")
+            case .failure(let error): #expect(error.reason.contains(reason), "\(error.reason) — wanted \(reason)")
+            }
+        }
     }
 }
