@@ -40,6 +40,8 @@ public struct BatchManifest: Sendable, Codable, Equatable {
     /// The AMQP user that created it (its `user_id`, which the broker checks): only that user's
     /// parts and re-creates are taken (nil: the creator sent none, so nobody can be told apart).
     public var creator: String?
+    /// For a batch that is a chain's step: that step's message, which its end advances.
+    public var continuation: Data?
 
     public init(id: String, size: Int, join: BatchJoin = .allSettled, webhookURL: String? = nil, failureWebhookURL: String? = nil,
                 deadline: Int64? = nil, createdAt: Int64, queue: String) {

@@ -135,6 +135,16 @@ extension BridgeEngine {
         self.inFlightBytes -= run.bytes
         run.bytes = 0
         run.delivery = run.delivery.withoutBody()
+        self.launchBatch(run, message, join: join, creator: creator, continuation: nil)
+    }
+
+    /// Declares the batch's queues and publishes its first checkpoint (when it has none), its
+    /// timer and its children, all confirmed; then acks `run` and starts aggregating. With a
+    /// `continuation` (a chain step's message), the batch is that step: its children's callbacks
+    /// get the chain's envelope, and its end advances the chain instead of sending a webhook.
+    func launchBatch(_ run: Run, _ message: BatchMessage, join: BatchJoin, creator: String?, continuation: ChainMessage?) {
+        let spec = self.settings.spec
+        let id = message.batchId
         let queues = BatchQueues(spec: spec, id: id)
         let stateCount: UInt32
         do throws(AMQPError) {
@@ -159,6 +169,9 @@ extension BridgeEngine {
             if stateCount == 0 {
                 // The first checkpoint. A create delivered again finds one and leaves it.
                 manifest.creator = creator
+                if let continuation, let step = continuation.step {
+                    manifest.continuation = Data(continuation.stepMessage(step: step, history: continuation.history, results: continuation.results))
+                }
                 outstanding += 1
                 self.publish(exchange: "", routingKey: queues.state, properties: self.batchProperties(kind: "checkpoint", id: id),
                              body: BatchCheckpoint(manifest: manifest).encoded(), done)
@@ -174,7 +187,11 @@ extension BridgeEngine {
                           "aq-batch-join": .string(join.rawValue)],
                 deliveryMode: .persistent, messageId: child.spec.id, timestamp: UInt64(Date().timeIntervalSince1970),
                 userId: self.settings.bridgeUser)
-            self.publish(exchange: spec.taskExchange, routingKey: child.queue ?? run.queue.name, properties: properties, body: child.body, done)
+            var body = child.body
+            if let continuation, let step = continuation.step {
+                body = Self.chainChildBody(child, chain: continuation, step: step)
+            }
+            self.publish(exchange: spec.taskExchange, routingKey: child.queue ?? run.queue.name, properties: properties, body: body, done)
         }
         done(.success(()))
     }
@@ -575,6 +592,23 @@ extension BridgeEngine {
                 }
             }
             if self.batches[batch.id] === batch { self.batches[batch.id] = nil }
+        }
+        if let continuation = manifest.continuation {
+            // A chain's batch step: its end advances (or fails) the chain instead of a webhook.
+            return self.chainBatchStepEnded(Array(continuation), status: status, report: builder.build(), createdAt: manifest.createdAt) { [unowned self] result in
+                self.batchWork.append {
+                    if case .failure(let error) = result, error.code != .invalidArgument {
+                        giveBack()
+                        batch.finishing = false
+                        return self.dropBatch(batch, "could not advance its chain: \(error)")
+                    }
+                    if case .failure(let error) = result {
+                        // The next step can never be published as it is (its context is too big).
+                        self.logger.warning("a chain stops after its batch step", metadata: ["batch": "\(batch.id)", "error": "\(error)"])
+                    }
+                    cleanUp()
+                }
+            }
         }
         guard let url else { return cleanUp() }
         let report = builder.build()

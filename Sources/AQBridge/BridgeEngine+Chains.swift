@@ -49,7 +49,11 @@ extension BridgeEngine {
                 }
             }
         }
-        var task = message.specs[step - 1]
+        if let batch = message.batches[step - 1] {
+            // A step that fans out: its batch is created (broker round trips: from the turn).
+            return self.batchWork.append { [unowned self] in self.chainBatchStep(run, message, step: step, batch: batch) }
+        }
+        guard var task = message.specs[step - 1] else { return self.requeue(run, "chain step \(step) is neither a task nor a batch") }
         task.payload = message.callbackBody(step: step)[...]
         task.webhookURL = nil
         task.failureWebhookURL = nil
@@ -60,7 +64,7 @@ extension BridgeEngine {
     }
 
     /// Publishes step `step` of the chain to `aq.chain`, routed to its work queue.
-    private func publishStep(_ message: ChainMessage, step: Int, history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>],
+    func publishStep(_ message: ChainMessage, step: Int, history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>],
                              _ done: @escaping (Result<Void, AMQPError>) -> Void) {
         let body = message.stepMessage(step: step, history: history, results: results)
         let limit = self.settings.queues.first { $0.name == (message.queues[step - 1] ?? message.queue) }?.defaults.maxPayloadBytes
@@ -76,7 +80,7 @@ extension BridgeEngine {
     }
 
     /// A webhook job for a chain (published to its work queue, confirmed; delivered like any webhook).
-    private func chainWebhook(_ chain: ChainRun, url: String, id: String, body: [UInt8], _ done: @escaping (Result<Void, AMQPError>) -> Void) {
+    func chainWebhook(_ chain: ChainRun, url: String, id: String, body: [UInt8], _ done: @escaping (Result<Void, AMQPError>) -> Void) {
         let properties = self.webhookJob(url: url, taskId: chain.message.id, attempt: 1, tier: nil, lastError: nil, webhookId: id)
         self.publish(exchange: "", routingKey: self.settings.spec.queueName(forWorkQueue: chain.home), properties: properties, body: body, done)
     }
@@ -85,7 +89,7 @@ extension BridgeEngine {
         Array("{\"step\":\(chain.step),\"taskId\":\(JSONScan.quote("\(chain.message.id):\(chain.step)")),\"attempts\":\(run.attempt),\"status\":\"\(status)\",\"startedAt\":\(chain.startedAt),\"endedAt\":\(Self.unixMilliseconds())}".utf8)[...]
     }
 
-    private static func list(_ items: [ArraySlice<UInt8>]) -> String {
+    static func list(_ items: [ArraySlice<UInt8>]) -> String {
         "[" + items.map { String(decoding: $0, as: UTF8.self) }.joined(separator: ",") + "]"
     }
 
@@ -143,5 +147,101 @@ extension BridgeEngine {
             if case .failure(let error) = result, error.code != .invalidArgument { return self.requeue(run, "could not report chain \(message.id)'s failure: \(error)") }
             self.ack(run)
         }
+    }
+
+    // MARK: Batch steps
+
+    /// A chain step that is a batch: created like any batch (id `<chain id>:<step>`), with the
+    /// step's message as its continuation; its end advances the chain.
+    private func chainBatchStep(_ run: Run, _ message: ChainMessage, step: Int, batch: BatchMessage) {
+        guard self.isActive(run) else { return }
+        guard case .create(var manifest) = batch.kind else { return self.requeue(run, "a batch step must be a batch") }
+        manifest.queue = message.queue ?? run.queue.name
+        let launched = BatchMessage(kind: .create(manifest), children: batch.children)
+        if case .unknown(let error) = self.batchState(batch.batchId) {
+            return self.requeue(run, "could not read the state of batch \(batch.batchId): \(error)")
+        }
+        self.launchBatch(run, launched, join: manifest.join, creator: run.delivery.properties.userId, continuation: message)
+    }
+
+    /// A child of a chain's batch step: its callback gets the chain's envelope around its payload.
+    static func chainChildBody(_ child: BatchChild, chain: ChainMessage, step: Int) -> [UInt8] {
+        let spec = child.spec
+        let (seconds, attoseconds) = spec.timeout.components
+        var out = Array("{\"callbackUrl\":\(JSONScan.quote(spec.callbackURL)),\"retries\":\(spec.retries),\"timeout\":\(Double(seconds) + Double(attoseconds) / 1e18)".utf8)
+        if let url = spec.webhookURL { out += Array(",\"webhookUrl\":\(JSONScan.quote(url))".utf8) }
+        if let url = spec.failureWebhookURL { out += Array(",\"failureWebhookUrl\":\(JSONScan.quote(url))".utf8) }
+        out += Array(",\"payload\":{\"chainId\":\(JSONScan.quote(chain.id)),\"step\":\(step),\"index\":\(child.index),\"payload\":".utf8)
+        out += spec.payload
+        out += Array(",\"previousResult\":".utf8)
+        out += chain.results.last ?? Array("null".utf8)[...]
+        out += Array("}}".utf8)
+        return out
+    }
+
+    /// A chain's batch step ended (`report` is its aggregated outcome): completed, the chain goes
+    /// on with the report as the step's result; failed or expired, the chain fails there — the
+    /// step's message is dead-lettered (publish it back to run the batch step again) and the
+    /// failure webhook sent. `then` runs once all of it is confirmed.
+    func chainBatchStepEnded(_ continuation: [UInt8], status: BatchStatus, report: [UInt8], createdAt: Int64,
+                             _ then: @escaping (Result<Void, AMQPError>) -> Void) {
+        let known = Set(self.settings.spec.workQueues.map(\.name))
+        guard case .success(let message) = ChainParser.parse(continuation, messageId: nil, defaults: TaskDefaults(), isWorkQueue: { known.contains($0) }),
+              let step = message.step else {
+            self.logger.warning("a chain's batch step carried an unreadable continuation; the chain stops there")
+            return then(.success(()))
+        }
+        let home = message.queue ?? "default"
+        let chain = ChainRun(message: message, step: step, startedAt: createdAt, home: home)
+        let entry = Array("{\"step\":\(step),\"taskId\":\(JSONScan.quote("\(message.id):\(step)")),\"attempts\":1,\"status\":\"\(status == .completed ? "completed" : "failed")\",\"startedAt\":\(createdAt),\"endedAt\":\(Self.unixMilliseconds())}".utf8)[...]
+        var outstanding = 1
+        var failure: AMQPError?
+        let done: (Result<Void, AMQPError>) -> Void = { result in
+            if case .failure(let error) = result, failure == nil { failure = error }
+            outstanding -= 1
+            guard outstanding == 0 else { return }
+            then(failure.map { .failure($0) } ?? .success(()))
+        }
+        if status == .completed {
+            let history = message.history + [entry]
+            let results = message.results + [report[...]]
+            if let url = message.stepWebhookURL {
+                outstanding += 1
+                let body = "{\"chainId\":\(JSONScan.quote(message.id)),\"step\":\(step),\"taskId\":\(JSONScan.quote("\(message.id):\(step)")),\"status\":\"completed\",\"result\":\(String(decoding: report, as: UTF8.self))}"
+                self.chainWebhook(chain, url: url, id: "\(message.id):\(step):result", body: Array(body.utf8), done)
+            }
+            if step < message.steps.count {
+                outstanding += 1
+                self.publishStep(message, step: step + 1, history: history, results: results, done)
+            } else {
+                self.count(.chainsCompleted)
+                if let url = message.webhookURL {
+                    outstanding += 1
+                    let body = "{\"chainId\":\(JSONScan.quote(message.id)),\"status\":\"completed\",\"result\":\(String(decoding: report, as: UTF8.self)),\"steps\":\(Self.list(history))}"
+                    self.chainWebhook(chain, url: url, id: message.id, body: Array(body.utf8), done)
+                }
+            }
+            return done(.success(()))
+        }
+        // Failed or expired: the chain fails at this step.
+        self.count(.chainsFailed)
+        let reason = "batch-\(status.rawValue)"
+        outstanding += 1
+        let headers: AMQPTable = [
+            "aq-reason": .string(reason), "aq-error": .string("the batch of step \(step) ended \(status.rawValue)"),
+            "aq-task-id": .string("\(message.id):\(step)"), "aq-queue": .string(home), "aq-attempts": .int32(1),
+            "aq-dead-lettered-at": .timestamp(UInt64(Date().timeIntervalSince1970)),
+        ]
+        self.publish(exchange: self.settings.spec.deadLetterExchange, routingKey: self.settings.spec.queueName(forWorkQueue: home),
+                     properties: AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent,
+                                                messageId: "\(message.id):\(step)", userId: self.settings.bridgeUser),
+                     body: continuation, done)
+        if let url = message.failureWebhookURL ?? message.webhookURL {
+            outstanding += 1
+            let error = "{\"reason\":\(JSONScan.quote(reason)),\"message\":\(JSONScan.quote("the batch of step \(step) ended \(status.rawValue)")),\"status\":null,\"batch\":\(String(decoding: report, as: UTF8.self))}"
+            let body = "{\"chainId\":\(JSONScan.quote(message.id)),\"status\":\"failed\",\"failedStep\":\(step),\"error\":\(error),\"results\":\(Self.list(message.results)),\"steps\":\(Self.list(message.history + [entry]))}"
+            self.chainWebhook(chain, url: url, id: message.id, body: Array(body.utf8), done)
+        }
+        done(.success(()))
     }
 }

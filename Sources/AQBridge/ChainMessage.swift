@@ -30,7 +30,10 @@ public struct ChainMessage: Sendable {
     public var results: [ArraySlice<UInt8>]
     /// Each step's work queue (nil: the chain's own).
     public var queues: [String?]
-    public var specs: [TaskSpec]
+    /// Each step as a task, or nil for a batch step (see `batches`).
+    public var specs: [TaskSpec?]
+    /// Each batch step (a step written `{"batch": {...}, "tasks": [...]}`), or nil.
+    public var batches: [BatchMessage?]
 
     /// The body a step's callback receives: the chain id, the step number (1-based), the chain's
     /// payload and the previous step's result (null for the first).
@@ -131,11 +134,26 @@ public enum ChainParser {
             return bad("steps is not a valid array: \(error)")
         }
         guard (1...Self.maxSteps).contains(steps.count) else { return bad("a chain has 1 to \(Self.maxSteps) steps, not \(steps.count)") }
-        var specs: [TaskSpec] = []
+        var specs: [TaskSpec?] = []
+        var batches: [BatchMessage?] = []
         var queues: [String?] = []
         for (i, step) in steps.enumerated() {
             guard step.kind == .object, let object = try? JSONScan.members(Array(stepsBytes[step.range])) else { return bad("steps[\(i)] must be an object") }
             let stepBytes = Array(stepsBytes[step.range])
+            if object["batch"] != nil {
+                // A step that fans out: a batch (its own join and deadline; no webhooks of its own).
+                let options = object["batch"].flatMap { try? JSONScan.members(Array(stepBytes[$0.range])) } ?? [:]
+                if options["webhookUrl"] != nil || options["failureWebhookUrl"] != nil || options["size"] != nil || options["id"] != nil {
+                    return bad("steps[\(i)]: a batch step takes join and deadline only (the chain reports it)")
+                }
+                switch BatchParser.parse(stepBytes, messageId: "\(id):\(i + 1)", queue: home ?? "default", defaults: defaults, isWorkQueue: isWorkQueue, now: now) {
+                case .failure(let error): return bad("steps[\(i)]: \(error.reason)")
+                case .success(let batch): batches.append(batch)
+                }
+                specs.append(nil)
+                queues.append(nil)
+                continue
+            }
             for key in ["payload", "taskId", "webhookUrl", "failureWebhookUrl", "batch", "batchPart", "chain"] where object[key] != nil {
                 return bad("steps[\(i)]: '\(key)' is not allowed in a step (the chain gives its payload and webhooks)")
             }
@@ -150,6 +168,7 @@ public enum ChainParser {
             case .failure(let error): return bad("steps[\(i)]: \(error.reason)")
             case .success(let spec): specs.append(spec)
             }
+            batches.append(nil)
             queues.append(queue)
         }
         var step: Int?
@@ -180,6 +199,6 @@ public enum ChainParser {
         return .success(ChainMessage(id: id, webhookURL: urls["webhookUrl"], failureWebhookURL: urls["failureWebhookUrl"],
                                      stepWebhookURL: urls["stepWebhookUrl"], queue: home, payload: payload,
                                      steps: steps.map { stepsBytes[$0.range] }, step: step, history: history, results: results,
-                                     queues: queues, specs: specs))
+                                     queues: queues, specs: specs, batches: batches))
     }
 }

@@ -76,6 +76,55 @@ import Testing
         await bridge.stop()
     }
 
+    @Test func aStepMayFanOutAndTheNextGetsItsAggregatedOutcome() async throws {
+        let receiver = try Receiver()
+        receiver.on("/start") { _, _ in .json(#"{"n":10}"#) }
+        receiver.on("/part") { request, _ in
+            let envelope = request.json ?? [:]
+            let n = (envelope["previousResult"] as? [String: Any])?["n"] as? Int ?? -1
+            let index = envelope["index"] as? Int ?? -1
+            let own = (envelope["payload"] as? [String: Any])?["k"] as? Int ?? -1
+            return .json(#"{"value":\#(n * 100 + index * 10 + own)}"#)
+        }
+        receiver.on("/sum") { request, _ in
+            let children = ((request.json?["previousResult"] as? [String: Any])?["children"] as? [[String: Any]]) ?? []
+            let total = children.compactMap { ($0["result"] as? [String: Any])?["value"] as? Int }.reduce(0, +)
+            return .json(#"{"total":\#(total)}"#)
+        }
+        let bridge = try await BridgeHarness.start()
+        let fanOut = #"{"batch":{"join":"all","deadline":60},"tasks":[{"callbackUrl":"\#(receiver.url("/part"))","payload":{"k":1}},{"callbackUrl":"\#(receiver.url("/part"))","payload":{"k":2}},{"callbackUrl":"\#(receiver.url("/part"))","payload":{"k":3}}]}"#
+        let steps = [#"{"callbackUrl":"\#(receiver.url("/start"))"}"#, fanOut, #"{"callbackUrl":"\#(receiver.url("/sum"))"}"#]
+        try await bridge.publish(#"{"chain":{"id":"fan","webhookUrl":"\#(receiver.url("/done"))"},"payload":{},"steps":[\#(steps.joined(separator: ","))]}"#)
+        let done = try await receiver.wait("/done", count: 1)
+        // Children 0, 1, 2 (k = 1, 2, 3) of step 2 each got step 1's result: 1001 + 1012 + 1023.
+        #expect((done[0].request.json?["result"] as? [String: Any])?["total"] as? Int == 3036)
+        let history = try #require(done[0].request.json?["steps"] as? [[String: Any]])
+        #expect(history.map { $0["taskId"] as? String } == ["fan:1", "fan:2", "fan:3"])
+        #expect(receiver.requests("/part").first?.request.json?["chainId"] as? String == "fan")
+        #expect(try await BatchEndToEndTests.waitGone(bridge).isEmpty)
+        await bridge.stop()
+    }
+
+    @Test func aBatchStepThatFailsEndsTheChainAndWaitsInTheDeadLetters() async throws {
+        let receiver = try Receiver()
+        receiver.on("/bad") { _, _ in .text("no", status: 422) }
+        let bridge = try await BridgeHarness.start()
+        let fanOut = #"{"batch":{"join":"all"},"tasks":[{"callbackUrl":"\#(receiver.url("/ok"))"},{"callbackUrl":"\#(receiver.url("/bad"))"}]}"#
+        let steps = [fanOut, #"{"callbackUrl":"\#(receiver.url("/never"))"}"#]
+        try await bridge.publish(#"{"chain":{"id":"fanfail","webhookUrl":"\#(receiver.url("/done"))"},"payload":{},"steps":[\#(steps.joined(separator: ","))]}"#)
+        let done = try await receiver.wait("/done", count: 1)
+        let report = try #require(done[0].request.json)
+        #expect(report["status"] as? String == "failed" && report["failedStep"] as? Int == 1)
+        #expect((report["error"] as? [String: Any])?["reason"] as? String == "batch-failed")
+        try await bridge.waitIdle()
+        let dead = try await bridge.deadLetters()
+        #expect(dead.contains { $0.properties.messageId == "fanfail:1" && $0.properties.headers?["aq-reason"]?.stringValue == "batch-failed" },
+                "the step waits in the dead letters with its chain, to be published back")
+        #expect(receiver.requests("/never").isEmpty)
+        #expect(try await BatchEndToEndTests.waitGone(bridge).isEmpty)
+        await bridge.stop()
+    }
+
     @Test func malformedChainsAreRefusedWhole() async throws {
         let receiver = try Receiver()
         let bridge = try await BridgeHarness.start()
@@ -122,7 +171,7 @@ import Testing
         let step = try ChainParser.parse(next, messageId: nil, defaults: TaskDefaults(), isWorkQueue: { _ in true }).get()
         #expect(step.id == "c" && step.step == 2 && step.queue == "default" && step.webhookURL == "http://app/done")
         #expect(String(decoding: step.callbackBody(step: 2), as: UTF8.self) == #"{"chainId":"c","step":2,"payload":{"x":1},"previousResult":{"r":1}}"#)
-        #expect(step.specs[1].retries == 0)
+        #expect(step.specs[1]?.retries == 0)
     }
 
     @Test func badChainsAreRefusedWithAReason() {
