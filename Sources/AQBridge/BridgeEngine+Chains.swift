@@ -57,7 +57,10 @@ extension BridgeEngine {
         task.payload = message.callbackBody(step: step)[...]
         task.webhookURL = nil
         task.failureWebhookURL = nil
-        let started = run.delivery.properties.timestamp.map { Int64($0) * 1000 } ?? Self.unixMilliseconds()
+        // When its message was published: the bridge's own millisecond stamp, else the AMQP
+        // timestamp (seconds), else now.
+        let stamp = run.trusted ? run.delivery.properties.headers?["aq-step-at"]?.intValue : nil
+        let started = stamp ?? run.delivery.properties.timestamp.map { Int64($0) * 1000 } ?? Self.unixMilliseconds()
         run.chain = ChainRun(message: message, step: step, startedAt: started, home: home)
         run.task = task
         self.proceed(run, task)
@@ -73,7 +76,8 @@ extension BridgeEngine {
             return done(.failure(AMQPError(code: .invalidArgument, message: "the chain's context for step \(step) is \(body.count) bytes, over max_payload_bytes (\(limit))")))
         }
         let queue = message.queues[step - 1] ?? message.queue ?? "default"
-        let properties = AMQPProperties(contentType: "application/json", headers: ["aq-chain": .string(message.id), "aq-chain-step": .int32(Int32(step))],
+        let properties = AMQPProperties(contentType: "application/json",
+                                        headers: ["aq-chain": .string(message.id), "aq-chain-step": .int32(Int32(step)), "aq-step-at": .int64(Self.unixMilliseconds())],
                                         deliveryMode: .persistent, messageId: "\(message.id):\(step)",
                                         timestamp: UInt64(Date().timeIntervalSince1970), userId: self.settings.bridgeUser)
         self.publish(exchange: self.settings.spec.chainExchange, routingKey: "\(queue).\(message.id).\(step)", properties: properties, body: body, done)

@@ -809,6 +809,10 @@ final class BridgeEngine: AMQPConnectionExtension {
             headers["aq-batch-index"] = .int64(Int64(batch.index))
             headers["aq-batch-join"] = .string(batch.join.rawValue)
         }
+        if let chain = run.chain {
+            // A chain step's start stays when it was first published, through its retries.
+            headers["aq-step-at"] = .int64(chain.startedAt)
+        }
         for entry in ours { headers[entry.key] = entry.value }
         return AMQPProperties(
             contentType: original.contentType ?? "application/json", contentEncoding: original.contentEncoding, headers: headers,

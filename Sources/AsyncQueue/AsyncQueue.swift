@@ -296,18 +296,52 @@ extension AsyncQueue {
 }
 
 extension AsyncQueue {
-    /// One step of a chain: a callback, with its own retries, timeout and work queue.
-    public struct ChainStep: Sendable, Encodable {
-        public var callbackUrl: String
-        public var retries: Int?
-        public var timeout: Double?
-        public var queue: String?
+    /// One step of a chain: a callback with its own retries, timeout and work queue, or a batch
+    /// (``fanOut(_:join:deadline:)``) whose report the next step receives.
+    public struct ChainStep: Sendable {
+        let json: [UInt8]
+        let queues: [String]
+
+        struct Plain: Encodable {
+            var callbackUrl: String
+            var retries: Int?
+            var timeout: Double?
+            var queue: String?
+        }
+
+        struct FanOut<P: Encodable & Sendable>: Encodable {
+            struct Options: Encodable {
+                var join: Join
+                var deadline: Double?
+            }
+            var batch: Options
+            var tasks: [BatchTask<P>]
+        }
+
+        static var encoder: JSONEncoder {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.withoutEscapingSlashes]
+            return encoder
+        }
 
         public init(callbackUrl: String, retries: Int? = nil, timeout: Double? = nil, queue: String? = nil) {
-            self.callbackUrl = callbackUrl
-            self.retries = retries
-            self.timeout = timeout
-            self.queue = queue
+            // Encoding strings and numbers cannot fail; an empty step would be refused by the bridge.
+            self.json = (try? Self.encoder.encode(Plain(callbackUrl: callbackUrl, retries: retries, timeout: timeout, queue: queue))).map { Array($0) } ?? []
+            self.queues = queue.map { [$0] } ?? []
+        }
+
+        private init(json: [UInt8], queues: [String]) {
+            self.json = json
+            self.queues = queues
+        }
+
+        /// A step that fans out: the children run in parallel (each callback gets the chain's
+        /// envelope around its own payload, with the previous step's result) and the next step
+        /// receives the batch's report.
+        public static func fanOut<Payload: Encodable & Sendable>(_ tasks: [BatchTask<Payload>], join: Join = .allSettled,
+                                                                 deadline: Double? = nil) throws -> ChainStep {
+            let json = Array(try Self.encoder.encode(FanOut(batch: .init(join: join, deadline: deadline), tasks: tasks)))
+            return ChainStep(json: json, queues: tasks.compactMap(\.queue))
         }
     }
 
@@ -323,12 +357,6 @@ extension AsyncQueue {
             var stepWebhookUrl: String?
         }
 
-        struct Message<P: Encodable & Sendable>: Encodable {
-            var chain: Options
-            var payload: P
-            var steps: [ChainStep]
-        }
-
         /// Creates a chain and returns its id once the broker has confirmed it. aq-bridge runs
         /// the steps in order; step n's callback receives `{"chainId", "step": n, "payload",
         /// "previousResult"}`. `webhookUrl` gets the last result and every step's record;
@@ -342,11 +370,16 @@ extension AsyncQueue {
             let id = try AsyncQueue.checkedId(id, what: "chain", maxBytes: 192)
             guard (1...100).contains(steps.count) else { throw AMQPError(code: .invalidArgument, message: "a chain has 1 to 100 steps") }
             try await self.queues.check(queue)
-            for name in Set(steps.compactMap(\.queue)) { try await self.queues.check(name) }
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.withoutEscapingSlashes]
-            let body = Array(try encoder.encode(Message(chain: Options(id: id, webhookUrl: webhookUrl, failureWebhookUrl: failureWebhookUrl,
-                                                                       stepWebhookUrl: stepWebhookUrl), payload: payload, steps: steps)))
+            for name in Set(steps.flatMap(\.queues)) { try await self.queues.check(name) }
+            let encoder = ChainStep.encoder
+            var body = Array(#"{"chain":"#.utf8) + Array(try encoder.encode(Options(id: id, webhookUrl: webhookUrl, failureWebhookUrl: failureWebhookUrl,
+                                                                                  stepWebhookUrl: stepWebhookUrl)))
+            body += Array(#","payload":"#.utf8) + Array(try encoder.encode(payload)) + Array(#","steps":["#.utf8)
+            for (index, step) in steps.enumerated() {
+                if index > 0 { body.append(UInt8(ascii: ",")) }
+                body += step.json
+            }
+            body += Array("]}".utf8)
             try await self.channel.publish(
                 body, exchange: self.exchange, routingKey: queue,
                 properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, messageId: id,

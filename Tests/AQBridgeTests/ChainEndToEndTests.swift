@@ -92,12 +92,15 @@ import Testing
             return .json(#"{"total":\#(total)}"#)
         }
         let bridge = try await BridgeHarness.start()
-        let fanOut = #"{"batch":{"join":"all","deadline":60},"tasks":[{"callbackUrl":"\#(receiver.url("/part"))","payload":{"k":1}},{"callbackUrl":"\#(receiver.url("/part"))","payload":{"k":2}},{"callbackUrl":"\#(receiver.url("/part"))","payload":{"k":3}}]}"#
+        // A 100-child batch as step 2; child i has k = i + 1.
+        let children = (0..<100).map { #"{"callbackUrl":"\#(receiver.url("/part"))","payload":{"k":\#($0 + 1)}}"# }
+        let fanOut = #"{"batch":{"join":"all","deadline":60},"tasks":[\#(children.joined(separator: ","))]}"#
         let steps = [#"{"callbackUrl":"\#(receiver.url("/start"))"}"#, fanOut, #"{"callbackUrl":"\#(receiver.url("/sum"))"}"#]
         try await bridge.publish(#"{"chain":{"id":"fan","webhookUrl":"\#(receiver.url("/done"))"},"payload":{},"steps":[\#(steps.joined(separator: ","))]}"#)
         let done = try await receiver.wait("/done", count: 1)
-        // Children 0, 1, 2 (k = 1, 2, 3) of step 2 each got step 1's result: 1001 + 1012 + 1023.
-        #expect((done[0].request.json?["result"] as? [String: Any])?["total"] as? Int == 3036)
+        // Child i got step 1's result (10) and its own k = i + 1: the sum of 1000 + 10 i + i + 1.
+        #expect((done[0].request.json?["result"] as? [String: Any])?["total"] as? Int == (0..<100).map { 1000 + 11 * $0 + 1 }.reduce(0, +))
+        #expect(receiver.requests("/part").count == 100)
         let history = try #require(done[0].request.json?["steps"] as? [[String: Any]])
         #expect(history.map { $0["taskId"] as? String } == ["fan:1", "fan:2", "fan:3"])
         #expect(receiver.requests("/part").first?.request.json?["chainId"] as? String == "fan")

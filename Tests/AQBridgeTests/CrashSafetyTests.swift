@@ -169,4 +169,55 @@ import Testing
         await connection.close()
         try? await BridgeHarness.management("DELETE", "/api/vhosts/\(vhost)")
     }
+
+    @Test func aThousandChainsSurviveKillDashNineLoops() async throws {
+        let (vhost, url, dir) = try await BridgeHarness.prepareVHost()
+        let finals = Mutex<[String: Int]>([:])
+        let server = try HTTPServer { request, responder in
+            if request.path == "/done", let chain = (try? JSONSerialization.jsonObject(with: Data(request.body)) as? [String: Any])?["chainId"] as? String {
+                finals.withLock { $0[chain, default: 0] += 1 }
+                return responder.respond(.json("{}"))
+            }
+            // Steps answer after 5 ms, from another thread, with the step number.
+            let step = (try? JSONSerialization.jsonObject(with: Data(request.body)) as? [String: Any])?["step"] as? Int ?? 0
+            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(5)) { responder.respond(.json(#"{"did":\#(step)}"#)) }
+        }
+        defer { server.shutdown() }
+        let connection = try await AMQPConnection.connect(url)
+        let channel = try await connection.openChannel()
+        try await channel.enableConfirms()
+        let total = 1000
+        let step = #"{"callbackUrl":"http://127.0.0.1:\#(server.port)/step"}"#
+        var confirms: [AMQPPublishConfirm] = []
+        for index in 0..<total {
+            let body = #"{"chain":{"id":"c-\#(index)","webhookUrl":"http://127.0.0.1:\#(server.port)/done"},"payload":{"i":\#(index)},"steps":[\#(step),\#(step),\#(step)]}"#
+            confirms.append(channel.beginPublish(Array(body.utf8), exchange: "aq.tasks", routingKey: "default",
+                                                 properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent)))
+        }
+        for confirm in confirms { _ = try await confirm.result() }
+        // Three kills, each with chains in flight, then a bridge that is left to finish.
+        for round in 1...3 {
+            let bridge = try self.launch(url: url, topology: dir, prefetch: 300)
+            let target = min(total, round * 200)
+            let deadline = ContinuousClock.now + .seconds(60)
+            while finals.withLock({ $0.count }) < target && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+            kill(bridge.processIdentifier, SIGKILL)
+            bridge.waitUntilExit()
+        }
+        #expect(finals.withLock { $0.count } < total, "the kills came with chains in flight")
+        let bridge = try self.launch(url: url, topology: dir)
+        let finish = ContinuousClock.now + .seconds(120)
+        while finals.withLock({ $0.count }) < total && ContinuousClock.now < finish { try await Task.sleep(for: .milliseconds(20)) }
+        let ended = finals.withLock { $0 }
+        #expect(ended.count == total, "every chain ended (\(ended.count) of \(total)); none stalled")
+        let twice = ended.values.filter { $0 > 1 }.count
+        #expect(twice <= 3 * 300, "a final webhook repeats only for chains caught by a kill (\(twice))")
+        for queue in ["aq.work.default", "aq.retry.1s", "aq.retry.3s", "aq.dead"] {
+            #expect(try await channel.declareQueue(queue, passive: true).messageCount == 0, "\(queue) is empty")
+        }
+        bridge.terminate()
+        bridge.waitUntilExit()
+        await connection.close()
+        try? await BridgeHarness.management("DELETE", "/api/vhosts/\(vhost)")
+    }
 }

@@ -60,4 +60,23 @@ import Testing
         let children = try #require(body["children"] as? [[String: Any]])
         #expect(children.map { ($0["result"] as? [String: Any])?["symbol"] as? String } == ["AAPL", "MSFT", "GOOG", "AMZN"])
     }
+
+    @Test func aChainFromPikaRunsItsStepsInOrder() async throws {
+        let bridge = try await BridgeHarness.start()
+        defer { Task { await bridge.stop() } }
+        guard FileManager.default.isExecutableFile(atPath: Self.python) else {
+            Issue.record("needs Python with pika at \(Self.python) (scripts/test installs it)")
+            return
+        }
+        let result = try TestEnvironment.run(URL(fileURLWithPath: Self.python),
+                                             [Self.root.appendingPathComponent("Tests/interop/pika_chain.py").path, bridge.amqpURL])
+        let text = result.out + result.err
+        #expect(result.status == 0, "\(text)")
+        let line = try #require(try JSONSerialization.jsonObject(with: Data((result.out.split(separator: "\n").last ?? "").utf8)) as? [String: Any], "\(text)")
+        let seen = try #require(line["seen"] as? [String: Any])
+        let steps = try #require(seen["steps"] as? [[String: Any]])
+        #expect(steps.map { $0["step"] as? Int } == [1, 2])
+        let final = try #require(seen["final"] as? [String: Any])
+        #expect(final["chainId"] as? String == "py-chain" && (final["result"] as? [String: Any])?["n"] as? Int == 42)
+    }
 }

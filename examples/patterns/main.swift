@@ -1,5 +1,6 @@
 // The seed guide's patterns against a running aq-bridge: fire-and-forget (with and without a
-// failure-only webhook), request-reply, and fan-out / fan-in as a native batch. A small app serves the callback and webhook endpoints on
+// failure-only webhook), request-reply, fan-out / fan-in as a native batch, and chaining as a
+// native chain (one of whose steps fans out). A small app serves the callback and webhook endpoints on
 // 127.0.0.1, publishes the tasks with the AsyncQueue Swift client, and prints what its webhooks
 // receive.
 //
@@ -37,7 +38,21 @@ let app = try HTTPServer(port: port) { request, responder in
         // Callback of one batch child: analyse one symbol (here: a made-up score).
         let symbol = body["symbol"] as? String ?? "?"
         responder.respond(.json(#"{"symbol":"\#(symbol)","analysis":{"score":\#(symbol.unicodeScalars.reduce(0) { $0 + Int($1.value) } % 100)}}"#))
-    case "/api/on-task-failed", "/api/on-report-ready", "/api/on-portfolio-analyzed":
+    case "/api/pipeline/verify-identity":
+        // Chain step 1: the chain's payload arrives in the envelope; no previous result yet.
+        let userId = (body["payload"] as? [String: Any])?["userId"] as? Int ?? 0
+        responder.respond(.json(#"{"userId":\#(userId),"verified":true}"#))
+    case "/api/pipeline/check-bureau":
+        // Chain step 2 fans out: one child per credit bureau, each with step 1's result.
+        let bureau = (body["payload"] as? [String: Any])?["bureau"] as? String ?? "?"
+        let verified = (body["previousResult"] as? [String: Any])?["verified"] as? Bool ?? false
+        responder.respond(.json(#"{"bureau":"\#(bureau)","score":\#(verified ? 700 + bureau.count : 0)}"#))
+    case "/api/pipeline/provision-account":
+        // Chain step 3: gets the fan-out's report (every bureau's answer) as previousResult.
+        let children = (body["previousResult"] as? [String: Any])?["children"] as? [[String: Any]] ?? []
+        let scores = children.compactMap { ($0["result"] as? [String: Any])?["score"] as? Int }
+        responder.respond(.json(#"{"account":"acct-\#(scores.count)","creditScore":\#(scores.max() ?? 0)}"#))
+    case "/api/on-task-failed", "/api/on-report-ready", "/api/on-portfolio-analyzed", "/api/pipeline/on-onboarding-done":
         // Webhooks: the outcome arrives here once.
         webhooks.withLock { $0.append((request.path, request.bodyString)) }
         responder.respond(.json(#"{"received":true}"#))
@@ -94,9 +109,26 @@ let portfolio = try await aq.batches.create(
     deadline: 300)
 print("fan-out/fan-in: batch \(portfolio) of \(stocks.count) stocks published")
 
-// Wait for the three webhooks (bounded).
+// --- Step 4: chaining, advanced by AsyncQueue -------------------------------------------------
+// verify-identity → (one credit check per bureau, in parallel) → provision-account: no central
+// webhook looking up the next step, no pipeline table; one webhook tells the whole run.
+struct Onboarding: Encodable, Sendable { var userId: Int }
+struct Bureau: Encodable, Sendable { var bureau: String }
+let pipeline = try await aq.chains.create(
+    [
+        AsyncQueue.ChainStep(callbackUrl: "\(base)/api/pipeline/verify-identity", retries: 2),
+        try AsyncQueue.ChainStep.fanOut(
+            ["equifax", "experian", "transunion"].map { AsyncQueue.BatchTask(callbackUrl: "\(base)/api/pipeline/check-bureau", payload: Bureau(bureau: $0)) },
+            join: .all, deadline: 60),
+        AsyncQueue.ChainStep(callbackUrl: "\(base)/api/pipeline/provision-account", retries: 2),
+    ],
+    payload: Onboarding(userId: 42),
+    webhookUrl: "\(base)/api/pipeline/on-onboarding-done")
+print("chaining: pipeline \(pipeline) of 3 steps (the second fans out to 3 credit bureaus) published")
+
+// Wait for the four webhooks (bounded).
 let deadline = ContinuousClock.now + .seconds(60)
-while webhooks.withLock({ $0.count }) < 3 && ContinuousClock.now < deadline {
+while webhooks.withLock({ $0.count }) < 4 && ContinuousClock.now < deadline {
     try await Task.sleep(for: .milliseconds(50))
 }
 for (path, body) in webhooks.withLock({ $0 }) {
@@ -105,8 +137,8 @@ for (path, body) in webhooks.withLock({ $0 }) {
 let received = webhooks.withLock { $0 }
 await aq.close()
 app.shutdown()
-if received.count < 3 {
-    print("expected 3 webhooks, got \(received.count): is aq-bridge running against \(URLText.redacted(amqpURL))?")
+if received.count < 4 {
+    print("expected 4 webhooks, got \(received.count): is aq-bridge running against \(URLText.redacted(amqpURL))?")
     exit(1)
 }
 if received.contains(where: { $0.1.contains(fine) }) {
