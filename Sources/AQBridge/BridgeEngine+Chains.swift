@@ -97,48 +97,51 @@ extension BridgeEngine {
         "[" + items.map { String(decoding: $0, as: UTF8.self) }.joined(separator: ",") + "]"
     }
 
-    /// A step succeeded: the next step (and the step webhook) go out, or the chain's final
-    /// webhook when it was the last; all confirmed before the step is acked.
+    /// A step succeeded: the next step goes out (confirmed); then the step webhook, or after the
+    /// last step the chain's final webhook, is delivered like a task's webhook (retried on its
+    /// own schedule if it fails) before the step is acked.
     func chainStepCompleted(_ run: Run, _ chain: ChainRun, result: [UInt8]) {
         let message = chain.message
         let history = message.history + [self.historyEntry(run, chain, status: "completed")]
-        let results = message.results + [result[...]]
-        var outstanding = 1
-        var failure: AMQPError?
-        let done: (Result<Void, AMQPError>) -> Void = { [unowned self] outcome in
-            if case .failure(let error) = outcome, failure == nil { failure = error }
-            outstanding -= 1
-            guard outstanding == 0, self.isActive(run) else { return }
-            guard let failure else { return self.ack(run) }
-            if failure.code == .invalidArgument, let task = run.task {
-                // The chain cannot go on (its context outgrew the limit): it fails at this step.
-                return self.failed(run, task, outcome: .permanent(reason: failure.message, status: nil), responseBody: [])
-            }
-            self.requeue(run, "could not advance chain \(message.id): \(failure)")
+        let stepId = "\(message.id):\(chain.step)"
+        let resultText = String(decoding: result, as: UTF8.self)
+        let stepHook = message.stepWebhookURL.map { url in
+            (url, Array("{\"chainId\":\(JSONScan.quote(message.id)),\"step\":\(chain.step),\"taskId\":\(JSONScan.quote(stepId)),\"status\":\"completed\",\"result\":\(resultText)}".utf8))
         }
-        let result = String(decoding: result, as: UTF8.self)
-        if let url = message.stepWebhookURL {
-            outstanding += 1
-            let body = "{\"chainId\":\(JSONScan.quote(message.id)),\"step\":\(chain.step),\"taskId\":\(JSONScan.quote("\(message.id):\(chain.step)")),\"status\":\"completed\",\"result\":\(result)}"
-            self.chainWebhook(chain, url: url, id: "\(message.id):\(chain.step):result", body: Array(body.utf8), done)
-        }
-        if chain.step < message.steps.count {
-            outstanding += 1
-            self.publishStep(message, step: chain.step + 1, history: history, results: results, done)
-        } else {
+        guard chain.step < message.steps.count else {
             self.count(.chainsCompleted)
-            if let url = message.webhookURL {
-                outstanding += 1
-                let body = "{\"chainId\":\(JSONScan.quote(message.id)),\"status\":\"completed\",\"result\":\(result),\"steps\":\(Self.list(history))}"
-                self.chainWebhook(chain, url: url, id: message.id, body: Array(body.utf8), done)
+            let finish = { [unowned self] in
+                guard let url = message.webhookURL else { return self.ack(run) }
+                let body = Array("{\"chainId\":\(JSONScan.quote(message.id)),\"status\":\"completed\",\"result\":\(resultText),\"steps\":\(Self.list(history))}".utf8)
+                self.webhook(run, url: url, taskId: stepId, body: body, attempt: 1, id: message.id)
+            }
+            // The last step's own webhook, when both are wanted, goes as a webhook job first.
+            guard let (url, body) = stepHook else { return finish() }
+            return self.chainWebhook(chain, url: url, id: "\(stepId):result", body: body) { [unowned self] outcome in
+                guard self.isActive(run) else { return }
+                if case .failure(let error) = outcome, error.code != .invalidArgument { return self.requeue(run, "could not send chain \(message.id)'s step webhook: \(error)") }
+                finish()
             }
         }
-        done(.success(()))
+        self.publishStep(message, step: chain.step + 1, history: history, results: message.results + [result[...]]) { [unowned self] outcome in
+            guard self.isActive(run) else { return }
+            switch outcome {
+            case .success:
+                guard let (url, body) = stepHook else { return self.ack(run) }
+                self.webhook(run, url: url, taskId: stepId, body: body, attempt: 1, id: "\(stepId):result")
+            case .failure(let error) where error.code == .invalidArgument:
+                // The chain cannot go on (its context outgrew the limit): it fails at this step.
+                guard let task = run.task else { return self.ack(run) }
+                self.failed(run, task, outcome: .permanent(reason: error.message, status: nil), responseBody: [])
+            case .failure(let error):
+                self.requeue(run, "could not advance chain \(message.id): \(error)")
+            }
+        }
     }
 
     /// A step failed for good (it is in the dead-letter queue with the whole context, so
-    /// publishing it back resumes the chain there): the chain's failure webhook goes out, then
-    /// the step is acked.
+    /// publishing it back resumes the chain there): the chain's failure webhook is delivered
+    /// (retried on its own schedule if it fails), then the step is acked.
     func chainStepFailed(_ run: Run, _ chain: ChainRun, _ outcome: Outcome) {
         self.count(.chainsFailed)
         let message = chain.message
@@ -146,11 +149,7 @@ extension BridgeEngine {
         let history = message.history + [self.historyEntry(run, chain, status: "failed")]
         let error = "{\"reason\":\(JSONScan.quote(failure.reason)),\"message\":\(JSONScan.quote(failure.message)),\"status\":\(failure.status.map(String.init) ?? "null")}"
         let body = "{\"chainId\":\(JSONScan.quote(message.id)),\"status\":\"failed\",\"failedStep\":\(chain.step),\"error\":\(error),\"results\":\(Self.list(message.results)),\"steps\":\(Self.list(history))}"
-        self.chainWebhook(chain, url: url, id: message.id, body: Array(body.utf8)) { [unowned self] result in
-            guard self.isActive(run) else { return }
-            if case .failure(let error) = result, error.code != .invalidArgument { return self.requeue(run, "could not report chain \(message.id)'s failure: \(error)") }
-            self.ack(run)
-        }
+        self.webhook(run, url: url, taskId: "\(message.id):\(chain.step)", body: Array(body.utf8), attempt: 1, id: message.id)
     }
 
     // MARK: Batch steps

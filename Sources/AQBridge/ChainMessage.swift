@@ -137,7 +137,26 @@ public enum ChainParser {
         var specs: [TaskSpec?] = []
         var batches: [BatchMessage?] = []
         var queues: [String?] = []
+        var current: Int?
+        if let member = top["step"] {
+            guard let value = JSONScan.integer(body, member, in: 1...steps.count) else { return bad("step must be a step number from 1 to \(steps.count)") }
+            current = value
+        }
         for (i, step) in steps.enumerated() {
+            // A create checks every step; a step message checks the step it runs (the others
+            // were checked at the create; one published back by hand is checked when it runs)
+            // and reads the next one's queue.
+            if let current, i != current - 1 {
+                if i == current, step.kind == .object, let object = try? JSONScan.members(Array(stepsBytes[step.range])),
+                   let member = object["queue"], member.kind == .string, let name = try? JSONScan.decodeString(stepsBytes, member.range.lowerBound + step.range.lowerBound ..< member.range.upperBound + step.range.lowerBound) {
+                    queues.append(isWorkQueue(name) ? name : nil)
+                } else {
+                    queues.append(nil)
+                }
+                specs.append(nil)
+                batches.append(nil)
+                continue
+            }
             guard step.kind == .object, let object = try? JSONScan.members(Array(stepsBytes[step.range])) else { return bad("steps[\(i)] must be an object") }
             let stepBytes = Array(stepsBytes[step.range])
             if object["batch"] != nil {
@@ -171,11 +190,7 @@ public enum ChainParser {
             batches.append(nil)
             queues.append(queue)
         }
-        var step: Int?
-        if let member = top["step"] {
-            guard let value = JSONScan.integer(body, member, in: 1...steps.count) else { return bad("step must be a step number from 1 to \(steps.count)") }
-            step = value
-        }
+        let step = current
         func list(_ key: String) -> Result<[ArraySlice<UInt8>], MalformedTask> {
             guard let member = top[key], member.kind != .null else { return .success([]) }
             guard member.kind == .array else { return .failure(MalformedTask(reason: "\(key) must be an array", notify: notify)) }
