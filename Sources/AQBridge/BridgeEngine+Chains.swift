@@ -44,7 +44,12 @@ extension BridgeEngine {
                 switch result {
                 case .success: self.ack(run)
                 case .failure(let error) where error.code == .invalidArgument:
-                    self.deadLetter(run, reason: "malformed", error: "its first step could not be published: \(error.message)", status: nil, taskId: message.id) { [unowned self] in self.ack(run) }
+                    let reason = "its first step could not be published: \(error.message)"
+                    self.deadLetter(run, reason: "malformed", error: reason, status: nil, taskId: message.id) { [unowned self] in
+                        self.notify(run, Outcome(taskId: message.id, queue: run.queue.name, attempts: 0,
+                                                 failure: .init(reason: "malformed", message: reason, status: nil, body: [], retryable: false)),
+                                    webhook: message.failureWebhookURL ?? message.webhookURL)
+                    }
                 case .failure(let error): self.requeue(run, "could not start chain \(message.id): \(error)")
                 }
             }
@@ -60,7 +65,9 @@ extension BridgeEngine {
         // When its message was published: the bridge's own millisecond stamp, else the AMQP
         // timestamp (seconds), else now.
         let stamp = run.trusted ? run.delivery.properties.headers?["aq-step-at"]?.intValue : nil
-        let started = stamp ?? run.delivery.properties.timestamp.map { Int64($0) * 1000 } ?? Self.unixMilliseconds()
+        let now = Self.unixMilliseconds()
+        let published = run.delivery.properties.timestamp.flatMap { $0 <= UInt64(now / 1000) ? Int64($0) * 1000 : nil }
+        let started = stamp ?? published ?? now
         run.chain = ChainRun(message: message, step: step, startedAt: started, home: home)
         run.task = task
         self.proceed(run, task)
@@ -134,8 +141,30 @@ extension BridgeEngine {
                 guard let task = run.task else { return self.ack(run) }
                 self.failed(run, task, outcome: .permanent(reason: error.message, status: nil), responseBody: [])
             case .failure(let error):
-                self.requeue(run, "could not advance chain \(message.id): \(error)")
+                // The next step's queue refused it (full, say): running this step's callback again
+                // would be wrong, so the next step waits in a retry tier and enters its queue from
+                // there; only if that fails too is the step handed back.
+                self.parkNextStep(message, step: chain.step + 1, history: history, results: message.results + [result[...]]) { [unowned self] parked in
+                    guard self.isActive(run) else { return }
+                    if parked { return self.ack(run) }
+                    self.requeue(run, "could not advance chain \(message.id): \(error)")
+                }
             }
+        }
+    }
+
+    /// Publishes the next step's message to the parking tier, routed back to its work queue.
+    private func parkNextStep(_ message: ChainMessage, step: Int, history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>],
+                              _ done: @escaping (Bool) -> Void) {
+        guard let tier = self.parkTier else { return done(false) }
+        let queue = message.queues[step - 1] ?? message.queue ?? "default"
+        let properties = AMQPProperties(contentType: "application/json",
+                                        headers: ["retry-tier": .string(self.settings.spec.retryTierHeader(for: tier)), "aq-step-at": .int64(Self.unixMilliseconds())],
+                                        deliveryMode: .persistent, messageId: "\(message.id):\(step)",
+                                        timestamp: UInt64(Date().timeIntervalSince1970), userId: self.settings.bridgeUser)
+        self.publish(exchange: self.settings.spec.retryExchange, routingKey: self.settings.spec.queueName(forWorkQueue: queue), properties: properties,
+                     body: message.stepMessage(step: step, history: history, results: results)) { result in
+            if case .success = result { done(true) } else { done(false) }
         }
     }
 
@@ -161,8 +190,20 @@ extension BridgeEngine {
         guard case .create(var manifest) = batch.kind else { return self.requeue(run, "a batch step must be a batch") }
         manifest.queue = message.queue ?? run.queue.name
         let launched = BatchMessage(kind: .create(manifest), children: batch.children)
-        if case .unknown(let error) = self.batchState(batch.batchId) {
+        switch self.batchState(batch.batchId) {
+        case .unknown(let error):
             return self.requeue(run, "could not read the state of batch \(batch.batchId): \(error)")
+        case .open(let existing?) where existing.manifest.continuation == nil:
+            // Someone else's batch has this step's id: the step cannot run as itself.
+            let reason = "batch id '\(batch.batchId.prefix(80))' is in use by a batch that is not this chain's step"
+            let chain = ChainRun(message: message, step: step, startedAt: Self.unixMilliseconds(), home: message.queue ?? run.queue.name)
+            run.chain = chain
+            return self.deadLetter(run, reason: "malformed", error: reason, status: nil, taskId: "\(message.id):\(step)") { [unowned self] in
+                self.chainStepFailed(run, chain, Outcome(taskId: "\(message.id):\(step)", queue: run.queue.name, attempts: 0,
+                                                         failure: .init(reason: "malformed", message: reason, status: nil, body: [], retryable: false)))
+            }
+        default:
+            break
         }
         self.launchBatch(run, launched, join: manifest.join, creator: run.delivery.properties.userId, continuation: message)
     }
@@ -188,8 +229,9 @@ extension BridgeEngine {
     /// failure webhook sent. `then` runs once all of it is confirmed.
     func chainBatchStepEnded(_ continuation: [UInt8], status: BatchStatus, report: [UInt8], createdAt: Int64,
                              _ then: @escaping (Result<Void, AMQPError>) -> Void) {
-        let known = Set(self.settings.spec.workQueues.map(\.name))
-        guard case .success(let message) = ChainParser.parse(continuation, messageId: nil, defaults: TaskDefaults(), isWorkQueue: { known.contains($0) }),
+        // The bridge's own words, checked when the chain was created: read without today's limits.
+        let lenient = TaskDefaults(retries: 3, timeout: .seconds(30), maxTimeout: .seconds(30 * 86_400), maxPayloadBytes: Int.max)
+        guard case .success(let message) = ChainParser.parse(continuation, messageId: nil, defaults: lenient, isWorkQueue: { _ in true }),
               let step = message.step else {
             self.logger.warning("a chain's batch step carried an unreadable continuation; the chain stops there")
             return then(.success(()))
@@ -215,7 +257,12 @@ extension BridgeEngine {
             }
             if step < message.steps.count {
                 outstanding += 1
-                self.publishStep(message, step: step + 1, history: history, results: results, done)
+                self.publishStep(message, step: step + 1, history: history, results: results) { [unowned self] result in
+                    guard case .failure(let error) = result, error.code == .invalidArgument else { return done(result) }
+                    // The chain cannot go on as it is (its context outgrew the limit): it fails here.
+                    self.chainBatchStepEnded(continuation, status: .failed, report: Array("{\"error\":\(JSONScan.quote(error.message))}".utf8),
+                                             createdAt: createdAt, done)
+                }
             } else {
                 self.count(.chainsCompleted)
                 if let url = message.webhookURL {

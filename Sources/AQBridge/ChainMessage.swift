@@ -73,8 +73,8 @@ public struct ChainMessage: Sendable {
 
 public enum ChainParser {
     public static let maxSteps = 100
-    /// A chain id leaves room for `:<step>` in a task id.
-    public static let maxIdBytes = TaskParser.maxIdBytes - 8
+    /// A chain id leaves room for `:<step>` in a batch step's id (itself at most 192 bytes).
+    public static let maxIdBytes = BatchParser.maxIdBytes - 4
 
     static let optionKeys: Set<String> = ["id", "webhookUrl", "failureWebhookUrl", "stepWebhookUrl", "queue"]
     static let topKeys: Set<String> = ["chain", "payload", "steps", "step", "history", "results"]
@@ -122,8 +122,10 @@ public enum ChainParser {
         if top["step"] != nil, let messageId, let colon = messageId.lastIndex(of: ":"), members["id"] == nil {
             id = String(messageId[..<colon])  // a step published back without chain.id: its message id is <chain id>:<step>
         }
-        guard let id = TaskParser.safeId(id ?? UUID().uuidString.lowercased()), id.utf8.count <= Self.maxIdBytes else {
-            return bad("the chain id must be at most \(Self.maxIdBytes) bytes without control characters")
+        // No '.', '*' or '#': the id is one word of the step's routing key on the topic exchange.
+        guard let id = TaskParser.safeId(id ?? UUID().uuidString.lowercased()), id.utf8.count <= Self.maxIdBytes,
+              !id.contains(where: { $0 == "." || $0 == "*" || $0 == "#" }) else {
+            return bad("the chain id must be at most \(Self.maxIdBytes) bytes without control characters, '.', '*' or '#'")
         }
         guard let stepsMember = top["steps"], stepsMember.kind == .array else { return bad("steps must be an array of step objects") }
         let stepsBytes = Array(body[stepsMember.range])

@@ -116,7 +116,9 @@ public struct TopologySpec: Sendable, Equatable {
             let name = self.queueName(forWorkQueue: queue.name)
             t.queues.append(.init(name: name, arguments: ["x-queue-type": "quorum"], origin: queue.origin))
             t.bindings.append(.init(source: self.taskExchange, destination: name, routingKey: queue.name, origin: queue.origin))
-            t.bindings.append(.init(source: self.chainExchange, destination: name, routingKey: queue.name + ".#", origin: queue.origin))
+            // Exactly <queue>.<chain id>.<step>: with `#`, queue `orders` would also take the steps
+            // of queue `orders.eu`.
+            t.bindings.append(.init(source: self.chainExchange, destination: name, routingKey: queue.name + ".*.*", origin: queue.origin))
             var definition: [String: JSONValue] = [
                 "delivery-limit": .int(Int64(queue.deliveryLimit)),
                 "dead-letter-exchange": .string(self.deadLetterExchange),

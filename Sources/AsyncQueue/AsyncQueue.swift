@@ -367,7 +367,10 @@ extension AsyncQueue {
             _ steps: [ChainStep], payload: Payload, webhookUrl: String? = nil, failureWebhookUrl: String? = nil,
             stepWebhookUrl: String? = nil, queue: String = "default", id: String? = nil
         ) async throws -> String {
-            let id = try AsyncQueue.checkedId(id, what: "chain", maxBytes: 192)
+            let id = try AsyncQueue.checkedId(id, what: "chain", maxBytes: 188)
+            guard !id.contains(where: { $0 == "." || $0 == "*" || $0 == "#" }) else {
+                throw AMQPError(code: .invalidArgument, message: "a chain id may not contain '.', '*' or '#'")
+            }
             guard (1...100).contains(steps.count) else { throw AMQPError(code: .invalidArgument, message: "a chain has 1 to 100 steps") }
             try await self.queues.check(queue)
             for name in Set(steps.flatMap(\.queues)) { try await self.queues.check(name) }

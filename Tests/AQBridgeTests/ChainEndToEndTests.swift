@@ -128,6 +128,24 @@ import Testing
         await bridge.stop()
     }
 
+    @Test func aHostileStepMessageCostsOnlyItself() async throws {
+        let receiver = try Receiver()
+        let bridge = try await BridgeHarness.start()
+        // A step published by hand with an AMQP timestamp far in the future (once a trap), and a
+        // chain id with a dot (it would cross into another queue's steps on the topic exchange).
+        let step = #"{"chain":{"id":"h1","webhookUrl":"\#(receiver.url("/h1"))"},"payload":{},"steps":[{"callbackUrl":"\#(receiver.url("/s"))"}],"step":1,"history":[],"results":[]}"#
+        try await bridge.channel.publish(Array(step.utf8), exchange: "aq.chain", routingKey: "default.h1.1",
+                                         properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, messageId: "h1:1",
+                                                                    timestamp: UInt64.max))
+        try await bridge.publish(#"{"chain":{"id":"a.b","webhookUrl":"\#(receiver.url("/dotted"))"},"payload":{},"steps":[{"callbackUrl":"\#(receiver.url("/s"))"}]}"#)
+        let done = try await receiver.wait("/h1", count: 1)
+        #expect(done[0].request.json?["status"] as? String == "completed", "the hand-published step ran; the bridge lives")
+        let told = try await receiver.wait("/dotted", count: 1)
+        #expect(((told[0].request.json?["error"] as? [String: Any])?["message"] as? String)?.contains("'.'") == true)
+        #expect(receiver.requests("/s").count == 1)
+        await bridge.stop()
+    }
+
     @Test func malformedChainsAreRefusedWhole() async throws {
         let receiver = try Receiver()
         let bridge = try await BridgeHarness.start()

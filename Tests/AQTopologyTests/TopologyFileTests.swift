@@ -65,7 +65,7 @@ import Testing
         // Fan-in and chains.
         #expect(t.policy(named: "aq.batches")?.pattern == "^aq\\.batch\\.")
         #expect(spec.batchQueueArguments["x-single-active-consumer"] == true)
-        #expect(t.bindings.contains(Topology.Binding(source: "aq.chain", destination: "aq.work.default", routingKey: "default.#")))
+        #expect(t.bindings.contains(Topology.Binding(source: "aq.chain", destination: "aq.work.default", routingKey: "default.*.*")))
     }
 
     @Test func unknownKeysWrongTypesAndBadNamesAreReportedWithTheirLocation() {
