@@ -70,6 +70,10 @@ final class BatchRun {
 extension BridgeEngine {
     /// Reply-queue deliveries one aggregator takes at once (above the aggregator's fold size).
     static let batchPrefetch = 1000
+    /// Messages read from a state queue at once: it holds one or two checkpoints; anything else
+    /// in it (published there by someone else) is removed a bounded number at a time, so a
+    /// flooded queue cannot hold the connection thread.
+    static let maxStateReads = 64
     /// The largest batch webhook body; see ``BatchReport``.
     static let maxBatchReportBytes = 8 << 20
     /// How often a batch's timer comes back while the batch is open: how soon another bridge
@@ -199,16 +203,8 @@ extension BridgeEngine {
     /// Dead-letters a batch message with the reason and tells its webhook; `failures` are the
     /// children of a refused part, reported to their batch as failed (confirmed) first.
     private func refuseBatch(_ run: Run, _ reason: String, notify: String?, failures: (id: String, indexes: Range<Int>)?) {
-        self.count(.tasksMalformed)
-        self.logger.warning("malformed batch dead-lettered", metadata: ["queue": "\(run.queue.name)", "reason": "\(reason)"])
-        let id = TaskParser.safeId(run.delivery.properties.messageId) ?? Self.stableId(run.delivery.body)
-        self.deadLetter(run, reason: "malformed", error: reason, status: nil, taskId: id) { [unowned self] in
-            let tell = { [unowned self] in
-                let outcome = Outcome(taskId: id, queue: run.queue.name, attempts: 0,
-                                      failure: .init(reason: "malformed", message: reason, status: nil, body: [], retryable: false))
-                self.notify(run, outcome, webhook: notify)
-            }
-            guard let failures else { return tell() }
+        guard let failures else { return self.rejectMalformed(run, "batch", reason, webhook: notify) }
+        self.rejectMalformed(run, "batch", reason, webhook: notify) { [unowned self] tell in
             let error = Array("{\"reason\":\"malformed\",\"message\":\(JSONScan.quote(reason))}".utf8)
             var buffer = OutcomeBuffer()
             for index in failures.indexes {
@@ -238,7 +234,7 @@ extension BridgeEngine {
             try self.context.declareQueue(channel: self.adminChannel, name: queues.state, passive: true)
             var best: BatchCheckpoint?
             var read: [AMQPDelivery] = []
-            while let delivery = try self.context.get(channel: self.adminChannel, queue: queues.state) {
+            while read.count < Self.maxStateReads, let delivery = try self.context.get(channel: self.adminChannel, queue: queues.state) {
                 read.append(delivery.withoutBody())
                 if self.isTrusted(delivery.properties), let checkpoint = BatchCheckpoint.decode(delivery.body),
                    checkpoint.manifest.id == id, checkpoint.version >= (best?.version ?? -1) {
@@ -462,7 +458,7 @@ extension BridgeEngine {
     private func restore(_ batch: BatchRun, now: ContinuousClock.Instant) -> Bool {
         var read: [(AMQPDelivery, BatchCheckpoint?)] = []
         do throws(AMQPError) {
-            while let delivery = try self.context.get(channel: self.adminChannel, queue: batch.queues.state) {
+            while read.count < Self.maxStateReads, let delivery = try self.context.get(channel: self.adminChannel, queue: batch.queues.state) {
                 let trusted = self.isTrusted(delivery.properties)
                 read.append((delivery, trusted ? BatchCheckpoint.decode(delivery.body) : nil))
             }
@@ -475,7 +471,12 @@ extension BridgeEngine {
         let best = read.compactMap(\.1).filter { $0.manifest.id == batch.id }.max { $0.version < $1.version }
         for (delivery, checkpoint) in read where self.context.isCurrent(delivery) {
             // Older ones, and what is not a checkpoint of ours, are removed; the newest is given back.
-            if let best, checkpoint?.version ?? -1 < best.version { self.context.ack(delivery) } else { self.context.nack(delivery, requeue: true) }
+            let ours = checkpoint.map { $0.manifest.id == batch.id } ?? false
+            if !ours || (best.map { checkpoint?.version ?? -1 < $0.version } ?? false) {
+                self.context.ack(delivery)
+            } else {
+                self.context.nack(delivery, requeue: true)
+            }
         }
         guard let best else { return false }
         let (machine, actions) = BatchAggregator.restore(best, now: now)
@@ -516,7 +517,8 @@ extension BridgeEngine {
                 if case .failure(let error) = result { return self.dropBatch(batch, "could not write its checkpoint: \(error)") }
                 // The checkpoints before it are out of date: removed, up to the new one (given back).
                 do throws(AMQPError) {
-                    while let delivery = try self.context.get(channel: self.adminChannel, queue: batch.queues.state) {
+                    for _ in 0..<Self.maxStateReads {
+                        guard let delivery = try self.context.get(channel: self.adminChannel, queue: batch.queues.state) else { break }
                         let trusted = self.isTrusted(delivery.properties)
                         // Not ours (untrusted or unreadable): removed like an old one.
                         let version = trusted ? BatchCheckpoint.decode(delivery.body)?.version ?? -1 : -1

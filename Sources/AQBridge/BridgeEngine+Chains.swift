@@ -23,14 +23,7 @@ extension BridgeEngine {
         var message: ChainMessage
         switch parsed {
         case .failure(let malformed):
-            self.count(.tasksMalformed)
-            self.logger.warning("malformed chain dead-lettered", metadata: ["queue": "\(run.queue.name)", "reason": "\(malformed.reason)"])
-            let id = TaskParser.safeId(run.delivery.properties.messageId) ?? Self.stableId(run.delivery.body)
-            return self.deadLetter(run, reason: "malformed", error: malformed.reason, status: nil, taskId: id) { [unowned self] in
-                let outcome = Outcome(taskId: id, queue: run.queue.name, attempts: 0,
-                                      failure: .init(reason: "malformed", message: malformed.reason, status: nil, body: [], retryable: false))
-                self.notify(run, outcome, webhook: malformed.notify)
-            }
+            return self.rejectMalformed(run, "chain", malformed.reason, webhook: malformed.notify)
         case .success(let value):
             message = value
         }
@@ -44,12 +37,8 @@ extension BridgeEngine {
                 switch result {
                 case .success: self.ack(run)
                 case .failure(let error) where error.code == .invalidArgument:
-                    let reason = "its first step could not be published: \(error.message)"
-                    self.deadLetter(run, reason: "malformed", error: reason, status: nil, taskId: message.id) { [unowned self] in
-                        self.notify(run, Outcome(taskId: message.id, queue: run.queue.name, attempts: 0,
-                                                 failure: .init(reason: "malformed", message: reason, status: nil, body: [], retryable: false)),
-                                    webhook: message.failureWebhookURL ?? message.webhookURL)
-                    }
+                    self.rejectMalformed(run, "chain", "its first step could not be published: \(error.message)", taskId: message.id,
+                                         webhook: message.failureWebhookURL ?? message.webhookURL)
                 case .failure(let error): self.requeue(run, "could not start chain \(message.id): \(error)")
                 }
             }
@@ -96,12 +85,8 @@ extension BridgeEngine {
         self.publish(exchange: "", routingKey: self.settings.spec.queueName(forWorkQueue: chain.home), properties: properties, body: body, done)
     }
 
-    private func historyEntry(_ run: Run, _ chain: ChainRun, status: String) -> ArraySlice<UInt8> {
-        Array("{\"step\":\(chain.step),\"taskId\":\(JSONScan.quote("\(chain.message.id):\(chain.step)")),\"attempts\":\(run.attempt),\"status\":\"\(status)\",\"startedAt\":\(chain.startedAt),\"endedAt\":\(Self.unixMilliseconds())}".utf8)[...]
-    }
-
-    static func list(_ items: [ArraySlice<UInt8>]) -> String {
-        "[" + items.map { String(decoding: $0, as: UTF8.self) }.joined(separator: ",") + "]"
+    private func historyEntry(_ run: Run, _ chain: ChainRun, completed: Bool) -> ArraySlice<UInt8> {
+        chain.message.historyEntry(step: chain.step, attempts: run.attempt, completed: completed, startedAt: chain.startedAt, endedAt: Self.unixMilliseconds())
     }
 
     /// A step succeeded: the next step goes out (confirmed); then the step webhook, or after the
@@ -109,18 +94,14 @@ extension BridgeEngine {
     /// own schedule if it fails) before the step is acked.
     func chainStepCompleted(_ run: Run, _ chain: ChainRun, result: [UInt8]) {
         let message = chain.message
-        let history = message.history + [self.historyEntry(run, chain, status: "completed")]
+        let history = message.history + [self.historyEntry(run, chain, completed: true)]
         let stepId = "\(message.id):\(chain.step)"
-        let resultText = String(decoding: result, as: UTF8.self)
-        let stepHook = message.stepWebhookURL.map { url in
-            (url, Array("{\"chainId\":\(JSONScan.quote(message.id)),\"step\":\(chain.step),\"taskId\":\(JSONScan.quote(stepId)),\"status\":\"completed\",\"result\":\(resultText)}".utf8))
-        }
+        let stepHook = message.stepWebhookURL.map { url in (url, message.stepWebhookBody(step: chain.step, result: result)) }
         guard chain.step < message.steps.count else {
             self.count(.chainsCompleted)
             let finish = { [unowned self] in
                 guard let url = message.webhookURL else { return self.ack(run) }
-                let body = Array("{\"chainId\":\(JSONScan.quote(message.id)),\"status\":\"completed\",\"result\":\(resultText),\"steps\":\(Self.list(history))}".utf8)
-                self.webhook(run, url: url, taskId: stepId, body: body, attempt: 1, id: message.id)
+                self.webhook(run, url: url, taskId: stepId, body: message.finalWebhookBody(result: result, history: history), attempt: 1, id: message.id)
             }
             // The last step's own webhook, when both are wanted, goes as a webhook job first.
             guard let (url, body) = stepHook else { return finish() }
@@ -175,10 +156,10 @@ extension BridgeEngine {
         self.count(.chainsFailed)
         let message = chain.message
         guard let url = message.failureWebhookURL ?? message.webhookURL, let failure = outcome.failure else { return self.ack(run) }
-        let history = message.history + [self.historyEntry(run, chain, status: "failed")]
+        let history = message.history + [self.historyEntry(run, chain, completed: false)]
         let error = "{\"reason\":\(JSONScan.quote(failure.reason)),\"message\":\(JSONScan.quote(failure.message)),\"status\":\(failure.status.map(String.init) ?? "null")}"
-        let body = "{\"chainId\":\(JSONScan.quote(message.id)),\"status\":\"failed\",\"failedStep\":\(chain.step),\"error\":\(error),\"results\":\(Self.list(message.results)),\"steps\":\(Self.list(history))}"
-        self.webhook(run, url: url, taskId: "\(message.id):\(chain.step)", body: Array(body.utf8), attempt: 1, id: message.id)
+        self.webhook(run, url: url, taskId: "\(message.id):\(chain.step)", body: message.failureWebhookBody(step: chain.step, error: error, history: history),
+                     attempt: 1, id: message.id)
     }
 
     // MARK: Batch steps
@@ -199,8 +180,7 @@ extension BridgeEngine {
             let chain = ChainRun(message: message, step: step, startedAt: Self.unixMilliseconds(), home: message.queue ?? run.queue.name)
             run.chain = chain
             return self.deadLetter(run, reason: "malformed", error: reason, status: nil, taskId: "\(message.id):\(step)") { [unowned self] in
-                self.chainStepFailed(run, chain, Outcome(taskId: "\(message.id):\(step)", queue: run.queue.name, attempts: 0,
-                                                         failure: .init(reason: "malformed", message: reason, status: nil, body: [], retryable: false)))
+                self.chainStepFailed(run, chain, .malformed(taskId: "\(message.id):\(step)", queue: run.queue.name, reason))
             }
         default:
             break
@@ -215,11 +195,7 @@ extension BridgeEngine {
         var out = Array("{\"callbackUrl\":\(JSONScan.quote(spec.callbackURL)),\"retries\":\(spec.retries),\"timeout\":\(Double(seconds) + Double(attoseconds) / 1e18)".utf8)
         if let url = spec.webhookURL { out += Array(",\"webhookUrl\":\(JSONScan.quote(url))".utf8) }
         if let url = spec.failureWebhookURL { out += Array(",\"failureWebhookUrl\":\(JSONScan.quote(url))".utf8) }
-        out += Array(",\"payload\":{\"chainId\":\(JSONScan.quote(chain.id)),\"step\":\(step),\"index\":\(child.index),\"payload\":".utf8)
-        out += spec.payload
-        out += Array(",\"previousResult\":".utf8)
-        out += chain.results.last ?? Array("null".utf8)[...]
-        out += Array("}}".utf8)
+        out += Array(",\"payload\":".utf8) + chain.callbackBody(step: step, child: (child.index, spec.payload)) + [UInt8(ascii: "}")]
         return out
     }
 
@@ -238,7 +214,7 @@ extension BridgeEngine {
         }
         let home = message.queue ?? "default"
         let chain = ChainRun(message: message, step: step, startedAt: createdAt, home: home)
-        let entry = Array("{\"step\":\(step),\"taskId\":\(JSONScan.quote("\(message.id):\(step)")),\"attempts\":1,\"status\":\"\(status == .completed ? "completed" : "failed")\",\"startedAt\":\(createdAt),\"endedAt\":\(Self.unixMilliseconds())}".utf8)[...]
+        let entry = message.historyEntry(step: step, attempts: 1, completed: status == .completed, startedAt: createdAt, endedAt: Self.unixMilliseconds())
         var outstanding = 1
         var failure: AMQPError?
         let done: (Result<Void, AMQPError>) -> Void = { result in
@@ -252,8 +228,7 @@ extension BridgeEngine {
             let results = message.results + [report[...]]
             if let url = message.stepWebhookURL {
                 outstanding += 1
-                let body = "{\"chainId\":\(JSONScan.quote(message.id)),\"step\":\(step),\"taskId\":\(JSONScan.quote("\(message.id):\(step)")),\"status\":\"completed\",\"result\":\(String(decoding: report, as: UTF8.self))}"
-                self.chainWebhook(chain, url: url, id: "\(message.id):\(step):result", body: Array(body.utf8), done)
+                self.chainWebhook(chain, url: url, id: "\(message.id):\(step):result", body: message.stepWebhookBody(step: step, result: report), done)
             }
             if step < message.steps.count {
                 outstanding += 1
@@ -267,8 +242,7 @@ extension BridgeEngine {
                 self.count(.chainsCompleted)
                 if let url = message.webhookURL {
                     outstanding += 1
-                    let body = "{\"chainId\":\(JSONScan.quote(message.id)),\"status\":\"completed\",\"result\":\(String(decoding: report, as: UTF8.self)),\"steps\":\(Self.list(history))}"
-                    self.chainWebhook(chain, url: url, id: message.id, body: Array(body.utf8), done)
+                    self.chainWebhook(chain, url: url, id: message.id, body: message.finalWebhookBody(result: report, history: history), done)
                 }
             }
             return done(.success(()))
@@ -289,8 +263,7 @@ extension BridgeEngine {
         if let url = message.failureWebhookURL ?? message.webhookURL {
             outstanding += 1
             let error = "{\"reason\":\(JSONScan.quote(reason)),\"message\":\(JSONScan.quote("the batch of step \(step) ended \(status.rawValue)")),\"status\":null,\"batch\":\(String(decoding: report, as: UTF8.self))}"
-            let body = "{\"chainId\":\(JSONScan.quote(message.id)),\"status\":\"failed\",\"failedStep\":\(step),\"error\":\(error),\"results\":\(Self.list(message.results)),\"steps\":\(Self.list(message.history + [entry]))}"
-            self.chainWebhook(chain, url: url, id: message.id, body: Array(body.utf8), done)
+            self.chainWebhook(chain, url: url, id: message.id, body: message.failureWebhookBody(step: step, error: error, history: message.history + [entry]), done)
         }
         done(.success(()))
     }

@@ -328,23 +328,10 @@ final class BridgeEngine: AMQPConnectionExtension {
         case .failure(let malformed) where malformed.isChain:
             self.chainMessage(run)
         case .failure(let malformed):
-            self.count(.tasksMalformed)
-            self.logger.warning("malformed task dead-lettered", metadata: ["queue": "\(queue.name)", "reason": "\(malformed.reason)"])
-            let taskId = TaskParser.safeId(properties.messageId) ?? Self.stableId(delivery.body)
-            self.deadLetter(run, reason: "malformed", error: malformed.reason, status: nil, taskId: taskId) { [unowned self] in
-                // Its publisher is told, when the body said where.
-                let outcome = Outcome(taskId: taskId, queue: queue.name, attempts: 0,
-                                      failure: .init(reason: "malformed", message: malformed.reason, status: nil, body: [], retryable: false))
-                self.notify(run, outcome, webhook: malformed.notify)
-            }
+            self.rejectMalformed(run, "task", malformed.reason, webhook: malformed.notify)
         case .success(let task):
             if let problem = self.replyProblem(properties.replyTo) {
-                self.count(.tasksMalformed)
-                return self.deadLetter(run, reason: "malformed", error: problem, status: nil, taskId: task.id) { [unowned self] in
-                    let outcome = Outcome(taskId: task.id, queue: queue.name, attempts: 0,
-                                          failure: .init(reason: "malformed", message: problem, status: nil, body: [], retryable: false))
-                    self.notify(run, outcome, webhook: task.webhook(forFailure: true), reply: false)
-                }
+                return self.rejectMalformed(run, "task", problem, taskId: task.id, webhook: task.webhook(forFailure: true), reply: false)
             }
             run.task = task
             if let batch = run.batch, batch.join == .all {
@@ -368,6 +355,21 @@ final class BridgeEngine: AMQPConnectionExtension {
             return self.delay(run, task, until: due)
         }
         self.callback(run, task)
+    }
+
+    /// A message that is not what it claims to be: counted, logged, dead-lettered with the reason
+    /// (`aq-reason: malformed`), and its publisher told at `webhook` (and its `reply_to`, unless
+    /// `reply` is false) — after `first`, when given (it calls on with the next step).
+    func rejectMalformed(_ run: Run, _ kind: String, _ reason: String, taskId: String? = nil, webhook: String?, reply: Bool = true,
+                         first: ((@escaping () -> Void) -> Void)? = nil) {
+        self.count(.tasksMalformed)
+        self.logger.warning("malformed \(kind) dead-lettered", metadata: ["queue": "\(run.queue.name)", "reason": "\(reason)"])
+        let id = taskId ?? TaskParser.safeId(run.delivery.properties.messageId) ?? Self.stableId(run.delivery.body)
+        self.deadLetter(run, reason: "malformed", error: reason, status: nil, taskId: id) { [unowned self] in
+            let tell = { [unowned self] in self.notify(run, .malformed(taskId: id, queue: run.queue.name, reason), webhook: webhook, reply: reply) }
+            guard let first else { return tell() }
+            first(tell)
+        }
     }
 
     /// The client rejected a delivery it could not read (it is in the dead-letter queue whole).
@@ -635,6 +637,11 @@ final class BridgeEngine: AMQPConnectionExtension {
             self.queue = queue
             self.attempts = attempts
             self.failure = failure
+        }
+
+        /// What a publisher is told about a message that was not a valid task, batch or chain.
+        static func malformed(taskId: String?, queue: String, _ message: String) -> Outcome {
+            Outcome(taskId: taskId, queue: queue, attempts: 0, failure: .init(reason: "malformed", message: message, status: nil, body: [], retryable: false))
         }
 
         var status: String { self.failure == nil ? "completed" : "failed" }

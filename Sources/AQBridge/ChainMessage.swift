@@ -37,26 +37,56 @@ public struct ChainMessage: Sendable {
 
     /// The body a step's callback receives: the chain id, the step number (1-based), the chain's
     /// payload and the previous step's result (null for the first).
-    public func callbackBody(step: Int) -> [UInt8] {
-        var out = Array("{\"chainId\":\(JSONScan.quote(self.id)),\"step\":\(step),\"payload\":".utf8)
-        out += self.payload
+    /// A batch step's child gets its `index` and its own `payload` in the same envelope.
+    public func callbackBody(step: Int, child: (index: Int, payload: ArraySlice<UInt8>)? = nil) -> [UInt8] {
+        var out = Array("{\"chainId\":\(JSONScan.quote(self.id)),\"step\":\(step)".utf8)
+        if let child { out += Array(",\"index\":\(child.index)".utf8) }
+        out += Array(",\"payload\":".utf8)
+        out += child?.payload ?? self.payload
         out += Array(",\"previousResult\":".utf8)
         out += self.results.last ?? Array("null".utf8)[...]
         out.append(UInt8(ascii: "}"))
         return out
     }
 
+    /// A finished step's record, as the final and failure webhooks list it (times in Unix ms).
+    public func historyEntry(step: Int, attempts: Int, completed: Bool, startedAt: Int64, endedAt: Int64) -> ArraySlice<UInt8> {
+        Array("{\"step\":\(step),\"taskId\":\(JSONScan.quote("\(self.id):\(step)")),\"attempts\":\(attempts),\"status\":\"\(completed ? "completed" : "failed")\",\"startedAt\":\(startedAt),\"endedAt\":\(endedAt)}".utf8)[...]
+    }
+
+    /// What `stepWebhookUrl` gets after a step.
+    public func stepWebhookBody(step: Int, result: some Collection<UInt8>) -> [UInt8] {
+        Array("{\"chainId\":\(JSONScan.quote(self.id)),\"step\":\(step),\"taskId\":\(JSONScan.quote("\(self.id):\(step)")),\"status\":\"completed\",\"result\":".utf8)
+            + result + [UInt8(ascii: "}")]
+    }
+
+    /// What `webhookUrl` gets after the last step.
+    public func finalWebhookBody(result: some Collection<UInt8>, history: [ArraySlice<UInt8>]) -> [UInt8] {
+        Array("{\"chainId\":\(JSONScan.quote(self.id)),\"status\":\"completed\",\"result\":".utf8) + result
+            + Array(",\"steps\":".utf8) + Self.list(history) + [UInt8(ascii: "}")]
+    }
+
+    /// What `failureWebhookUrl` (else `webhookUrl`) gets when step `step` fails for good; `error`
+    /// is a JSON object.
+    public func failureWebhookBody(step: Int, error: String, history: [ArraySlice<UInt8>]) -> [UInt8] {
+        Array("{\"chainId\":\(JSONScan.quote(self.id)),\"status\":\"failed\",\"failedStep\":\(step),\"error\":\(error),\"results\":".utf8)
+            + Self.list(self.results) + Array(",\"steps\":".utf8) + Self.list(history) + [UInt8(ascii: "}")]
+    }
+
+    /// A JSON array of JSON values.
+    static func list(_ items: [ArraySlice<UInt8>]) -> [UInt8] {
+        var out: [UInt8] = [UInt8(ascii: "[")]
+        for (i, item) in items.enumerated() {
+            if i > 0 { out.append(UInt8(ascii: ",")) }
+            out += item
+        }
+        out.append(UInt8(ascii: "]"))
+        return out
+    }
+
     /// The message for step `step` after the earlier ones did `history` and gave `results`.
     public func stepMessage(step: Int, history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>]) -> [UInt8] {
-        func list(_ items: [ArraySlice<UInt8>]) -> [UInt8] {
-            var out: [UInt8] = [UInt8(ascii: "[")]
-            for (i, item) in items.enumerated() {
-                if i > 0 { out.append(UInt8(ascii: ",")) }
-                out += item
-            }
-            out.append(UInt8(ascii: "]"))
-            return out
-        }
+        let list = Self.list
         var chain = "{\"id\":\(JSONScan.quote(self.id))"
         for (key, url) in [("webhookUrl", self.webhookURL), ("failureWebhookUrl", self.failureWebhookURL), ("stepWebhookUrl", self.stepWebhookURL)] {
             if let url { chain += ",\"\(key)\":\(JSONScan.quote(url))" }

@@ -252,22 +252,7 @@ extension ConnectionDriver {
         while true {
             // Not `isConnected`: this also runs while a recovering connection restores its consumers.
             guard let conn = self.conn else { throw self.shared.closedError() }
-            let left = deadline - ContinuousClock.now
-            guard left > .zero else {
-                let error = AMQPError(code: .timeout, message: "\(doing) got no answer within \(self.configuration.rpcTimeout)")
-                self.connectionLost(error)
-                throw error
-            }
-            var frame = amqp_frame_t()
-            var wait = Self.makeTimeval(min(left, .milliseconds(100)))
-            let status = amqp_simple_wait_frame_noblock(conn, &frame, &wait)
-            if status == AMQP_STATUS_TIMEOUT.rawValue { continue }
-            guard status == AMQP_STATUS_OK.rawValue else {
-                let error = Self.libraryError(status, doing: doing)
-                self.connectionLost(error)
-                throw error
-            }
-            self.noteReceived()
+            guard let frame = try self.nextFrame(conn, deadline: deadline, doing: doing, timeoutWording: "got no answer within") else { continue }
             if Int32(frame.frame_type) == AMQP_FRAME_METHOD, frame.channel == id {
                 if frame.payload.method.id == reply { return }
                 if frame.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD, let closing = frame.payload.method.decoded {
@@ -373,24 +358,32 @@ extension ConnectionDriver {
                 return content
             }
             guard self.isConnected, let conn = self.conn else { throw self.shared.closedError() }
-            let left = deadline - ContinuousClock.now
-            guard left > .zero else {
-                let error = AMQPError(code: .timeout, message: "\(doing) took longer than \(self.configuration.rpcTimeout)")
-                self.connectionLost(error)
-                throw error
-            }
-            var frame = amqp_frame_t()
-            var wait = Self.makeTimeval(min(left, .milliseconds(100)))
-            let status = amqp_simple_wait_frame_noblock(conn, &frame, &wait)
-            if status == AMQP_STATUS_TIMEOUT.rawValue { continue }
-            guard status == AMQP_STATUS_OK.rawValue else {
-                let error = Self.libraryError(status, doing: doing)
-                self.connectionLost(error)
-                throw error
-            }
-            self.noteReceived()
+            guard let frame = try self.nextFrame(conn, deadline: deadline, doing: doing, timeoutWording: "took longer than") else { continue }
             self.dispatch(frame, conn: conn)
         }
+    }
+
+    /// Waits up to 100 ms (never past `deadline`) for the next frame: nil when none came yet.
+    /// Past the deadline, or on a library error, the connection is lost and the error thrown.
+    private func nextFrame(_ conn: amqp_connection_state_t, deadline: ContinuousClock.Instant, doing: String,
+                           timeoutWording: String) throws(AMQPError) -> amqp_frame_t? {
+        let left = deadline - ContinuousClock.now
+        guard left > .zero else {
+            let error = AMQPError(code: .timeout, message: "\(doing) \(timeoutWording) \(self.configuration.rpcTimeout)")
+            self.connectionLost(error)
+            throw error
+        }
+        var frame = amqp_frame_t()
+        var wait = Self.makeTimeval(min(left, .milliseconds(100)))
+        let status = amqp_simple_wait_frame_noblock(conn, &frame, &wait)
+        if status == AMQP_STATUS_TIMEOUT.rawValue { return nil }
+        guard status == AMQP_STATUS_OK.rawValue else {
+            let error = Self.libraryError(status, doing: doing)
+            self.connectionLost(error)
+            throw error
+        }
+        self.noteReceived()
+        return frame
     }
 
     // MARK: Acknowledgements
