@@ -37,8 +37,12 @@ public struct AMQPDelivery: Sendable {
 
     /// The same delivery (still acknowledgeable) without its body, so a holder can let the body's
     /// memory go once it has no more use for it.
-    public func withoutBody() -> AMQPDelivery {
-        AMQPDelivery(body: [], properties: self.properties, exchange: self.exchange, routingKey: self.routingKey,
+    public func withoutBody() -> AMQPDelivery { self.with(body: []) }
+
+    /// The same delivery (still acknowledgeable) holding `body` instead: for a holder that turned
+    /// the message into another one it now stands for (acknowledging settles the original).
+    public func with(body: [UInt8]) -> AMQPDelivery {
+        AMQPDelivery(body: body, properties: self.properties, exchange: self.exchange, routingKey: self.routingKey,
                      deliveryTag: self.deliveryTag, isRedelivered: self.isRedelivered, consumerTag: self.consumerTag,
                      messageCount: self.messageCount, contentProblem: self.contentProblem, acker: self.acker)
     }

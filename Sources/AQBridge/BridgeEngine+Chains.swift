@@ -29,20 +29,35 @@ extension BridgeEngine {
         }
         let home = message.queue ?? run.queue.name
         message.queue = home
-        guard let step = message.step else {
-            // A create: step 1 goes out (confirmed), then the create is acked.
+        if message.step == nil {
             self.count(.chainsCreated)
-            return self.publishStep(message, step: 1, history: [], results: []) { [unowned self] result in
-                guard self.isActive(run) else { return }
-                switch result {
-                case .success: self.ack(run)
-                case .failure(let error) where error.code == .invalidArgument:
-                    self.rejectMalformed(run, "chain", "its first step could not be published: \(error.message)", taskId: message.id,
-                                         webhook: message.failureWebhookURL ?? message.webhookURL)
-                case .failure(let error): self.requeue(run, "could not start chain \(message.id): \(error)")
+            guard message.batches[0] == nil, (message.queues[0] ?? home) == run.queue.name else {
+                // Step 1 runs elsewhere (another queue, or a batch): it goes out (confirmed),
+                // then the create is acked.
+                return self.publishStep(message, step: 1, history: [], results: []) { [unowned self] result in
+                    guard self.isActive(run) else { return }
+                    switch result {
+                    case .success: self.ack(run)
+                    case .failure(let error) where error.code == .invalidArgument:
+                        self.rejectMalformed(run, "chain", "its first step could not be published: \(error.message)", taskId: message.id,
+                                             webhook: message.failureWebhookURL ?? message.webhookURL)
+                    case .failure(let error): self.requeue(run, "could not start chain \(message.id): \(error)")
+                    }
                 }
             }
+            // Step 1 is a task on this queue: it runs from the create, which becomes its step
+            // message (no trip through the broker); a retry or a dead letter carries that message.
+            switch self.stepBody(message, step: 1, history: [], results: []) {
+            case .failure(let error):
+                return self.rejectMalformed(run, "chain", "its first step could not be published: \(error.message)", taskId: message.id,
+                                            webhook: message.failureWebhookURL ?? message.webhookURL)
+            case .success(let body):
+                run.delivery = run.delivery.with(body: body)
+                self.hold(run, bytes: body.count)  // the create's bytes stay with the parsed context
+                message.step = 1
+            }
         }
+        guard let step = message.step else { return }
         if let batch = message.batches[step - 1] {
             // A step that fans out: its batch is created (broker round trips: from the turn).
             return self.batchWork.append { [unowned self] in self.chainBatchStep(run, message, step: step, batch: batch) }
@@ -62,14 +77,24 @@ extension BridgeEngine {
         self.proceed(run, task)
     }
 
-    /// Publishes step `step` of the chain to `aq.chain`, routed to its work queue.
-    func publishStep(_ message: ChainMessage, step: Int, history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>],
-                             _ done: @escaping (Result<Void, AMQPError>) -> Void) {
+    /// Step `step`'s message, within its work queue's `max_payload_bytes`.
+    func stepBody(_ message: ChainMessage, step: Int, history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>]) -> Result<[UInt8], AMQPError> {
         let body = message.stepMessage(step: step, history: history, results: results)
         let limit = self.settings.queues.first { $0.name == (message.queues[step - 1] ?? message.queue) }?.defaults.maxPayloadBytes
             ?? TaskDefaults().maxPayloadBytes
         guard body.count <= limit else {
-            return done(.failure(AMQPError(code: .invalidArgument, message: "the chain's context for step \(step) is \(body.count) bytes, over max_payload_bytes (\(limit))")))
+            return .failure(AMQPError(code: .invalidArgument, message: "the chain's context for step \(step) is \(body.count) bytes, over max_payload_bytes (\(limit))"))
+        }
+        return .success(body)
+    }
+
+    /// Publishes step `step` of the chain to `aq.chain`, routed to its work queue.
+    func publishStep(_ message: ChainMessage, step: Int, history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>],
+                     _ done: @escaping (Result<Void, AMQPError>) -> Void) {
+        let body: [UInt8]
+        switch self.stepBody(message, step: step, history: history, results: results) {
+        case .failure(let error): return done(.failure(error))
+        case .success(let value): body = value
         }
         let queue = message.queues[step - 1] ?? message.queue ?? "default"
         let properties = AMQPProperties(contentType: "application/json",

@@ -277,7 +277,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         if self.draining && self.runs.isEmpty { self.onDrained?() }
     }
 
-    private func hold(_ run: Run, bytes: Int) {
+    func hold(_ run: Run, bytes: Int) {
         run.bytes += bytes
         self.inFlightBytes += bytes
         self.peakInFlightBytes = max(self.peakInFlightBytes, self.inFlightBytes)

@@ -76,6 +76,48 @@ import Testing
         await bridge.stop()
     }
 
+    @Test func theFirstStepRunsFromTheCreateAndItsRetryAndDeadLetterAreStepMessages() async throws {
+        let receiver = try Receiver()
+        let calls = Atomic<Int>(0)
+        let healthy = Atomic<Bool>(false)
+        receiver.on("/s1") { _, _ in
+            if healthy.load(ordering: .relaxed) { return .json(#"{"first":true}"#) }
+            // Once unavailable (retried), then refused (failed for good).
+            return calls.add(1, ordering: .relaxed).newValue == 1 ? .text("busy", status: 503) : .text("no", status: 422)
+        }
+        receiver.on("/s2") { _, _ in .json(#"{"second":true}"#) }
+        let bridge = try await BridgeHarness.start()
+        // A spy on aq.chain: step 1 never goes through the broker (the create is its message),
+        // step 2 does.
+        let spy = "chain-spy-\(UInt32.random(in: 0...UInt32.max))"
+        _ = try await bridge.channel.declareQueue(spy, durable: false, exclusive: true)
+        try await bridge.channel.bindQueue(spy, to: "aq.chain", routingKey: "default.first.*")
+        let steps = [#"{"callbackUrl":"\#(receiver.url("/s1"))","retries":2}"#, #"{"callbackUrl":"\#(receiver.url("/s2"))"}"#]
+        try await bridge.publish(#"{"chain":{"id":"first","webhookUrl":"\#(receiver.url("/done"))","failureWebhookUrl":"\#(receiver.url("/failed"))"},"payload":{"n":1},"steps":[\#(steps.joined(separator: ","))]}"#)
+        let failed = try await receiver.wait("/failed", count: 1)
+        #expect(failed[0].request.json?["failedStep"] as? Int == 1)
+        #expect((failed[0].request.json?["steps"] as? [[String: Any]])?.first?["attempts"] as? Int == 2, "the retry ran step 1 again")
+        let attempts = receiver.requests("/s1").map { $0.request.header("AsyncQueue-Attempt") }
+        #expect(attempts == ["1", "2"])
+        #expect(receiver.requests("/s1").allSatisfy { $0.request.json?["chainId"] as? String == "first" && $0.request.json?["step"] as? Int == 1 })
+        try await bridge.waitIdle()
+        let dead = try await bridge.deadLetters()
+        let letter = try #require(dead.first)
+        let body = try #require(try JSONSerialization.jsonObject(with: Data(letter.body)) as? [String: Any])
+        #expect(dead.count == 1 && letter.properties.messageId == "first:1")
+        #expect(body["step"] as? Int == 1 && (body["chain"] as? [String: Any])?["id"] as? String == "first", "the dead letter is step 1's message")
+        // Published back, it resumes the chain at step 1.
+        healthy.store(true, ordering: .relaxed)
+        try await bridge.channel.publish(letter.body, exchange: "aq.chain", routingKey: "default.first.1",
+                                         properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent))
+        let done = try await receiver.wait("/done", count: 1)
+        #expect((done[0].request.json?["result"] as? [String: Any])?["second"] as? Bool == true)
+        var seen: [String] = []
+        while let message = try await bridge.channel.get(spy, noAck: true) { seen.append(message.routingKey) }
+        #expect(seen == ["default.first.1", "default.first.2"], "only the replayed step 1 and step 2 passed through aq.chain")
+        await bridge.stop()
+    }
+
     @Test func aStepMayFanOutAndTheNextGetsItsAggregatedOutcome() async throws {
         let receiver = try Receiver()
         receiver.on("/start") { _, _ in .json(#"{"n":10}"#) }

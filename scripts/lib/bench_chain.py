@@ -1,17 +1,26 @@
-"""Used by scripts/bench-chain: chains through a running aq-bridge.
+"""Used by scripts/bench-chain: chains and plain tasks through aq-bridge.
 
-  throughput: publish N chains of S steps whose callbacks and final webhooks go to the nginx
-              sink, wait until its webhook log holds every final webhook; prints
-              "<steps> <seconds>".
-  handoff:    publish M chains of S steps, one at a time, whose callbacks come here; prints the
-              median and p99 of the hand-off between steps in ms: from the moment step n's answer
-              was sent to the moment step n+1's callback arrived.
+  chain:   N chains of S steps whose callbacks and final webhooks go to the nginx sink; done when
+           the sink's webhook log holds every final webhook. Prints "<steps> <seconds> <cpu>".
+  plain:   N*S plain tasks (callback and webhook each to the sink), the yardstick; prints
+           "<tasks> <seconds> <cpu>".
+           Both publish with ../shared/bench's C publisher (aqpub: confirms, a window of 1,000)
+           to aq.work.default and run COMMAND (the bridge) for the run, then stop it (SIGTERM);
+           <cpu> is its CPU seconds. --live: the bridge runs first, the clock starts with the
+           first publish (publishing costs the broker inside the clock, as the bridge's own
+           next-step publishes do); --preload: everything is published first, the clock starts
+           with the bridge.
+  handoff: publish M chains of S steps, one at a time, whose callbacks come here; prints the
+           median and p99 of the hand-off between steps in ms: from the moment step n's answer
+           was sent to the moment step n+1's callback arrived.
 
-usage: bench_chain.py throughput AMQP_URL SINK_CB_URL SINK_HOOK_URL SINK_HOOK_LOG N STEPS
+usage: bench_chain.py chain|plain --live|--preload SINK_URL SINK_HOOK_LOG N STEPS -- COMMAND...
        bench_chain.py handoff AMQP_URL M STEPS
 """
 import json
+import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -65,8 +74,9 @@ class Handler(BaseHTTPRequestHandler):
 server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 base = f"http://127.0.0.1:{server.server_address[1]}"
-connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-channel = connection.channel()
+if mode == "handoff":
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
 # No confirm per message (pika's blocking channel waits for each): the run counts the chains
 # that end, so a lost publish would show as a run that never finishes.
 
@@ -78,30 +88,57 @@ def publish(callback, steps, tag, hook=None):
                           properties=pika.BasicProperties(content_type="application/json", delivery_mode=2))
 
 
-if mode == "throughput":
-    callback, hook, log, n, steps = sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
-
-    # Follow the log from its current end, counting new lines without re-reading it.
+def hook_lines(log):
     try:
-        log_file = open(log, "rb")
-        log_file.seek(0, 2)
+        with open(log, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
     except FileNotFoundError:
-        open(log, "ab").close()
-        log_file = open(log, "rb")
-    seen_lines = 0
-    start = time.time()
-    for i in range(n):
-        publish(callback, steps, f"bench-{uuid.uuid4().hex[:8]}-{i}", hook)
+        return 0
+
+
+if mode in ("chain", "plain"):
+    live = amqp_url == "--live"
+    sink, log, n, steps = sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+    command = sys.argv[sys.argv.index("--") + 1:]
+    aqpub = os.path.join(os.environ.get("AQB_BIN", os.environ.get("AQB_TMP", "/tmp/aqbench") + "/bin"), "aqpub")
+    vhost = os.environ.get("AMQP_VHOST", "/bench")
+    run = uuid.uuid4().hex[:8]
+    if mode == "plain":
+        count, expected = n * steps, n * steps  # one webhook per task
+        template = json.dumps({"callbackUrl": f"{sink}/cb", "webhookUrl": f"{sink}/hook", "payload": {"msg": "hello"}})
+    else:
+        count, expected = n, n  # one final webhook per chain
+        template = json.dumps({"chain": {"id": f"bench-{run}-{{i}}", "webhookUrl": f"{sink}/hook"}, "payload": {"msg": "hello"},
+                               "steps": [{"callbackUrl": f"{sink}/cb"} for _ in range(steps)]})
+    publisher = [aqpub, "-v", vhost, "-q", "aq.work.default", "-t", template, "-M", f"{mode}-{run}-", "-W", "1000",
+                 "-T", "300", "-n", str(count)]
+    # What an interrupted run left behind goes first.
+    subprocess.run([aqpub, "-v", vhost, "-q", "aq.work.default", "-X", "-n", "0"], check=True, stdout=subprocess.DEVNULL)
+    baseline = hook_lines(log)
+    if live:
+        bridge = subprocess.Popen(command)
+        start = time.time()
+        subprocess.run(publisher + ["-C"], check=True, stdout=subprocess.DEVNULL)
+    else:
+        subprocess.run(publisher, check=True, stdout=subprocess.DEVNULL)
+        start = time.time()
+        bridge = subprocess.Popen(command)
     deadline = time.time() + 600
-    while seen_lines < n:
-        chunk = log_file.read()
-        if chunk:
-            seen_lines += chunk.count(b"\n")
-            continue
-        if time.time() > deadline:
-            sys.exit(f"only {seen_lines} of {n} chains ended")
-        time.sleep(0.02)
-    print(f"{n * steps} {time.time() - start:.3f}")
+    with open(log, "rb") as log_file:
+        log_file.seek(0, 2)
+        seen = hook_lines(log) - baseline
+        while seen < expected:
+            chunk = log_file.read()
+            if chunk:
+                seen += chunk.count(b"\n")
+                continue
+            if time.time() > deadline or bridge.poll() is not None:
+                sys.exit(f"only {seen} of {expected} ended")
+            time.sleep(0.005)
+    seconds = time.time() - start
+    bridge.terminate()
+    _, _, usage = os.wait4(bridge.pid, 0)
+    print(f"{n * steps} {seconds:.3f} {usage.ru_utime + usage.ru_stime:.3f}")
 else:
     m, steps = int(sys.argv[3]), int(sys.argv[4])
     for i in range(m):
@@ -112,5 +149,5 @@ else:
             sys.exit("a chain did not end")
     handoffs.sort()
     print(f"{statistics.median(handoffs):.2f} {handoffs[int(len(handoffs) * 0.99) - 1]:.2f} {len(handoffs)}")
-connection.close()
+    connection.close()
 server.shutdown()
