@@ -8,7 +8,7 @@ struct AQCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "aq",
         abstract: "AsyncQueue: an HTTP task queue on RabbitMQ.",
-        subcommands: [Topology.self, Batch.self])
+        subcommands: [Topology.self, Batch.self, DeadLetters.self])
 }
 
 extension AQCommand {

@@ -1,0 +1,432 @@
+import AMQPClient
+import AQTopology
+import ArgumentParser
+import Foundation
+
+extension AQCommand {
+    struct DeadLetters: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "dlq",
+            abstract: "Inspect, replay and purge the dead letters (queue aq.dead).",
+            discussion: """
+                Every command reads aq.dead with basic.get and holds what it reads unacknowledged until it ends: what it \
+                does not remove goes back to the queue when its channel closes, in the order RabbitMQ requeues (aq.dead has \
+                no delivery limit, so reading never costs a letter anything). It reads the letters that were there when it \
+                started, once each. Two commands at once each see only what the other does not hold.
+                """,
+            subcommands: [List.self, Show.self, Replay.self, Purge.self])
+    }
+}
+
+struct DeadLetterFilterOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("Only this reason (repeatable): retries-exhausted, not-retryable, malformed, webhook-failed, delivery_limit, expired, …", valueName: "reason"))
+    var reason: [String] = []
+    @Option(help: ArgumentHelp("Only letters from this work queue (repeatable).", valueName: "name"))
+    var queue: [String] = []
+    @Option(help: ArgumentHelp("Only this task id, or ids starting with it when it ends with * (repeatable).", valueName: "id"))
+    var task: [String] = []
+    @Option(help: ArgumentHelp("Only letters dead-lettered since: 30m, 2h, 7d, or an ISO 8601 date.", valueName: "when"))
+    var since: String?
+
+    func filter() throws -> DeadLetterFilter {
+        var since: Date?
+        if let text = self.since {
+            guard let date = DeadLetterFilter.parseSince(text) else {
+                printError("--since: '\(text)' is neither a duration (30m, 2h, 7d) nor an ISO 8601 date")
+                throw ExitCode.failure
+            }
+            since = date
+        }
+        return DeadLetterFilter(reasons: Set(self.reason), queues: Set(self.queue), tasks: self.task, since: since)
+    }
+}
+
+/// Reads aq.dead once through: each letter is handed to `visit`, which says whether to remove it
+/// now (`true`: acked). Whatever is not removed returns to the queue when the channel closes.
+struct DeadLetterReader {
+    let spec: TopologySpec
+    let target: BrokerTarget
+
+    struct Scan {
+        var total = 0
+        var read = 0
+    }
+
+    /// `finish` runs before the channel closes (acks sent after it would be lost).
+    func scan(_ visit: (AMQPDelivery, DeadLetter, AMQPChannel) async throws -> Void,
+              finish: () async throws -> Void = {}) async throws -> Scan {
+        var configuration = self.target.amqp
+        // Never refuse a letter as unreadable: a consumer's refusal would drop it (aq.dead has no
+        // dead-letter exchange of its own).
+        configuration.contentLimits = AMQPContentLimits(maxHeaderFields: .max, maxHeaderDepth: .max, maxBodyBytes: .max)
+        let connection = try await AMQPConnection.connect(configuration: configuration)
+        do {
+            let channel = try await connection.openChannel()
+            let queue = self.spec.deadLetterQueue
+            let info = try await channel.declareQueue(queue, passive: true)
+            var scan = Scan(total: Int(info.messageCount))
+            var readers = [channel]
+            if scan.total > 0 {
+                // Consumers stream the letters (a basic.get per letter is a quorum-queue command
+                // each, 1-2 ms), and every letter stays unacknowledged. A quorum queue lets a
+                // consumer hold at most its prefetch (and 2,000 with none): one consumer, on its
+                // own channel, per 60,000 letters. What arrives after the start (a replayed task
+                // failing again) is not read: the scan stops at the count it started with.
+                let perChannel = 60_000
+                let channels = (scan.total + perChannel - 1) / perChannel
+                let (stream, feed) = AsyncThrowingStream<AMQPDelivery, any Error>.makeStream()
+                var consumers: [AMQPConsumer] = []
+                for index in 0..<channels {
+                    let reader = index == 0 ? channel : try await connection.openChannel()
+                    if index > 0 { readers.append(reader) }
+                    try await reader.setPrefetch(UInt16(perChannel))
+                    consumers.append(try await reader.consume(queue, maxBodyBytes: .max))
+                }
+                let feeders = consumers.map { consumer in
+                    Task {
+                        do {
+                            for try await delivery in consumer { feed.yield(delivery) }
+                        } catch {
+                            feed.finish(throwing: error)
+                        }
+                    }
+                }
+                for try await delivery in stream {
+                    scan.read += 1
+                    try await visit(delivery, DeadLetter(delivery, spec: self.spec), channel)
+                    if scan.read >= scan.total { break }
+                }
+                for consumer in consumers { try await consumer.cancel() }
+                for feeder in feeders { feeder.cancel() }
+                feed.finish()
+            }
+            try await finish()
+            // RabbitMQ 3.10 hands a channel's acks to a quorum queue asynchronously: acks sent
+            // just before the channel closes can be lost (the letters come back). A basic.get is
+            // a synchronous command to the queue behind them, so once it answers they are
+            // applied; what it takes is given back unacknowledged like the rest.
+            for reader in readers {
+                _ = try await reader.get(queue)
+                try await reader.close()
+            }
+            await connection.close()
+            return scan
+        } catch {
+            await connection.close()
+            throw error
+        }
+    }
+}
+
+func formatDate(_ date: Date?) -> String {
+    guard let date else { return "-" }
+    return ISO8601DateFormatter().string(from: date)
+}
+
+func summaryLine(_ counts: [String: Int]) -> String {
+    counts.sorted { $0.value != $1.value ? $0.value > $1.value : $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
+}
+
+func letterJSON(_ letter: DeadLetter) -> [String: Any] {
+    var object: [String: Any] = ["kind": letter.kind.rawValue, "reason": letter.reason, "bodyBytes": letter.bodyBytes]
+    if let v = letter.taskId { object["taskId"] = v }
+    if let v = letter.queue { object["queue"] = v }
+    if let v = letter.error { object["error"] = v }
+    if let v = letter.status { object["status"] = v }
+    if let v = letter.attempts { object["attempts"] = v }
+    if let v = letter.deadLetteredAt { object["deadLetteredAt"] = formatDate(v) }
+    if let v = letter.chainId { object["chainId"] = v }
+    if let v = letter.chainStep { object["chainStep"] = v }
+    if let v = letter.batchId { object["batchId"] = v }
+    if let v = letter.batchIndex { object["batchIndex"] = v }
+    return object
+}
+
+func printJSON(_ object: Any) {
+    guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes]) else { return }
+    print(String(decoding: data, as: UTF8.self))
+}
+
+extension AQCommand.DeadLetters {
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List dead letters without removing them: task id, work queue, reason, status, attempts, when, the error.",
+            discussion: "Ends with a summary of every matching letter by reason. --json prints one JSON object per letter, then {\"summary\": …}.")
+
+        @OptionGroup var filters: DeadLetterFilterOptions
+        @Option(help: "Show at most this many letters (0: all); the summary counts every match.")
+        var limit = 50
+        @Flag(help: "Print JSON lines.")
+        var json = false
+        @OptionGroup var files: FileOptions
+        @OptionGroup var broker: BrokerOptions
+
+        static func row(_ letter: DeadLetter) -> String {
+            let error = (letter.error ?? "").replacingOccurrences(of: "\n", with: " ")
+            let status = letter.status.map(String.init) ?? "-"
+            let attempts = letter.attempts.map(String.init) ?? "-"
+            var columns = [(letter.taskId ?? "-").padding(36), (letter.queue ?? "-").padding(12), letter.reason.padding(18)]
+            columns += [status.padding(6), attempts.padding(8), formatDate(letter.deadLetteredAt).padding(20), String(error.prefix(80))]
+            return columns.joined(separator: " ")
+        }
+
+        func run() async throws {
+            let spec = try self.files.load()
+            let filter = try self.filters.filter()
+            var shown = 0
+            var matching: [String: Int] = [:]
+            let limit = self.limit, json = self.json
+            if !json {
+                let header: [String] = ["TASK ID".padding(36), "QUEUE".padding(12), "REASON".padding(18), "STATUS", "ATTEMPTS", "DEAD-LETTERED".padding(20), "ERROR"]
+                print(header.joined(separator: " "))
+            }
+            let scan = try await runReporting {
+                try await DeadLetterReader(spec: spec, target: try self.broker.target()).scan { _, letter, _ in
+                    guard filter.matches(letter) else { return }
+                    matching[letter.reason, default: 0] += 1
+                    guard limit == 0 || shown < limit else { return }
+                    shown += 1
+                    if json { return printJSON(letterJSON(letter)) }
+                    print(Self.row(letter))
+                }
+            }
+            let total = matching.values.reduce(0, +)
+            if json {
+                let summary: [String: Any] = ["inQueue": scan.total, "read": scan.read, "matching": total, "shown": shown, "byReason": matching]
+                printJSON(["summary": summary])
+            } else {
+                let reasons = total > 0 ? ": " + summaryLine(matching) : ""
+                print("\(scan.total) dead letter(s) in \(spec.deadLetterQueue); \(total) matching, \(shown) shown\(reasons)")
+            }
+        }
+    }
+
+    struct Show: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show the dead letters of one task whole: properties, headers, body, chain or batch context.")
+
+        @Argument(help: "The task id (a chain step's is <chain id>:<step>; a batch child's <batch id>:<index>).")
+        var id: String
+        @OptionGroup var files: FileOptions
+        @OptionGroup var broker: BrokerOptions
+
+        func run() async throws {
+            let spec = try self.files.load()
+            let id = self.id
+            var found = 0
+            _ = try await runReporting {
+                try await DeadLetterReader(spec: spec, target: try self.broker.target()).scan { delivery, letter, _ in
+                    guard letter.taskId == id || delivery.properties.messageId == id else { return }
+                    found += 1
+                    Self.describe(delivery, letter)
+                }
+            }
+            if found == 0 {
+                printError("no dead letter with task id '\(id)'")
+                throw ExitCode.failure
+            }
+        }
+
+        static func describe(_ delivery: AMQPDelivery, _ letter: DeadLetter) {
+            let p = delivery.properties
+            print("dead letter \(letter.taskId ?? "-") (\(letter.kind.rawValue)): \(letter.reason)" + (letter.error.map { ": \($0)" } ?? ""))
+            print("  work queue \(letter.queue ?? "-"), attempts \(letter.attempts.map(String.init) ?? "-"), last status \(letter.status.map(String.init) ?? "-"), dead-lettered \(formatDate(letter.deadLetteredAt))")
+            if let chain = letter.chainId, let step = letter.chainStep {
+                print("  chain \(chain), step \(step): `aq dlq replay --task \(chain):\(step)` resumes the chain there")
+            }
+            if let batch = letter.batchId { print("  batch \(batch), child \(letter.batchIndex.map(String.init) ?? "?")") }
+            print("properties:")
+            for (key, value) in [("message_id", p.messageId), ("correlation_id", p.correlationId), ("reply_to", p.replyTo), ("content_type", p.contentType),
+                                 ("user_id", p.userId), ("app_id", p.appId), ("type", p.type)] {
+                if let value { print("  \(key): \(value)") }
+            }
+            if let timestamp = p.timestamp { print("  timestamp: \(formatDate(Date(timeIntervalSince1970: TimeInterval(timestamp))))") }
+            print("headers:")
+            for entry in (p.headers ?? AMQPTable()).sorted(by: { $0.key < $1.key }) { print("  \(entry.key): \(Self.text(entry.value))") }
+            print("body (\(delivery.body.count) bytes):")
+            if let object = try? JSONSerialization.jsonObject(with: Data(delivery.body)),
+               let pretty = try? JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]) {
+                print(String(decoding: pretty, as: UTF8.self))
+            } else {
+                print(String(decoding: delivery.body.prefix(64 << 10), as: UTF8.self))
+            }
+            print("")
+        }
+
+        static func text(_ value: AMQPFieldValue) -> String {
+            switch value {
+            case .string(let s): return s
+            case .timestamp(let t): return formatDate(Date(timeIntervalSince1970: TimeInterval(t)))
+            case .array(let items): return "[" + items.map(Self.text).joined(separator: ", ") + "]"
+            case .table(let table): return "{" + table.map { "\($0.key): \(Self.text($0.value))" }.joined(separator: ", ") + "}"
+            default:
+                if let n = value.intValue { return String(n) }
+                if let b = value.boolValue { return String(b) }
+                return "\(value)"
+            }
+        }
+    }
+
+    struct Replay: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Publish dead letters back where they came from; each is removed only once the broker confirmed its copy.",
+            discussion: """
+                A task goes to its work queue with a fresh attempt count; a webhook that could not be delivered goes back \
+                as a webhook job (the callback does not run again); a chain step resumes its chain at that step; a batch \
+                child re-joins its batch if the batch is still open, else it stays (its batch reported without it); an \
+                outcome its reply_to did not take goes to that queue again. Malformed and unrouted letters, and letters the \
+                bridge rejected unread, stay: replaying them would fail the same way. Webhook jobs and batch children carry \
+                AsyncQueue headers the bridge honours only from a trusted publisher: replay them with the bridge's user \
+                (or one in trusted_publishers). Interrupted at any point (even kill -9), nothing is lost: run it again; \
+                the copies confirmed in the last moment before the interruption (at most --window) are replayed twice, \
+                with the same task id.
+                """)
+
+        @OptionGroup var filters: DeadLetterFilterOptions
+        @Option(help: "At most this many letters per second (0: no limit).")
+        var rate: Double = 0
+        @Option(help: "Copies waiting for the broker's confirm at once.")
+        var window = 256
+        @Flag(help: "Say what would be replayed and where; change nothing.")
+        var dryRun = false
+        @OptionGroup var files: FileOptions
+        @OptionGroup var broker: BrokerOptions
+
+        func run() async throws {
+            let spec = try self.files.load()
+            let filter = try self.filters.filter()
+            let target = try self.broker.target()
+            let dryRun = self.dryRun, rate = self.rate, window = max(1, self.window)
+            var replayed = 0, failed = 0
+            var skipped: [String: Int] = [:]
+            var openBatches: [String: Bool] = [:]
+            var inFlight: [(AMQPPublishConfirm, AMQPDelivery, DeadLetter)] = []
+            let started = ContinuousClock.now
+            let connection = try await AMQPConnection.connect(configuration: target.amqp)
+            let publisher = try await connection.openChannel()
+            try await publisher.enableConfirms()
+            func settle(_ entry: (AMQPPublishConfirm, AMQPDelivery, DeadLetter)) async {
+                let (confirm, delivery, letter) = entry
+                do {
+                    switch try await confirm.result() {
+                    case .returned(let returned):
+                        failed += 1
+                        printError("\(letter.taskId ?? "-"): no queue took the copy (\(returned.replyText)); the dead letter stays")
+                    default:
+                        try delivery.ack()
+                        replayed += 1
+                    }
+                } catch {
+                    failed += 1
+                    printError("\(letter.taskId ?? "-"): \(error); the dead letter stays")
+                }
+            }
+            let scan = try await runReporting {
+                try await DeadLetterReader(spec: spec, target: target).scan({ delivery, letter, _ in
+                    guard filter.matches(letter) else { return }
+                    var batchOpen: Bool?
+                    if letter.kind == .batchChild, let batch = letter.batchId {
+                        if let known = openBatches[batch] {
+                            batchOpen = known
+                        } else {
+                            batchOpen = try await Self.batchIsOpen(batch, spec: spec, connection: connection)
+                            openBatches[batch] = batchOpen
+                        }
+                    }
+                    switch ReplayPlan.make(letter, delivery, spec: spec, batchIsOpen: batchOpen) {
+                    case .skip(let why):
+                        skipped[why, default: 0] += 1
+                    case .publish(let exchange, let routingKey, let properties, let body):
+                        if dryRun {
+                            print("\(letter.taskId ?? "-") (\(letter.kind.rawValue), \(letter.reason)) -> exchange '\(exchange)', routing key '\(routingKey)'")
+                            replayed += 1
+                            return
+                        }
+                        if rate > 0 {
+                            let due = started + .milliseconds(Int64(Double(replayed + failed + inFlight.count) * 1000 / rate))
+                            if due > .now { try await Task.sleep(until: due) }
+                        }
+                        inFlight.append((publisher.beginPublish(body, exchange: exchange, routingKey: routingKey, properties: properties, mandatory: true), delivery, letter))
+                        if inFlight.count >= window { await settle(inFlight.removeFirst()) }
+                    }
+                }, finish: {
+                    // Every copy confirmed (or not) and its letter acked before the reader's channel closes.
+                    for entry in inFlight { await settle(entry) }
+                    inFlight.removeAll()
+                })
+            }
+            await connection.close()
+            let verb = dryRun ? "would replay" : "replayed"
+            print("\(verb) \(replayed) of \(scan.total) dead letter(s) in \(String(format: "%.1f", Double((ContinuousClock.now - started).components.seconds) + Double((ContinuousClock.now - started).components.attoseconds) / 1e18)) s"
+                  + (failed > 0 ? "; \(failed) could not be published (they stay)" : ""))
+            for (why, count) in skipped.sorted(by: { $0.value > $1.value }) { print("  left \(count): \(why)") }
+            if failed > 0 { throw ExitCode.failure }
+        }
+
+        /// A batch takes outcomes while its reply queue exists.
+        static func batchIsOpen(_ id: String, spec: TopologySpec, connection: AMQPConnection) async throws -> Bool {
+            let channel = try await connection.openChannel()
+            do {
+                _ = try await channel.declareQueue(spec.batchQueueName(forBatch: id) + ".replies", passive: true)
+                try await channel.close()
+                return true
+            } catch let error as AMQPError where error.replyCode == .notFound {
+                return false  // the broker closed the channel
+            }
+        }
+    }
+
+    struct Purge: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Delete dead letters (those matching the filters). Without --yes, only counts them.")
+
+        @OptionGroup var filters: DeadLetterFilterOptions
+        @Flag(help: "Delete them.")
+        var yes = false
+        @OptionGroup var files: FileOptions
+        @OptionGroup var broker: BrokerOptions
+
+        func run() async throws {
+            let spec = try self.files.load()
+            let filter = try self.filters.filter()
+            let yes = self.yes
+            var matching: [String: Int] = [:]
+            let scan = try await runReporting {
+                try await DeadLetterReader(spec: spec, target: try self.broker.target()).scan { delivery, letter, _ in
+                    guard filter.matches(letter) else { return }
+                    matching[letter.reason, default: 0] += 1
+                    if yes { try delivery.ack() }
+                }
+            }
+            let total = matching.values.reduce(0, +)
+            let detail = total > 0 ? " (" + summaryLine(matching) + ")" : ""
+            guard yes else {
+                print("\(total) of \(scan.total) dead letter(s) match\(detail); run again with --yes to delete them")
+                if total > 0 { throw ExitCode(2) }
+                return
+            }
+            print("deleted \(total) of \(scan.total) dead letter(s)\(detail)")
+        }
+    }
+}
+
+/// Runs `body`; an AMQP or other error becomes a message and exit status 1.
+func runReporting<T>(_ body: () async throws -> T) async throws -> T {
+    do {
+        return try await body()
+    } catch let exit as ExitCode {
+        throw exit
+    } catch let error as AMQPError where error.replyCode == .notFound {
+        printError("\(error.message) (is the topology applied? `aq topology apply`)")
+        throw ExitCode.failure
+    } catch {
+        printError("\(error)")
+        throw ExitCode.failure
+    }
+}
+
+extension String {
+    func padding(_ width: Int) -> String {
+        self.count >= width ? String(self.prefix(width)) : self + String(repeating: " ", count: width - self.count)
+    }
+}

@@ -1,0 +1,143 @@
+import AMQPClient
+@testable import AQBridge
+import AQTestSupport
+import Foundation
+import Synchronization
+import Testing
+
+/// `aq dlq` as an operator runs it (the built binary), against the real broker and a bridge.
+@Suite(.serialized, .timeLimit(.minutes(4))) struct DeadLetterCommandTests {
+    func aq(_ bridge: BridgeHarness, _ arguments: [String]) throws -> (status: Int32, out: String, err: String) {
+        try TestEnvironment.run(TestEnvironment.builtProgram("aq"), ["dlq"] + arguments + ["--url", bridge.amqpURL, "-f", bridge.topologyDir.path])
+    }
+
+    @Test func listShowReplayAndPurgeAFailureAsAnOperatorWould() async throws {
+        let receiver = try Receiver()
+        let healthy = Atomic<Bool>(false)
+        receiver.on("/charge") { _, _ in healthy.load(ordering: .relaxed) ? .json(#"{"charged":true}"#) : .text("card declined", status: 422) }
+        receiver.on("/s1") { _, _ in .json(#"{"reserved":true}"#) }
+        let bridge = try await BridgeHarness.start()
+        for i in 1...3 {
+            try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/charge"))","webhookUrl":"\#(receiver.url("/hook"))","payload":{"n":\#(i)}}"#, id: "t-\(i)")
+        }
+        let steps = [#"{"callbackUrl":"\#(receiver.url("/s1"))"}"#, #"{"callbackUrl":"\#(receiver.url("/charge"))"}"#]
+        try await bridge.publish(#"{"chain":{"id":"c1","webhookUrl":"\#(receiver.url("/done"))"},"payload":{},"steps":[\#(steps.joined(separator: ","))]}"#)
+        try await bridge.publish(#"{"payload":{"no":"callback"}}"#, id: "bad-1")
+        try await bridge.waitDepth("aq.dead", 5)
+        try await bridge.waitIdle()
+
+        // list: every letter, nothing taken away, the same order twice.
+        let list = try self.aq(bridge, ["list"])
+        #expect(list.status == 0, "\(list.err)")
+        #expect(list.out.contains("5 dead letter(s) in aq.dead; 5 matching, 5 shown: not-retryable 4, malformed 1"), "\(list.out)")
+        for id in ["t-1", "t-2", "t-3", "c1:2", "bad-1"] { #expect(list.out.contains(id), "\(id) listed") }
+        #expect(list.out.contains("HTTP 422") && list.out.contains("422  "), "\(list.out)")
+        #expect(try self.aq(bridge, ["list"]).out == list.out, "reading did not disturb the order")
+        #expect(try await bridge.depth("aq.dead") == 5)
+        let json = try self.aq(bridge, ["list", "--reason", "malformed", "--json"])
+        let lines = json.out.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+        #expect(lines.count == 2 && lines[0]["taskId"] as? String == "bad-1" && lines[0]["reason"] as? String == "malformed")
+        #expect((lines[1]["summary"] as? [String: Any])?["matching"] as? Int == 1)
+        #expect(try self.aq(bridge, ["list", "--task", "t-*", "--limit", "2"]).out.contains("3 matching, 2 shown"))
+
+        // show: one letter whole, its chain context.
+        let show = try self.aq(bridge, ["show", "c1:2"])
+        #expect(show.status == 0, "\(show.err)")
+        #expect(show.out.contains("chain c1, step 2") && show.out.contains("aq-reason: not-retryable") && show.out.contains("\"reserved\" : true"), "\(show.out)")
+        #expect(try self.aq(bridge, ["show", "nope"]).status == 1)
+
+        // replay: the cause fixed, the tasks run again, the chain resumes at step 2.
+        healthy.store(true, ordering: .relaxed)
+        let dry = try self.aq(bridge, ["replay", "--dry-run"])
+        #expect(dry.out.contains("would replay 4 of 5") && dry.out.contains("left 1: malformed"), "\(dry.out)")
+        #expect(try await bridge.depth("aq.dead") == 5)
+        let replay = try self.aq(bridge, ["replay"])
+        #expect(replay.status == 0 && replay.out.contains("replayed 4 of 5"), "\(replay.out)\(replay.err)")
+        // The webhooks heard of the failures first, now of the successes.
+        let hooks = try await receiver.wait("/hook", count: 6).dropFirst(3)
+        #expect(Set(hooks.compactMap { $0.request.header("AsyncQueue-Task-Id") }) == ["t-1", "t-2", "t-3"])
+        #expect(hooks.allSatisfy { ($0.request.json?["result"] as? [String: Any])?["charged"] as? Bool == true })
+        let done = try await receiver.wait("/done", count: 2)
+        #expect(done[0].request.json?["status"] as? String == "failed" && done[1].request.json?["status"] as? String == "completed")
+        #expect(receiver.requests("/s1").count == 1, "the chain resumed at step 2")
+        try await bridge.waitIdle()
+        #expect(try await bridge.depth("aq.dead") == 1)
+
+        // purge: counted first, deleted with --yes.
+        let count = try self.aq(bridge, ["purge"])
+        #expect(count.status == 2 && count.out.contains("1 of 1 dead letter(s) match (malformed 1)"), "\(count.out)")
+        #expect(try await bridge.depth("aq.dead") == 1)
+        let purge = try self.aq(bridge, ["purge", "--reason", "malformed", "--yes"])
+        #expect(purge.status == 0 && purge.out.contains("deleted 1 of 1"), "\(purge.out)")
+        #expect(try await bridge.depth("aq.dead") == 0)
+        await bridge.stop()
+    }
+
+    @Test func aReplayKilledMidwayLosesNothingAndIsRunAgain() async throws {
+        let receiver = try Receiver()
+        receiver.on("/ok") { _, _ in .json("{}") }
+        let bridge = try await BridgeHarness.start()
+        // 400 dead letters as the bridge writes them.
+        let count = 400
+        for i in 0..<count {
+            let headers: AMQPTable = ["aq-reason": "retries-exhausted", "aq-queue": "default", "aq-task-id": .string("r-\(i)"), "aq-attempts": .int32(4),
+                                      "aq-error": "HTTP 503", "aq-dead-lettered-at": .timestamp(UInt64(Date().timeIntervalSince1970))]
+            try await bridge.channel.publish(#"{"callbackUrl":"\#(receiver.url("/ok"))","payload":{"i":\#(i)}}"#, exchange: "aq.dlx", routingKey: "aq.work.default",
+                                             properties: AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent, messageId: "r-\(i)"))
+        }
+        try await bridge.waitDepth("aq.dead", UInt32(count))
+        // Replay slowly, kill -9 it halfway.
+        let process = Process()
+        process.executableURL = TestEnvironment.builtProgram("aq")
+        process.arguments = ["dlq", "replay", "--rate", "400", "--window", "16", "--url", bridge.amqpURL, "-f", bridge.topologyDir.path]
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        _ = try await receiver.wait("/ok", count: count / 3)
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+        let firstRun = receiver.requests("/ok").count
+        #expect(firstRun < count, "killed before the end (\(firstRun) callbacks)")
+        // The broker gives the dead run's unacked letters back once it sees its connection
+        // closed: wait until aq.dead's depth holds still (AMQP shows no unacked count).
+        var last: UInt32 = .max, still = 0
+        while still < 5 {
+            let depth = try await bridge.depth("aq.dead")
+            still = depth == last ? still + 1 : 0
+            last = depth
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        // Run again to the end: every letter replayed, at most the window twice, none left.
+        let again = try self.aq(bridge, ["replay"])
+        #expect(again.status == 0, "\(again.out)\(again.err)")
+        _ = try await receiver.wait("/ok", count: count)
+        try await bridge.waitIdle()
+        let left = try await bridge.depth("aq.dead")
+        #expect(left == 0, "first run \(firstRun) callbacks, stable depth \(last), second run: \(again.out)")
+        let ids = receiver.requests("/ok").compactMap { $0.request.header("AsyncQueue-Task-Id") }
+        #expect(Set(ids) == Set((0..<count).map { "r-\($0)" }), "nothing lost")
+        #expect(ids.count - count <= 16, "at most the window twice: \(ids.count - count)")
+        await bridge.stop()
+    }
+}
+
+extension DeadLetterCommandTests {
+    /// RabbitMQ 3.10 applies a channel's acks to a quorum queue asynchronously: the last window's
+    /// acks, sent just before the channel closed, were lost (30 letters came back after a replay).
+    @Test func aReplayRemovesEveryLetterItReplayedTheLastWindowToo() async throws {
+        let receiver = try Receiver()
+        receiver.on("/ok") { _, _ in .json("{}") }
+        let bridge = try await BridgeHarness.start()
+        let count = 400
+        for i in 0..<count {
+            let headers: AMQPTable = ["aq-reason": "retries-exhausted", "aq-queue": "default", "aq-task-id": .string("r-\(i)")]
+            try await bridge.channel.publish(#"{"callbackUrl":"\#(receiver.url("/ok"))","payload":{"i":\#(i)}}"#, exchange: "aq.dlx", routingKey: "aq.work.default",
+                                             properties: AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent, messageId: "r-\(i)"))
+        }
+        try await bridge.waitDepth("aq.dead", UInt32(count))
+        let again = try self.aq(bridge, ["replay", "--window", "64"])
+        _ = try await receiver.wait("/ok", count: count)
+        let left = try await bridge.depth("aq.dead")
+        #expect(left == 0, "\(again.out) \(again.err)")
+        await bridge.stop()
+    }
+}
