@@ -34,7 +34,7 @@ extension BridgeEngine {
             guard message.batches[0] == nil, (message.queues[0] ?? home) == run.queue.name else {
                 // Step 1 runs elsewhere (another queue, or a batch): it goes out (confirmed),
                 // then the create is acked.
-                return self.publishStep(message, step: 1, history: [], results: []) { [unowned self] result in
+                return self.publishStep(message, step: 1, history: [], results: [], traceparent: self.traceparent(of: run)) { [unowned self] result in
                     guard self.isActive(run) else { return }
                     switch result {
                     case .success: self.ack(run)
@@ -64,6 +64,7 @@ extension BridgeEngine {
         }
         guard var task = message.specs[step - 1] else { return self.requeue(run, "chain step \(step) is neither a task nor a batch") }
         task.payload = message.callbackBody(step: step)[...]
+        task.traceparent = nil  // a step's trace context is its message's header (see traceparent(of:))
         task.webhookURL = nil
         task.failureWebhookURL = nil
         // When its message was published: the bridge's own millisecond stamp, else the AMQP
@@ -89,7 +90,7 @@ extension BridgeEngine {
     }
 
     /// Publishes step `step` of the chain to `aq.chain`, routed to its work queue.
-    func publishStep(_ message: ChainMessage, step: Int, history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>],
+    func publishStep(_ message: ChainMessage, step: Int, history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>], traceparent: String? = nil,
                      _ done: @escaping (Result<Void, AMQPError>) -> Void) {
         let body: [UInt8]
         switch self.stepBody(message, step: step, history: history, results: results) {
@@ -97,10 +98,11 @@ extension BridgeEngine {
         case .success(let value): body = value
         }
         let queue = message.queues[step - 1] ?? message.queue ?? "default"
-        let properties = AMQPProperties(contentType: "application/json",
+        var properties = AMQPProperties(contentType: "application/json",
                                         headers: ["aq-chain": .string(message.id), "aq-chain-step": .int32(Int32(step)), "aq-step-at": .int64(Self.unixMilliseconds())],
                                         deliveryMode: .persistent, messageId: "\(message.id):\(step)",
                                         timestamp: UInt64(Date().timeIntervalSince1970), userId: self.settings.bridgeUser)
+        if let traceparent { properties.headers?["traceparent"] = .string(traceparent) }
         self.publish(exchange: self.settings.spec.chainExchange, routingKey: "\(queue).\(message.id).\(step)", properties: properties, body: body, done)
     }
 
@@ -136,7 +138,8 @@ extension BridgeEngine {
                 finish()
             }
         }
-        self.publishStep(message, step: chain.step + 1, history: history, results: message.results + [result[...]]) { [unowned self] outcome in
+        self.publishStep(message, step: chain.step + 1, history: history, results: message.results + [result[...]],
+                         traceparent: self.traceparent(of: run)) { [unowned self] outcome in
             guard self.isActive(run) else { return }
             switch outcome {
             case .success:

@@ -329,7 +329,10 @@ final class BridgeEngine: AMQPConnectionExtension {
             self.chainMessage(run)
         case .failure(let malformed):
             self.rejectMalformed(run, "task", malformed.reason, webhook: malformed.notify)
-        case .success(let task):
+        case .success(var task):
+            if task.traceparent == nil, let header = properties.headers?["traceparent"]?.stringValue {
+                task.traceparent = TaskParser.validTraceparent(header)
+            }
             if let problem = self.replyProblem(properties.replyTo) {
                 return self.rejectMalformed(run, "task", problem, taskId: task.id, webhook: task.webhook(forFailure: true), reply: false)
             }
@@ -479,6 +482,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         }
         let started = ContinuousClock.now
         var headers = ["AsyncQueue-Task-Id: \(request.taskId)", "AsyncQueue-Attempt: \(request.attempt)", "webhook-id: \(request.id)"]
+        if let traceparent = self.traceparent(of: request.run) { headers.append("traceparent: \(traceparent)") }
         if self.signing.isEnabled {
             let timestamp = Int(Date().timeIntervalSince1970)
             headers.append("webhook-timestamp: \(timestamp)")
@@ -494,6 +498,13 @@ final class BridgeEngine: AMQPConnectionExtension {
                                                 latency: answered ? now - started : nil, now: now) { self.send(next) }
             request.done(result)
         }
+    }
+
+    /// The run's W3C trace context: its task's, else (a webhook job, a chain step) the
+    /// message's `traceparent` header, when valid.
+    func traceparent(of run: Run) -> String? {
+        if let traceparent = run.task?.traceparent { return traceparent }
+        return run.delivery.properties.headers?["traceparent"]?.stringValue.flatMap(TaskParser.validTraceparent)
     }
 
     // MARK: Callback
@@ -596,7 +607,9 @@ final class BridgeEngine: AMQPConnectionExtension {
         if case .retryable = outcome { exhausted = true } else { exhausted = false }
         let reason = exhausted ? "retries-exhausted" : "not-retryable"
         self.count(.tasksFailed)
-        self.logger.info("task failed", metadata: ["task.id": "\(task.id)", "queue": "\(run.queue.name)", "attempts": "\(run.attempt)", "reason": "\(reason)", "error": "\(outcome.reason)"])
+        var metadata: Logger.Metadata = ["task.id": "\(task.id)", "queue": "\(run.queue.name)", "attempts": "\(run.attempt)", "reason": "\(reason)", "error": "\(outcome.reason)"]
+        if let traceparent = self.traceparent(of: run) { metadata["traceparent"] = "\(traceparent)" }
+        self.logger.info("task failed", metadata: metadata)
         self.deadLetter(run, reason: reason, error: outcome.reason, status: outcome.status, taskId: task.id) { [unowned self] in
             let failure = Outcome.Failure(reason: reason, message: outcome.reason, status: outcome.status,
                                           body: Array(responseBody.prefix(1024)), retryable: exhausted)
@@ -945,7 +958,8 @@ final class BridgeEngine: AMQPConnectionExtension {
             if case .retryable(_, _, let retryAfter) = outcome, attempt < self.settings.webhookAttempts,
                let tier = RetryPolicy.tier(forRetry: attempt, retryAfter: retryAfter, tiers: self.settings.spec.retryTiers, jitter: self.settings.retryJitter) {
                 // Its own schedule: a webhook job waits in a tier; the callback never runs again.
-                let properties = self.webhookJob(url: url, taskId: taskId, attempt: attempt + 1, tier: tier, lastError: outcome.reason, webhookId: webhookId)
+                var properties = self.webhookJob(url: url, taskId: taskId, attempt: attempt + 1, tier: tier, lastError: outcome.reason, webhookId: webhookId)
+                if let traceparent = self.traceparent(of: run) { properties.headers?["traceparent"] = .string(traceparent) }
                 self.publishThenAck(run, exchange: self.settings.spec.retryExchange, properties: properties, body: body,
                                     counting: .webhooksRetried, "the webhook retry") { _ in giveUp() }
                 return
@@ -973,8 +987,10 @@ final class BridgeEngine: AMQPConnectionExtension {
         guard self.context.isCurrent(run.delivery) else { return self.end(run) }
         guard let tier = self.parkTier else { return }  // no tiers: it keeps its place in line
         self.logger.debug("webhook parked", metadata: ["task.id": "\(taskId)", "reason": "\(reason)"])
+        var properties = self.webhookJob(url: url, taskId: taskId, attempt: attempt, tier: tier, lastError: nil, webhookId: webhookId)
+        if let traceparent = self.traceparent(of: run) { properties.headers?["traceparent"] = .string(traceparent) }
         self.publishThenAck(run, exchange: self.settings.spec.retryExchange,
-                            properties: self.webhookJob(url: url, taskId: taskId, attempt: attempt, tier: tier, lastError: nil, webhookId: webhookId), body: body,
+                            properties: properties, body: body,
                             counting: .tasksParked, "the parked webhook") { [unowned self] error in
             self.requeue(run, "could not park the webhook: \(error)")
         }

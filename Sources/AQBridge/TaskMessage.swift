@@ -17,6 +17,8 @@ public struct TaskSpec: Sendable, Equatable {
     public var timeout: Duration
     /// When the callback may run at the earliest.
     public var due: Due?
+    /// A W3C trace context (`traceparent`), passed on to the callback and the webhook.
+    public var traceparent: String?
 
     /// `delay` (seconds from when the task was published) or `notBefore` (a point in time).
     public enum Due: Sendable, Equatable {
@@ -84,7 +86,7 @@ public enum TaskParser {
 
     /// The keys of the wire format, in the order ``parse(_:messageId:defaults:)`` looks for them.
     static let keys: [StaticString] = ["callbackUrl", "payload", "webhookUrl", "failureWebhookUrl", "retries", "timeout", "taskId", "delay", "notBefore",
-                                       "batch", "batchPart", "chain"]
+                                       "batch", "batchPart", "chain", "traceparent"]
 
     /// Reads and checks a task body. `messageId` is the AMQP `message_id` (the task id).
     public static func parse(_ body: [UInt8], messageId: String?, defaults: TaskDefaults, now: Date = Date()) -> Result<TaskSpec, MalformedTask> {
@@ -202,8 +204,24 @@ public enum TaskParser {
         guard Self.safeId(id) != nil else {
             return bad("the task id (message_id or taskId) must be at most \(Self.maxIdBytes) bytes without control characters")
         }
+        // A traceparent that is not W3C's is ignored, as the spec says (never a reason to refuse).
+        let traceparent = members[12].flatMap { try? string($0, "traceparent").get() }.flatMap(Self.validTraceparent)
         return .success(TaskSpec(id: id, callbackURL: callback, payload: payload, webhookURL: webhook, failureWebhookURL: failureWebhook,
-                                 retries: retries, timeout: timeout, due: due))
+                                 retries: retries, timeout: timeout, due: due, traceparent: traceparent))
+    }
+
+    /// `value` if it is a W3C `traceparent` (version 00: `00-<32 hex trace id>-<16 hex parent
+    /// id>-<2 hex flags>`, lower case, ids not all zeros), else nil.
+    public static func validTraceparent(_ value: String) -> String? {
+        let bytes = Array(value.utf8)
+        guard bytes.count == 55, bytes[2] == UInt8(ascii: "-"), bytes[35] == UInt8(ascii: "-"), bytes[52] == UInt8(ascii: "-") else { return nil }
+        func hex(_ range: Range<Int>) -> Bool {
+            bytes[range].allSatisfy { (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) || (UInt8(ascii: "a")...UInt8(ascii: "f")).contains($0) }
+        }
+        func zeros(_ range: Range<Int>) -> Bool { bytes[range].allSatisfy { $0 == UInt8(ascii: "0") } }
+        guard hex(0..<2), hex(3..<35), hex(36..<52), hex(53..<55), bytes[0] == UInt8(ascii: "0"), bytes[1] == UInt8(ascii: "0"),
+              !zeros(3..<35), !zeros(36..<52) else { return nil }
+        return value
     }
 
     /// Cheap checks; libcurl rejects the rest (and the task then fails as not retryable).

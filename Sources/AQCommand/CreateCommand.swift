@@ -1,0 +1,213 @@
+import AMQPClient
+import AQTopology
+import ArgumentParser
+import Foundation
+
+extension AQCommand {
+    struct Tasks: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create tasks from a shell or a script.", subcommands: [CreateTask.self])
+    }
+
+    struct Batches: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create batches (fan-out / fan-in) from a shell or a script.",
+                                                        subcommands: [CreateMessage.self])
+    }
+
+    struct Chains: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create chains from a shell or a script.", subcommands: [CreateMessage.self])
+    }
+}
+
+/// Reads JSON from a flag, a file, or standard input (`-`).
+func readJSON(text: String?, file: String?, what: String) throws -> Any? {
+    let data: Data
+    if let text {
+        data = Data(text.utf8)
+    } else if let file {
+        if file == "-" {
+            data = FileHandle.standardInput.readDataToEndOfFile()
+        } else {
+            guard let read = FileManager.default.contents(atPath: file) else {
+                printError("\(what): cannot read '\(file)'")
+                throw ExitCode.failure
+            }
+            data = read
+        }
+    } else {
+        return nil
+    }
+    do {
+        return try JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed])
+    } catch {
+        printError("\(what) is not JSON: \(error.localizedDescription)")
+        throw ExitCode.failure
+    }
+}
+
+/// Runs `body` with a connection, closed after it whatever happens.
+func withConnection<T>(_ target: BrokerTarget, _ body: (AMQPConnection) async throws -> T) async throws -> T {
+    let connection = try await AMQPConnection.connect(configuration: target.amqp)
+    do {
+        let value = try await body(connection)
+        await connection.close()
+        return value
+    } catch {
+        await connection.close()
+        throw error
+    }
+}
+
+/// Publishes one message to `aq.tasks` (confirmed, mandatory) with a work queue as routing key.
+func publishCreate(_ body: [UInt8], queue: String, id: String, replyTo: String? = nil, spec: TopologySpec,
+                   channel: AMQPChannel) async throws {
+    guard spec.workQueues.contains(where: { $0.name == queue }) else {
+        printError("'\(queue)' is not a work queue in the topology files (known: \(spec.workQueues.map(\.name).joined(separator: ", ")))")
+        throw ExitCode.failure
+    }
+    try await channel.enableConfirms()
+    let properties = AMQPProperties(contentType: "application/json", deliveryMode: .persistent, correlationId: replyTo == nil ? nil : id,
+                                    replyTo: replyTo, messageId: id, timestamp: UInt64(Date().timeIntervalSince1970), appId: "aq-cli")
+    let result = try await channel.publish(body, exchange: spec.taskExchange, routingKey: queue, properties: properties, mandatory: true)
+    if case .returned(let returned) = result {
+        printError("no queue took the message (\(returned.replyText)): is the topology applied? (`aq topology apply`)")
+        throw ExitCode.failure
+    }
+}
+
+extension AQCommand.Tasks {
+    struct CreateTask: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "create",
+            abstract: "Publish one task (confirmed by the broker) and print its id.",
+            discussion: """
+                The payload comes from --payload (JSON text), --payload-file FILE, or --payload-file - (standard input); \
+                {} when none is given. With --wait, the command waits for the outcome through a reply queue of its own \
+                (reply_to; the bridge's reply_to_allow admits server-named queues by default) and prints it. \
+                Exit status: 0 published (with --wait: completed), 1 a problem (with --wait: the task failed), \
+                3 --wait timed out (the task goes on).
+                """)
+
+        @Option(help: "The URL the bridge POSTs the payload to.")
+        var callbackUrl: String
+        @Option(help: "The payload as JSON text.")
+        var payload: String?
+        @Option(help: ArgumentHelp("Read the payload from this file (- for standard input).", valueName: "file"))
+        var payloadFile: String?
+        @Option(help: "Where the outcome is POSTed.")
+        var webhookUrl: String?
+        @Option(help: "Where a failure is POSTed instead.")
+        var failureWebhookUrl: String?
+        @Option(help: "Retries after the first attempt (default: the work queue's).")
+        var retries: Int?
+        @Option(help: "Seconds per attempt (default: the work queue's).")
+        var timeout: Double?
+        @Option(help: "Seconds to wait before the first attempt.")
+        var delay: Double?
+        @Option(help: "The work queue.")
+        var queue = "default"
+        @Option(help: "The task id (default: a UUID).")
+        var id: String?
+        @Flag(help: "Wait for the outcome and print it.")
+        var wait = false
+        @Option(help: "Seconds --wait waits.")
+        var waitTimeout: Double = 60
+        @OptionGroup var files: FileOptions
+        @OptionGroup var broker: BrokerOptions
+
+        func run() async throws {
+            let spec = try self.files.load()
+            let target = try self.broker.target()
+            var task: [String: Any] = ["callbackUrl": self.callbackUrl,
+                                       "payload": try readJSON(text: self.payload, file: self.payloadFile, what: "the payload") ?? [String: Any]()]
+            if let v = self.webhookUrl { task["webhookUrl"] = v }
+            if let v = self.failureWebhookUrl { task["failureWebhookUrl"] = v }
+            if let v = self.retries { task["retries"] = v }
+            if let v = self.timeout { task["timeout"] = v }
+            if let v = self.delay { task["delay"] = v }
+            let body = Array(try JSONSerialization.data(withJSONObject: task, options: [.withoutEscapingSlashes, .fragmentsAllowed]))
+            let id = self.id ?? UUID().uuidString.lowercased()
+            let wait = self.wait, timeout = self.waitTimeout, queue = self.queue
+            let outcome: [UInt8]? = try await runReporting { try await withConnection(target) { connection in
+                let channel = try await connection.openChannel()
+                guard wait else {
+                    try await publishCreate(body, queue: queue, id: id, spec: spec, channel: channel)
+                    return nil
+                }
+                // A server-named, exclusive reply queue: gone with this connection.
+                let replies = try await connection.openChannel()
+                let info = try await replies.declareQueue("", durable: false, exclusive: true, autoDelete: true)
+                let consumer = try await replies.consume(info.name, exclusive: true, noAck: true)
+                try await publishCreate(body, queue: queue, id: id, replyTo: info.name, spec: spec, channel: channel)
+                printError("task \(id) published; waiting up to \(timeout) s for its outcome")
+                return try await withThrowingTaskGroup(of: [UInt8]?.self) { group in
+                    group.addTask {
+                        for try await message in consumer where message.properties.correlationId == id { return message.body }
+                        return nil
+                    }
+                    group.addTask {
+                        try await Task.sleep(for: .milliseconds(Int64(timeout * 1000)))
+                        return nil
+                    }
+                    let first = try await group.next() ?? nil
+                    group.cancelAll()
+                    return first
+                }
+            } }
+            guard wait else { return print(id) }
+            guard let outcome else {
+                printError("no outcome for task \(id) within \(timeout) s; it goes on (see `aq dlq show \(id)` if it fails)")
+                throw ExitCode(3)
+            }
+            print(String(decoding: outcome, as: UTF8.self))
+            let status = (try? JSONSerialization.jsonObject(with: Data(outcome)) as? [String: Any])?["status"] as? String
+            if status != "completed" { throw ExitCode.failure }
+        }
+    }
+}
+
+/// `aq batches create` and `aq chains create`: the wire format's JSON, published as it is.
+struct CreateMessage: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "create",
+        abstract: "Publish a batch or chain message (the wire format's JSON, confirmed by the broker) and print its id.",
+        discussion: """
+            The message comes from --json (text), --message-file FILE or --message-file - (standard input). Its id is batch.id or chain.id, \
+            else --id (the message_id), else a UUID. Follow a batch with `aq batch status ID`; a chain's end comes to its \
+            webhookUrl. Exit status: 0 published, 1 a problem.
+            """)
+
+    @Option(help: "The message as JSON text.")
+    var json: String?
+    @Option(help: ArgumentHelp("Read the message from this file (- for standard input).", valueName: "file"))
+    var messageFile: String?
+    @Option(help: "The work queue it is published to.")
+    var queue = "default"
+    @Option(help: "The message id (the batch or chain id when the message names none).")
+    var id: String?
+    @OptionGroup var files: FileOptions
+    @OptionGroup var broker: BrokerOptions
+
+    func run() async throws {
+        let spec = try self.files.load()
+        let target = try self.broker.target()
+        guard let object = try readJSON(text: self.json, file: self.messageFile, what: "the message") as? [String: Any] else {
+            printError("give the message as a JSON object with --json or --message-file")
+            throw ExitCode.failure
+        }
+        let kind = object["batch"] != nil ? "batch" : object["chain"] != nil ? "chain" : nil
+        guard let kind else {
+            printError("the message has neither \"batch\" nor \"chain\" (tasks: `aq tasks create`)")
+            throw ExitCode.failure
+        }
+        let named = (object[kind] as? [String: Any])?["id"] as? String
+        let id = named ?? self.id ?? UUID().uuidString.lowercased()
+        let body = Array(try JSONSerialization.data(withJSONObject: object, options: [.withoutEscapingSlashes]))
+        let queue = self.queue
+        try await runReporting {
+            try await withConnection(target) { connection in
+                try await publishCreate(body, queue: queue, id: id, spec: spec, channel: try await connection.openChannel())
+            }
+        }
+        print(id)
+    }
+}
