@@ -72,6 +72,19 @@ public final class AMQPThreadContext {
         return try self.driver.rawDeclareQueue(conn, channel, queue, passive: passive)
     }
 
+    /// Whether exchange `name` exists (a passive `exchange.declare`). A missing one is a channel
+    /// error (404): the channel is closed and reopened.
+    public func exchangeExists(channel: UInt16, name: String) throws(AMQPError) -> Bool {
+        let (conn, _) = try self.driver.requireChannel(channel)
+        let exchange = TopologyRecorder.Exchange(name: name, type: "topic", durable: true, autoDelete: false, isInternal: false, arguments: [:])
+        do throws(AMQPError) {
+            try self.driver.rawDeclareExchange(conn, channel, exchange, passive: true)
+            return true
+        } catch where error.replyCode == .notFound {
+            return false
+        }
+    }
+
     /// Deletes a queue and returns how many messages it held.
     @discardableResult
     public func deleteQueue(channel: UInt16, name: String) throws(AMQPError) -> UInt32 {

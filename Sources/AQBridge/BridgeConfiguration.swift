@@ -28,6 +28,8 @@ public struct BridgeConfiguration: Sendable {
     public var webhookAttempts = 8
     /// One retry in four waits one tier longer, so failures spread out (`retry_jitter`).
     public var retryJitter = true
+    /// Lifecycle events published to the topology's events exchange (`events`).
+    public var events: LifecycleEvents = .failures
     /// HTTP requests in flight at once, all work queues together (each queue also has its own
     /// `concurrency` in the topology, 64 by default); more wait their turn in memory.
     public var httpConnections = 256
@@ -89,13 +91,14 @@ public struct BridgeConfiguration: Sendable {
         if let v = environment["AQ_TRUSTED_PUBLISHERS"] { self.trustedPublishers = list(v) }
         if let v = environment["AQ_REPLY_TO_ALLOW"] { self.replyToAllow = list(v) }
         if let v = environment["AQ_LOG_LEVEL"], !v.isEmpty { self.logLevel = v }
+        if let v = environment["AQ_EVENTS"], let events = LifecycleEvents(rawValue: v) { self.events = events }
     }
 
     /// Keys: the property names in snake_case (amqp_url, topology, queues, prefetch,
     /// signing_secrets, max_payload_bytes, max_response_bytes, max_task_timeout,
     /// webhook_timeout, webhook_attempts, http_connections, max_per_host, max_inflight_bytes, max_host_wait,
     /// callback_allow, callback_deny, trusted_publishers, reply_to_allow, listen, shutdown_grace, retry_jitter,
-    /// log_level).
+    /// log_level, events).
     public mutating func apply(yaml text: String, source: String) throws {
         var values: [String: String] = [:]
         var lists: [String: [String]] = [:]
@@ -160,6 +163,10 @@ public struct BridgeConfiguration: Sendable {
             self.retryJitter = v == "true"
         }
         if let v = values.removeValue(forKey: "log_level") { self.logLevel = v }
+        if let v = values.removeValue(forKey: "events") {
+            guard let events = LifecycleEvents(rawValue: v) else { throw Invalid(description: "\(source): events must be off, failures or all") }
+            self.events = events
+        }
         let unknown = Array(values.keys) + Array(lists.keys)
         if !unknown.isEmpty {
             throw Invalid(description: "\(source): unknown key(s) \(unknown.sorted().joined(separator: ", "))")
@@ -216,4 +223,16 @@ public struct BridgeConfiguration: Sendable {
         let url = AMQPConfiguration.redact(self.amqpURL)
         return "amqp_url=\(url) queues=\(self.queues.isEmpty ? "all" : self.queues.joined(separator: ",")) prefetch=\(self.prefetch) signing_secrets=\(self.signingSecrets.count) listen=\(self.listen.isEmpty ? "off" : self.listen) max_per_host=\(self.maxPerHost) http_connections=\(self.httpConnections)"
     }
+}
+
+/// Which lifecycle events the bridge publishes (`events`, `AQ_EVENTS`).
+public enum LifecycleEvents: String, Sendable {
+    /// None.
+    case off
+    /// What went wrong or ended: retries, failures, dead letters, webhooks given up, batch and
+    /// chain ends. Nothing on the happy path of a plain task.
+    case failures
+    /// Everything: also every task received and completed, every webhook delivered, every
+    /// chain step.
+    case all
 }

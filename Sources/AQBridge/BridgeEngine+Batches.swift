@@ -583,6 +583,8 @@ extension BridgeEngine {
         let url = status == .completed ? manifest.webhookURL : (manifest.failureWebhookURL ?? manifest.webhookURL)
         let cleanUp = { [unowned self] in
             self.count(.batchesEnded)
+            self.emit(.batchEnded, queue: manifest.queue, taskId: batch.id,
+                      fields: ",\"batchId\":\(JSONScan.quote(batch.id)),\"status\":\"\(status.rawValue)\",\"size\":\(manifest.size),\"settled\":\(checkpoint.settled.population),\"failed\":\(checkpoint.failed.population)")
             self.logger.info("batch ended", metadata: ["batch": "\(batch.id)", "status": "\(status.rawValue)", "size": "\(manifest.size)",
                                                        "settled": "\(checkpoint.settled.population)"])
             if let tag = batch.consumerTag {

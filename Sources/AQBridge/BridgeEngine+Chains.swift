@@ -124,8 +124,11 @@ extension BridgeEngine {
         let history = message.history + [self.historyEntry(run, chain, completed: true)]
         let stepId = "\(message.id):\(chain.step)"
         let stepHook = message.stepWebhookURL.map { url in (url, message.stepWebhookBody(step: chain.step, result: result)) }
+        self.emit(.chainStepCompleted, queue: run.queue.name, taskId: stepId, attempt: run.attempt, run: run,
+                  fields: ",\"chainId\":\(JSONScan.quote(message.id)),\"step\":\(chain.step)")
         guard chain.step < message.steps.count else {
             self.count(.chainsCompleted)
+            self.emit(.chainCompleted, queue: chain.home, taskId: message.id, fields: ",\"chainId\":\(JSONScan.quote(message.id)),\"steps\":\(message.steps.count)")
             let finish = { [unowned self] in
                 guard let url = message.webhookURL else { return self.ack(run) }
                 self.webhook(run, url: url, taskId: stepId, body: message.finalWebhookBody(result: result, history: history), attempt: 1, id: message.id)
@@ -182,6 +185,8 @@ extension BridgeEngine {
     /// (retried on its own schedule if it fails), then the step is acked.
     func chainStepFailed(_ run: Run, _ chain: ChainRun, _ outcome: Outcome) {
         self.count(.chainsFailed)
+        self.emit(.chainFailed, queue: chain.home, taskId: chain.message.id,
+                  fields: ",\"chainId\":\(JSONScan.quote(chain.message.id)),\"failedStep\":\(chain.step)")
         let message = chain.message
         guard let url = message.failureWebhookURL ?? message.webhookURL, let failure = outcome.failure else { return self.ack(run) }
         let history = message.history + [self.historyEntry(run, chain, completed: false)]
@@ -268,6 +273,7 @@ extension BridgeEngine {
                 }
             } else {
                 self.count(.chainsCompleted)
+                self.emit(.chainCompleted, queue: home, taskId: message.id, fields: ",\"chainId\":\(JSONScan.quote(message.id)),\"steps\":\(message.steps.count)")
                 if let url = message.webhookURL {
                     outstanding += 1
                     self.chainWebhook(chain, url: url, id: message.id, body: message.finalWebhookBody(result: report, history: history), done)
@@ -277,6 +283,7 @@ extension BridgeEngine {
         }
         // Failed or expired: the chain fails at this step.
         self.count(.chainsFailed)
+        self.emit(.chainFailed, queue: home, taskId: message.id, fields: ",\"chainId\":\(JSONScan.quote(message.id)),\"failedStep\":\(step)")
         let reason = "batch-\(status.rawValue)"
         outstanding += 1
         let headers: AMQPTable = [

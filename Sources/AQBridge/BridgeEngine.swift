@@ -54,6 +54,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         var trustedPublishers: Set<String>
         /// Prefixes a `reply_to` queue name must have (`*`: any).
         var replyToAllow: [String]
+        var events: LifecycleEvents = .failures
     }
 
     final class Run {
@@ -74,6 +75,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         var bytes: Int
         /// In flight: not yet acked, handed back or abandoned.
         var active = false
+        /// When the bridge received it (for the events' durations).
+        let began = ContinuousClock.now
         init(delivery: AMQPDelivery, queue: ServedQueue, queueIndex: Int, attempt: Int, trusted: Bool) {
             self.delivery = delivery
             self.queue = queue
@@ -124,6 +127,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// Each secret's HMAC state, kept on this thread.
     let signing: SigningContext
     var publishChannel: UInt16 = 0
+    /// Where lifecycle events go (nil: events off, or their exchange missing).
+    var eventsChannel: UInt16?
     var consumeChannel: UInt16 = 0
     /// Run-time declarations, passive checks and basic.get (a 404 closes and reopens only it).
     var adminChannel: UInt16 = 0
@@ -183,6 +188,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         try self.context.setPrefetch(channel: self.consumeChannel, count: UInt16(clamping: self.settings.prefetch))
         self.adminChannel = try self.context.openChannel()
         self.batchChannel = try self.context.openChannel()
+        self.startEvents()
         try self.context.setPrefetch(channel: self.batchChannel, count: UInt16(Self.batchPrefetch))
         for (index, queue) in self.settings.queues.enumerated() {
             let tag = try self.context.consume(
@@ -337,6 +343,7 @@ final class BridgeEngine: AMQPConnectionExtension {
                 return self.rejectMalformed(run, "task", problem, taskId: task.id, webhook: task.webhook(forFailure: true), reply: false)
             }
             run.task = task
+            self.emit(.taskReceived, queue: queue.name, taskId: task.id, attempt: run.attempt)
             if let batch = run.batch, batch.join == .all {
                 // A child of a fail-fast batch runs only while its batch is open.
                 return self.batchWork.append { [unowned self] in
@@ -543,6 +550,7 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     private func completed(_ run: Run, _ task: TaskSpec, result: [UInt8]) {
         self.count(.tasksCompleted)
+        self.emit(.taskCompleted, queue: run.queue.name, taskId: task.id, attempt: run.attempt, run: run)
         self.hold(run, bytes: result.count)
         if let chain = run.chain { return self.chainStepCompleted(run, chain, result: result) }
         self.notify(run, Outcome(taskId: task.id, queue: run.queue.name, attempts: run.attempt, result: result), webhook: task.webhook(forFailure: false))
@@ -558,6 +566,8 @@ final class BridgeEngine: AMQPConnectionExtension {
             "aq-attempt": .int32(Int32(clamping: run.attempt + 1)),
             "aq-last-error": .string(Self.clip(reason, 200)),
         ])
+        self.emit(.taskRetried, queue: run.queue.name, taskId: task.id, attempt: run.attempt, run: run,
+                  fields: ",\"delayMs\":\(tier.milliseconds),\"reason\":\(JSONScan.quote(Self.clip(reason, 200)))")
         self.logger.debug("task retry scheduled", metadata: ["task.id": "\(task.id)", "attempt": "\(run.attempt)", "tier": "\(tier)", "reason": "\(reason)"])
         self.publishThenAck(run, exchange: self.settings.spec.retryExchange, properties: properties, body: run.delivery.body,
                             counting: .tasksRetried, "the retry") { [unowned self] error in
@@ -607,6 +617,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         if case .retryable = outcome { exhausted = true } else { exhausted = false }
         let reason = exhausted ? "retries-exhausted" : "not-retryable"
         self.count(.tasksFailed)
+        self.emit(.taskFailed, queue: run.queue.name, taskId: task.id, attempt: run.attempt, run: run,
+                  fields: ",\"reason\":\"\(reason)\",\"error\":\(JSONScan.quote(Self.clip(outcome.reason, 200)))")
         var metadata: Logger.Metadata = ["task.id": "\(task.id)", "queue": "\(run.queue.name)", "attempts": "\(run.attempt)", "reason": "\(reason)", "error": "\(outcome.reason)"]
         if let traceparent = self.traceparent(of: run) { metadata["traceparent"] = "\(traceparent)" }
         self.logger.info("task failed", metadata: metadata)
@@ -887,6 +899,8 @@ final class BridgeEngine: AMQPConnectionExtension {
             switch result {
             case .success:
                 self.count(.deadLettered)
+                self.emit(.taskDeadLettered, queue: run.queue.name, taskId: taskId, attempt: attempts ?? run.attempt, run: run,
+                          fields: ",\"reason\":\(JSONScan.quote(reason))")
                 then()
             case .failure(let error) where error.code == .invalidArgument && lastTry:
                 // Nothing the bridge can publish fits: the broker dead-letters the original.
@@ -942,6 +956,7 @@ final class BridgeEngine: AMQPConnectionExtension {
             let outcome = RetryPolicy.classify(result, timeout: timeout)
             if case .success = outcome {
                 self.count(.webhooksDelivered)
+                self.emit(.webhookDelivered, queue: run.queue.name, taskId: taskId, attempt: attempt, run: run)
                 return self.ack(run)
             }
             guard self.context.isCurrent(run.delivery) else { return self.end(run) }
@@ -949,6 +964,8 @@ final class BridgeEngine: AMQPConnectionExtension {
                                       messageId: id, userId: self.settings.bridgeUser)
             let giveUp = { [unowned self] in
                 self.count(.webhooksFailed)
+                self.emit(.webhookGivenUp, queue: run.queue.name, taskId: taskId, attempt: attempt, run: run,
+                          fields: ",\"error\":\(JSONScan.quote(Self.clip(outcome.reason, 200)))")
                 self.logger.warning("webhook given up", metadata: ["task.id": "\(taskId)", "attempts": "\(attempt)", "error": "\(outcome.reason)"])
                 self.deadLetter(run, reason: "webhook-failed", error: outcome.reason, status: outcome.status, taskId: taskId,
                                 attempts: attempt, base: base, body: body) { [unowned self] in

@@ -118,7 +118,8 @@ public final class BridgeService: Sendable {
             spec: spec, queues: queues, prefetch: config.prefetch, signer: signer, maxResponseBytes: config.maxResponseBytes,
             webhookTimeout: config.webhookTimeout, webhookAttempts: config.webhookAttempts, httpConnections: config.httpConnections,
             maxPerHost: config.maxPerHost, maxInFlightBytes: config.maxInFlightBytes, maxHostWait: config.maxHostWait, retryJitter: config.retryJitter,
-            policy: try config.addressPolicy(), bridgeUser: amqp.user, trustedPublishers: trusted, replyToAllow: config.replyToAllow)
+            policy: try config.addressPolicy(), bridgeUser: amqp.user, trustedPublishers: trusted, replyToAllow: config.replyToAllow,
+            events: config.events)
         let metrics = self.metrics
         let logger = self.logger
         try await connection.withThreadContext { context in

@@ -8,7 +8,7 @@ struct AQCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "aq",
         abstract: "AsyncQueue: an HTTP task queue on RabbitMQ.",
-        subcommands: [Topology.self, Tasks.self, Batches.self, Chains.self, Batch.self, DeadLetters.self])
+        subcommands: [Topology.self, Tasks.self, Batches.self, Chains.self, Batch.self, DeadLetters.self, Events.self])
 }
 
 extension AQCommand {

@@ -10,7 +10,7 @@ extension Reader {
         return bytes.allSatisfy { alnum($0) || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: "-") }
     }
 
-    static let topKeys = ["tasks", "work_queues", "retry", "dead_letter", "fan_in", "chains", "broker", "objects"]
+    static let topKeys = ["tasks", "work_queues", "retry", "dead_letter", "fan_in", "chains", "events", "broker", "objects"]
 
     mutating func readDocument(_ node: Node, into spec: inout TopologySpec, sectionOwners: inout [String: SourceLocation]) {
         guard let sections = self.mapping(node, "", allowed: Self.topKeys) else { return }
@@ -32,6 +32,10 @@ extension Reader {
             case "chains":
                 for entry in self.mapping(section.node, section.path, allowed: ["exchange"]) ?? [] {
                     if let v = self.name(entry.node, entry.path) { spec.chainExchange = v }
+                }
+            case "events":
+                for entry in self.mapping(section.node, section.path, allowed: ["exchange"]) ?? [] {
+                    if let v = self.name(entry.node, entry.path) { spec.eventsExchange = v }
                 }
             case "broker":
                 for entry in self.mapping(section.node, section.path, allowed: ["consumer_timeout"]) ?? [] {

@@ -63,6 +63,8 @@ public struct TopologySpec: Sendable, Equatable {
     public var batchQueueExpiry: TimeSpan = .days(7)
 
     public var chainExchange = "aq.chain"
+    /// Where aq-bridge publishes lifecycle events (topic: `<event>.<work queue>`).
+    public var eventsExchange = "aq.events"
 
     /// The broker's `consumer_timeout` (RabbitMQ 3.10's default is 30 minutes), for checks.
     public var consumerTimeout: TimeSpan = .minutes(30)
@@ -112,6 +114,7 @@ public struct TopologySpec: Sendable, Equatable {
                                 definition: ["dead-letter-exchange": .string(self.deadLetterExchange), "dead-letter-strategy": "at-least-once",
                                              "overflow": "reject-publish"]))
         t.exchanges.append(.init(name: self.chainExchange, type: "topic"))
+        t.exchanges.append(.init(name: self.eventsExchange, type: "topic"))
         for queue in self.workQueues {
             let name = self.queueName(forWorkQueue: queue.name)
             t.queues.append(.init(name: name, arguments: ["x-queue-type": "quorum"], origin: queue.origin))
