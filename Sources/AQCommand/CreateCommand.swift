@@ -172,8 +172,10 @@ struct CreateMessage: AsyncParsableCommand {
         abstract: "Publish a batch or chain message (the wire format's JSON, confirmed by the broker) and print its id.",
         discussion: """
             The message comes from --json (text), --message-file FILE or --message-file - (standard input). Its id is batch.id or chain.id, \
-            else --id (the message_id), else a UUID. Follow a batch with `aq batch status ID`; a chain's end comes to its \
-            webhookUrl. Exit status: 0 published, 1 a problem.
+            else --id (the message_id), else a UUID. With --wait, the command waits for the batch's or chain's end through the \
+            lifecycle events (aq.events; the bridges' `events` must not be off) and prints that event. Follow a batch with \
+            `aq batch status ID`. Exit status: 0 published (with --wait: completed), 1 a problem (with --wait: it failed or \
+            expired), 3 --wait timed out (it goes on).
             """)
 
     @Option(help: "The message as JSON text.")
@@ -184,6 +186,10 @@ struct CreateMessage: AsyncParsableCommand {
     var queue = "default"
     @Option(help: "The message id (the batch or chain id when the message names none).")
     var id: String?
+    @Flag(help: "Wait for the end (a lifecycle event) and print it.")
+    var wait = false
+    @Option(help: "Seconds --wait waits.")
+    var waitTimeout: Double = 300
     @OptionGroup var files: FileOptions
     @OptionGroup var broker: BrokerOptions
 
@@ -202,12 +208,48 @@ struct CreateMessage: AsyncParsableCommand {
         let named = (object[kind] as? [String: Any])?["id"] as? String
         let id = named ?? self.id ?? UUID().uuidString.lowercased()
         let body = Array(try JSONSerialization.data(withJSONObject: object, options: [.withoutEscapingSlashes]))
-        let queue = self.queue
-        try await runReporting {
+        let queue = self.queue, wait = self.wait, timeout = self.waitTimeout
+        let ended: [UInt8]? = try await runReporting {
             try await withConnection(target) { connection in
+                guard wait else {
+                    try await publishCreate(body, queue: queue, id: id, spec: spec, channel: try await connection.openChannel())
+                    return nil
+                }
+                // Bound before the publish, so the end cannot pass unseen.
+                let events = try await connection.openChannel()
+                let watch = try await events.declareQueue("", durable: false, exclusive: true, autoDelete: true)
+                let ends = kind == "batch" ? ["batch.ended"] : ["chain.completed", "chain.failed"]
+                for event in ends { try await events.bindQueue(watch.name, to: spec.eventsExchange, routingKey: "\(event).#") }
+                let consumer = try await events.consume(watch.name, exclusive: true, noAck: true)
                 try await publishCreate(body, queue: queue, id: id, spec: spec, channel: try await connection.openChannel())
+                printError("\(kind) \(id) published; waiting up to \(timeout) s for its end")
+                let key = kind == "batch" ? "batchId" : "chainId"
+                return try await withThrowingTaskGroup(of: [UInt8]?.self) { group in
+                    group.addTask {
+                        for try await event in consumer {
+                            let object = try? JSONSerialization.jsonObject(with: Data(event.body)) as? [String: Any]
+                            if object?[key] as? String == id { return event.body }
+                        }
+                        return nil
+                    }
+                    group.addTask {
+                        try await Task.sleep(for: .milliseconds(Int64(timeout * 1000)))
+                        return nil
+                    }
+                    let first = try await group.next() ?? nil
+                    group.cancelAll()
+                    return first
+                }
             }
         }
-        print(id)
+        guard wait else { return print(id) }
+        guard let ended else {
+            printError("no end for \(kind) \(id) within \(timeout) s; it goes on")
+            throw ExitCode(3)
+        }
+        print(String(decoding: ended, as: UTF8.self))
+        let end = try? JSONSerialization.jsonObject(with: Data(ended)) as? [String: Any]
+        let completed = kind == "batch" ? end?["status"] as? String == "completed" : end?["event"] as? String == "chain.completed"
+        if !completed { throw ExitCode.failure }
     }
 }

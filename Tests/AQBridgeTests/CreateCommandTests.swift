@@ -42,6 +42,7 @@ import Testing
     @Test func batchesAndChainsFromTheShell() async throws {
         let receiver = try Receiver()
         receiver.on("/step") { _, _ in .json(#"{"ok":true}"#) }
+        receiver.on("/no") { _, _ in .text("no", status: 422) }
         let bridge = try await BridgeHarness.start()
         let chain = try self.aq(bridge, ["chains", "create", "--json",
                                          #"{"chain":{"id":"cli-chain","webhookUrl":"\#(receiver.url("/chain-done"))"},"payload":{},"steps":[{"callbackUrl":"\#(receiver.url("/step"))"},{"callbackUrl":"\#(receiver.url("/step"))"}]}"#])
@@ -53,6 +54,13 @@ import Testing
         #expect(batch.status == 0 && batch.out.trimmingCharacters(in: .whitespacesAndNewlines) == "cli-batch", "\(batch.err)")
         let report = try await receiver.wait("/batch-done", count: 1)[0].request.json
         #expect(report?["batchId"] as? String == "cli-batch" && (report?["counts"] as? [String: Any])?["completed"] as? Int == 3, "\(String(describing: report))")
+        // --wait: the end, through the lifecycle events.
+        let waited = try self.aq(bridge, ["chains", "create", "--wait", "--json",
+                                          #"{"chain":{"id":"cli-wait"},"payload":{},"steps":[{"callbackUrl":"\#(receiver.url("/step"))"}]}"#])
+        #expect(waited.status == 0 && waited.out.contains("\"chain.completed\"") && waited.out.contains("\"cli-wait\""), "\(waited.out)\(waited.err)")
+        let failing = try self.aq(bridge, ["batches", "create", "--wait", "--id", "cli-fail", "--json",
+                                           #"{"batch":{"join":"all"},"tasks":[{"callbackUrl":"\#(receiver.url("/no"))","retries":0}]}"#])
+        #expect(failing.status == 1 && failing.out.contains("\"batch.ended\"") && failing.out.contains("\"failed\""), "\(failing.out)\(failing.err)")
         let task = try self.aq(bridge, ["batches", "create", "--json", #"{"callbackUrl":"http://x"}"#])
         #expect(task.status == 1 && task.err.contains("neither"))
         await bridge.stop()
