@@ -29,6 +29,7 @@ extension BridgeEngine {
         }
         let home = message.queue ?? run.queue.name
         message.queue = home
+        var inPlace = false
         if message.step == nil {
             self.count(.chainsCreated)
             guard message.batches[0] == nil, (message.queues[0] ?? home) == run.queue.name else {
@@ -55,6 +56,7 @@ extension BridgeEngine {
                 run.delivery = run.delivery.with(body: body)
                 self.hold(run, bytes: body.count)  // the create's bytes stay with the parsed context
                 message.step = 1
+                inPlace = true
             }
         }
         guard let step = message.step else { return }
@@ -72,7 +74,8 @@ extension BridgeEngine {
         let stamp = run.trusted ? run.delivery.properties.headers?["aq-step-at"]?.intValue : nil
         let now = Self.unixMilliseconds()
         let published = run.delivery.properties.timestamp.flatMap { $0 <= UInt64(now / 1000) ? Int64($0) * 1000 : nil }
-        let started = stamp ?? published ?? now
+        // Step 1 run from its create starts now (the create's timestamp has only seconds).
+        let started = inPlace ? now : stamp ?? published ?? now
         run.chain = ChainRun(message: message, step: step, startedAt: started, home: home)
         run.task = task
         self.proceed(run, task)

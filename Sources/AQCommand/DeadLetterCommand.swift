@@ -9,7 +9,7 @@ extension AQCommand {
             commandName: "dlq",
             abstract: "Inspect, replay and purge the dead letters (queue aq.dead).",
             discussion: """
-                Every command reads aq.dead with basic.get and holds what it reads unacknowledged until it ends: what it \
+                Every command reads aq.dead through consumers and holds what it reads unacknowledged until it ends: what it \
                 does not remove goes back to the queue when its channel closes, in the order RabbitMQ requeues (aq.dead has \
                 no delivery limit, so reading never costs a letter anything). It reads the letters that were there when it \
                 started, once each. Two commands at once each see only what the other does not hold.
@@ -41,8 +41,19 @@ struct DeadLetterFilterOptions: ParsableArguments {
     }
 }
 
-/// Reads aq.dead once through: each letter is handed to `visit`, which says whether to remove it
-/// now (`true`: acked). Whatever is not removed returns to the queue when the channel closes.
+/// Removes (acks) letters for a scan, counting them per consumer: a consumer's held letters
+/// are what it has been delivered minus what was removed.
+final class LetterRemover {
+    private(set) var removed: [String: Int] = [:]
+
+    func remove(_ delivery: AMQPDelivery) throws {
+        try delivery.ack()
+        self.removed[delivery.consumerTag ?? "", default: 0] += 1
+    }
+}
+
+/// Reads aq.dead once through: each letter is handed to `visit`, which may remove it (through
+/// the remover). Whatever is not removed returns to the queue when the channels close.
 struct DeadLetterReader {
     let spec: TopologySpec
     let target: BrokerTarget
@@ -52,8 +63,11 @@ struct DeadLetterReader {
         var read = 0
     }
 
-    /// `finish` runs before the channel closes (acks sent after it would be lost).
-    func scan(_ visit: (AMQPDelivery, DeadLetter, AMQPChannel) async throws -> Void,
+    /// Letters one consumer may hold unacknowledged: the most a scan buffers at once.
+    static let perChannel = 5_000
+
+    /// `finish` runs before the channels close (acks sent after it would be lost).
+    func scan(remover: LetterRemover = LetterRemover(), _ visit: (AMQPDelivery, DeadLetter) async throws -> Void,
               finish: () async throws -> Void = {}) async throws -> Scan {
         var configuration = self.target.amqp
         // Never refuse a letter as unreadable: a consumer's refusal would drop it (aq.dead has no
@@ -65,40 +79,48 @@ struct DeadLetterReader {
             let queue = self.spec.deadLetterQueue
             let info = try await channel.declareQueue(queue, passive: true)
             var scan = Scan(total: Int(info.messageCount))
-            var readers = [channel]
+            var readers: [AMQPChannel] = []
             if scan.total > 0 {
                 // Consumers stream the letters (a basic.get per letter is a quorum-queue command
-                // each, 1-2 ms), and every letter stays unacknowledged. A quorum queue lets a
-                // consumer hold at most its prefetch (and 2,000 with none): one consumer, on its
-                // own channel, per 60,000 letters. What arrives after the start (a replayed task
-                // failing again) is not read: the scan stops at the count it started with.
-                let perChannel = 60_000
-                let channels = (scan.total + perChannel - 1) / perChannel
+                // each, 1-2 ms), and every letter stays unacknowledged until removed. A consumer
+                // holds at most `perChannel`; once the newest holds that many, the next letters
+                // come through a new channel's consumer. So no more than about `perChannel`
+                // letters wait in memory at once, and a scan can hold up to 2,047 channels' worth.
+                // What arrives after the start (a replayed task failing again) is not read: the
+                // scan stops at the count it started with.
                 let (stream, feed) = AsyncThrowingStream<AMQPDelivery, any Error>.makeStream()
                 var consumers: [AMQPConsumer] = []
-                for index in 0..<channels {
-                    let reader = index == 0 ? channel : try await connection.openChannel()
-                    if index > 0 { readers.append(reader) }
-                    try await reader.setPrefetch(UInt16(perChannel))
-                    consumers.append(try await reader.consume(queue, maxBodyBytes: .max))
-                }
-                let feeders = consumers.map { consumer in
-                    Task {
+                var feeders: [Task<Void, Never>] = []
+                var delivered: [String: Int] = [:]
+                func addConsumer() async throws {
+                    let reader = readers.isEmpty ? channel : try await connection.openChannel()
+                    readers.append(reader)
+                    try await reader.setPrefetch(UInt16(Self.perChannel))
+                    let consumer = try await reader.consume(queue, maxBodyBytes: .max)
+                    consumers.append(consumer)
+                    feeders.append(Task {
                         do {
                             for try await delivery in consumer { feed.yield(delivery) }
                         } catch {
                             feed.finish(throwing: error)
                         }
-                    }
+                    })
                 }
+                try await addConsumer()
                 for try await delivery in stream {
                     scan.read += 1
-                    try await visit(delivery, DeadLetter(delivery, spec: self.spec), channel)
+                    delivered[delivery.consumerTag ?? "", default: 0] += 1
+                    try await visit(delivery, DeadLetter(delivery, spec: self.spec))
                     if scan.read >= scan.total { break }
+                    if let newest = consumers.last?.tag, delivered[newest, default: 0] - remover.removed[newest, default: 0] >= Self.perChannel {
+                        try await addConsumer()
+                    }
                 }
                 for consumer in consumers { try await consumer.cancel() }
                 for feeder in feeders { feeder.cancel() }
                 feed.finish()
+            } else {
+                readers.append(channel)
             }
             try await finish()
             // RabbitMQ 3.10 hands a channel's acks to a quorum queue asynchronously: acks sent
@@ -181,7 +203,7 @@ extension AQCommand.DeadLetters {
                 print(header.joined(separator: " "))
             }
             let scan = try await runReporting {
-                try await DeadLetterReader(spec: spec, target: try self.broker.target()).scan { _, letter, _ in
+                try await DeadLetterReader(spec: spec, target: try self.broker.target()).scan { _, letter in
                     guard filter.matches(letter) else { return }
                     matching[letter.reason, default: 0] += 1
                     guard limit == 0 || shown < limit else { return }
@@ -215,7 +237,7 @@ extension AQCommand.DeadLetters {
             let id = self.id
             var found = 0
             _ = try await runReporting {
-                try await DeadLetterReader(spec: spec, target: try self.broker.target()).scan { delivery, letter, _ in
+                try await DeadLetterReader(spec: spec, target: try self.broker.target()).scan { delivery, letter in
                     guard letter.taskId == id || delivery.properties.messageId == id else { return }
                     found += 1
                     Self.describe(delivery, letter)
@@ -301,6 +323,7 @@ extension AQCommand.DeadLetters {
             var skipped: [String: Int] = [:]
             var openBatches: [String: Bool] = [:]
             var inFlight: [(AMQPPublishConfirm, AMQPDelivery, DeadLetter)] = []
+            let remover = LetterRemover()
             let started = ContinuousClock.now
             let connection = try await AMQPConnection.connect(configuration: target.amqp)
             let publisher = try await connection.openChannel()
@@ -313,7 +336,7 @@ extension AQCommand.DeadLetters {
                         failed += 1
                         printError("\(letter.taskId ?? "-"): no queue took the copy (\(returned.replyText)); the dead letter stays")
                     default:
-                        try delivery.ack()
+                        try remover.remove(delivery)
                         replayed += 1
                     }
                 } catch {
@@ -322,7 +345,7 @@ extension AQCommand.DeadLetters {
                 }
             }
             let scan = try await runReporting {
-                try await DeadLetterReader(spec: spec, target: target).scan({ delivery, letter, _ in
+                try await DeadLetterReader(spec: spec, target: target).scan(remover: remover, { delivery, letter in
                     guard filter.matches(letter) else { return }
                     var batchOpen: Bool?
                     if letter.kind == .batchChild, let batch = letter.batchId {
@@ -391,11 +414,12 @@ extension AQCommand.DeadLetters {
             let filter = try self.filters.filter()
             let yes = self.yes
             var matching: [String: Int] = [:]
+            let remover = LetterRemover()
             let scan = try await runReporting {
-                try await DeadLetterReader(spec: spec, target: try self.broker.target()).scan { delivery, letter, _ in
+                try await DeadLetterReader(spec: spec, target: try self.broker.target()).scan(remover: remover) { delivery, letter in
                     guard filter.matches(letter) else { return }
                     matching[letter.reason, default: 0] += 1
-                    if yes { try delivery.ack() }
+                    if yes { try remover.remove(delivery) }
                 }
             }
             let total = matching.values.reduce(0, +)

@@ -141,3 +141,32 @@ extension DeadLetterCommandTests {
         await bridge.stop()
     }
 }
+
+extension DeadLetterCommandTests {
+    /// More letters than one consumer may hold (5,000): the scan reads them through several
+    /// channels, all of them, and removes exactly the ones asked for.
+    @Test func aQueueLargerThanOneConsumerIsReadWhole() async throws {
+        let bridge = try await BridgeHarness.start()
+        try await bridge.channel.enableConfirms()
+        let count = 11_000
+        var pending: [AMQPPublishConfirm] = []
+        for i in 0..<count {
+            let headers: AMQPTable = ["aq-reason": .string(i % 2 == 0 ? "not-retryable" : "malformed"), "aq-queue": "default", "aq-task-id": .string("big-\(i)")]
+            pending.append(bridge.channel.beginPublish(Array(#"{"callbackUrl":"http://127.0.0.1:9/x"}"#.utf8), exchange: "aq.dlx", routingKey: "aq.work.default",
+                                                       properties: AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent)))
+            if pending.count >= 500 {
+                for confirm in pending { _ = try await confirm.result() }
+                pending.removeAll()
+            }
+        }
+        for confirm in pending { _ = try await confirm.result() }
+        try await bridge.waitDepth("aq.dead", UInt32(count))
+        let list = try self.aq(bridge, ["list", "--limit", "1"])
+        #expect(list.out.contains("11000 dead letter(s) in aq.dead; 11000 matching, 1 shown: malformed 5500, not-retryable 5500"), "\(list.out)\(list.err)")
+        #expect(try await bridge.depth("aq.dead") == UInt32(count))
+        let purge = try self.aq(bridge, ["purge", "--reason", "malformed", "--yes"])
+        #expect(purge.out.contains("deleted 5500 of 11000"), "\(purge.out)\(purge.err)")
+        #expect(try await bridge.depth("aq.dead") == 5500)
+        await bridge.stop()
+    }
+}
