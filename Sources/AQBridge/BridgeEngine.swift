@@ -960,7 +960,9 @@ final class BridgeEngine: AMQPConnectionExtension {
                 return self.ack(run)
             }
             guard self.context.isCurrent(run.delivery) else { return self.end(run) }
-            let base = AMQPProperties(contentType: "application/json", headers: ["aq-kind": "webhook", "aq-webhook-url": .string(url)],
+            // The webhook id goes with it: a replay sends the webhook under the same id.
+            let base = AMQPProperties(contentType: "application/json",
+                                      headers: ["aq-kind": "webhook", "aq-webhook-url": .string(url), "aq-webhook-id": .string(id)],
                                       messageId: id, userId: self.settings.bridgeUser)
             let giveUp = { [unowned self] in
                 self.count(.webhooksFailed)

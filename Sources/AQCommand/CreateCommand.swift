@@ -44,6 +44,9 @@ func readJSON(text: String?, file: String?, what: String) throws -> Any? {
     }
 }
 
+/// A number of seconds from the command line, kept to what a sleep can take (0 to 30 days).
+func seconds(_ value: Double) -> Double { value.isFinite ? min(max(value, 0), 30 * 86_400) : 30 * 86_400 }
+
 /// Runs `body` with a connection, closed after it whatever happens.
 func withConnection<T>(_ target: BrokerTarget, _ body: (AMQPConnection) async throws -> T) async throws -> T {
     let connection = try await AMQPConnection.connect(configuration: target.amqp)
@@ -126,7 +129,7 @@ extension AQCommand.Tasks {
             if let v = self.delay { task["delay"] = v }
             let body = Array(try JSONSerialization.data(withJSONObject: task, options: [.withoutEscapingSlashes, .fragmentsAllowed]))
             let id = self.id ?? UUID().uuidString.lowercased()
-            let wait = self.wait, timeout = self.waitTimeout, queue = self.queue
+            let wait = self.wait, timeout = seconds(self.waitTimeout), queue = self.queue
             let outcome: [UInt8]? = try await runReporting { try await withConnection(target) { connection in
                 let channel = try await connection.openChannel()
                 guard wait else {
@@ -165,7 +168,7 @@ extension AQCommand.Tasks {
     }
 }
 
-/// `aq batches create` and `aq chains create`: the wire format's JSON, published as it is.
+/// `aq batches create` and `aq chains create`: the wire format's JSON, published as given.
 struct CreateMessage: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "create",
@@ -208,7 +211,7 @@ struct CreateMessage: AsyncParsableCommand {
         let named = (object[kind] as? [String: Any])?["id"] as? String
         let id = named ?? self.id ?? UUID().uuidString.lowercased()
         let body = Array(try JSONSerialization.data(withJSONObject: object, options: [.withoutEscapingSlashes]))
-        let queue = self.queue, wait = self.wait, timeout = self.waitTimeout
+        let queue = self.queue, wait = self.wait, timeout = seconds(self.waitTimeout)
         let ended: [UInt8]? = try await runReporting {
             try await withConnection(target) { connection in
                 guard wait else {

@@ -58,6 +58,14 @@ struct DeadLetterReader {
     let spec: TopologySpec
     let target: BrokerTarget
 
+    /// The logins whose AsyncQueue headers on a letter are believed: ours (the bridge's, as the
+    /// README asks) and `AQ_TRUSTED_PUBLISHERS`, as aq-bridge reads it.
+    var trustedUsers: Set<String> {
+        let listed = ProcessInfo.processInfo.environment["AQ_TRUSTED_PUBLISHERS"]?
+            .split(whereSeparator: { $0 == "," || $0 == " " }).map(String.init) ?? []
+        return Set(listed + [self.target.amqp.user])
+    }
+
     struct Scan {
         var total = 0
         var read = 0
@@ -73,6 +81,10 @@ struct DeadLetterReader {
         // Never refuse a letter as unreadable: a consumer's refusal would drop it (aq.dead has no
         // dead-letter exchange of its own).
         configuration.contentLimits = AMQPContentLimits(maxHeaderFields: .max, maxHeaderDepth: .max, maxBodyBytes: .max)
+        // No reconnection: the letters held would come back and be read twice; a scan whose
+        // connection broke fails (run it again).
+        configuration.recovery.enabled = false
+        let trusted = self.trustedUsers
         let connection = try await AMQPConnection.connect(configuration: configuration)
         do {
             let channel = try await connection.openChannel()
@@ -88,7 +100,8 @@ struct DeadLetterReader {
                 // letters wait in memory at once, and a scan can hold up to 2,047 channels' worth.
                 // What arrives after the start (a replayed task failing again) is not read: the
                 // scan stops at the count it started with.
-                let (stream, feed) = AsyncThrowingStream<AMQPDelivery, any Error>.makeStream()
+                enum Arrival: Sendable { case letter(AMQPDelivery), tick }
+                let (stream, feed) = AsyncThrowingStream<Arrival, any Error>.makeStream()
                 var consumers: [AMQPConsumer] = []
                 var feeders: [Task<Void, Never>] = []
                 var delivered: [String: Int] = [:]
@@ -100,17 +113,33 @@ struct DeadLetterReader {
                     consumers.append(consumer)
                     feeders.append(Task {
                         do {
-                            for try await delivery in consumer { feed.yield(delivery) }
+                            for try await delivery in consumer { feed.yield(.letter(delivery)) }
                         } catch {
                             feed.finish(throwing: error)
                         }
                     })
                 }
                 try await addConsumer()
-                for try await delivery in stream {
+                // The count at the start may not all come: another command holds some, or they
+                // expired. Once nothing arrived for a second and nothing is ready, the scan ends.
+                let ticker = Task {
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: .seconds(1))
+                        feed.yield(.tick)
+                    }
+                }
+                defer { ticker.cancel() }
+                var lastArrival = ContinuousClock.now
+                for try await arrival in stream {
+                    guard case .letter(let delivery) = arrival else {
+                        if ContinuousClock.now - lastArrival >= .seconds(1),
+                           try await channel.declareQueue(queue, passive: true).messageCount == 0 { break }
+                        continue
+                    }
+                    lastArrival = .now
                     scan.read += 1
                     delivered[delivery.consumerTag ?? "", default: 0] += 1
-                    try await visit(delivery, DeadLetter(delivery, spec: self.spec))
+                    try await visit(delivery, DeadLetter(delivery, spec: self.spec, trustedUsers: trusted))
                     if scan.read >= scan.total { break }
                     if let newest = consumers.last?.tag, delivered[newest, default: 0] - remover.removed[newest, default: 0] >= Self.perChannel {
                         try await addConsumer()
@@ -294,12 +323,12 @@ extension AQCommand.DeadLetters {
             abstract: "Publish dead letters back where they came from; each is removed only once the broker confirmed its copy.",
             discussion: """
                 A task goes to its work queue with a fresh attempt count; a webhook that could not be delivered goes back \
-                as a webhook job (the callback does not run again); a chain step resumes its chain at that step; a batch \
-                child re-joins its batch if the batch is still open, else it stays (its batch reported without it); an \
-                outcome its reply_to did not take goes to that queue again. Malformed and unrouted letters, and letters the \
-                bridge rejected unread, stay: replaying them would fail the same way. Webhook jobs and batch children carry \
-                AsyncQueue headers the bridge honours only from a trusted publisher: replay them with the bridge's user \
-                (or one in trusted_publishers). Interrupted at any point (even kill -9), nothing is lost: run it again; \
+                as a webhook job (the callback does not run again); a chain step resumes its chain at that step; an outcome \
+                its reply_to did not take goes to that queue again. A batch child stays: its batch counted its failure \
+                already (each child counts once). Malformed and unrouted letters, and letters the \
+                bridge rejected unread, stay: replaying them would fail the same way. Webhook jobs carry AsyncQueue headers \
+                the bridge honours only from a trusted publisher: replay them with the bridge's user (or one in \
+                trusted_publishers). Interrupted at any point (even kill -9), nothing is lost: run it again; \
                 the copies confirmed in the last moment before the interruption (at most --window) are replayed twice, \
                 with the same task id.
                 """)
@@ -318,10 +347,9 @@ extension AQCommand.DeadLetters {
             let spec = try self.files.load()
             let filter = try self.filters.filter()
             let target = try self.broker.target()
-            let dryRun = self.dryRun, rate = self.rate, window = max(1, self.window)
+            let dryRun = self.dryRun, rate = self.rate.isFinite ? min(max(self.rate, 0), 1e6) : 0, window = min(max(1, self.window), 100_000)
             var replayed = 0, failed = 0
             var skipped: [String: Int] = [:]
-            var openBatches: [String: Bool] = [:]
             var inFlight: [(AMQPPublishConfirm, AMQPDelivery, DeadLetter)] = []
             let remover = LetterRemover()
             let started = ContinuousClock.now
@@ -347,25 +375,19 @@ extension AQCommand.DeadLetters {
             let scan = try await runReporting {
                 try await DeadLetterReader(spec: spec, target: target).scan(remover: remover, { delivery, letter in
                     guard filter.matches(letter) else { return }
-                    var batchOpen: Bool?
-                    if letter.kind == .batchChild, let batch = letter.batchId {
-                        if let known = openBatches[batch] {
-                            batchOpen = known
-                        } else {
-                            batchOpen = try await Self.batchIsOpen(batch, spec: spec, connection: connection)
-                            openBatches[batch] = batchOpen
-                        }
-                    }
-                    switch ReplayPlan.make(letter, delivery, spec: spec, batchIsOpen: batchOpen) {
+                    switch ReplayPlan.make(letter, delivery, spec: spec) {
                     case .skip(let why):
                         skipped[why, default: 0] += 1
-                    case .publish(let exchange, let routingKey, let properties, let body):
+                    case .publish(let exchange, let routingKey, var properties, let body):
+                        // Our login as user_id (the broker checks it): a bridge trusts the
+                        // AsyncQueue headers of a webhook job only from a trusted user.
+                        properties.userId = target.amqp.user
                         if dryRun {
                             print("\(letter.taskId ?? "-") (\(letter.kind.rawValue), \(letter.reason)) -> exchange '\(exchange)', routing key '\(routingKey)'")
                             replayed += 1
                             return
                         }
-                        if rate > 0 {
+                        if rate >= 0.001 {
                             let due = started + .milliseconds(Int64(Double(replayed + failed + inFlight.count) * 1000 / rate))
                             if due > .now { try await Task.sleep(until: due) }
                         }
@@ -384,18 +406,6 @@ extension AQCommand.DeadLetters {
                   + (failed > 0 ? "; \(failed) could not be published (they stay)" : ""))
             for (why, count) in skipped.sorted(by: { $0.value > $1.value }) { print("  left \(count): \(why)") }
             if failed > 0 { throw ExitCode.failure }
-        }
-
-        /// A batch takes outcomes while its reply queue exists.
-        static func batchIsOpen(_ id: String, spec: TopologySpec, connection: AMQPConnection) async throws -> Bool {
-            let channel = try await connection.openChannel()
-            do {
-                _ = try await channel.declareQueue(spec.batchQueueName(forBatch: id) + ".replies", passive: true)
-                try await channel.close()
-                return true
-            } catch let error as AMQPError where error.replyCode == .notFound {
-                return false  // the broker closed the channel
-            }
         }
     }
 

@@ -36,7 +36,7 @@ extension AQCommand.Events {
             let spec = try self.files.load()
             let target = try self.broker.target()
             let filters = self.filter.isEmpty ? ["#"] : self.filter
-            let count = self.count, timeout = self.timeout, json = self.json
+            let count = self.count, timeout = seconds(self.timeout), json = self.json
             try await runReporting {
                 try await withConnection(target) { connection in
                     let channel = try await connection.openChannel()

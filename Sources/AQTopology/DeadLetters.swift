@@ -35,10 +35,22 @@ public struct DeadLetter: Sendable {
     public var batchIndex: Int?
     public var bodyBytes: Int
 
-    public init(_ delivery: AMQPDelivery, spec: TopologySpec) {
-        let headers = delivery.properties.headers ?? AMQPTable()
-        let death = Self.firstDeath(headers)
-        self.reason = headers["aq-reason"]?.stringValue ?? headers["x-first-death-reason"]?.stringValue ?? death?["reason"]?.stringValue ?? "unknown"
+    /// Whether AsyncQueue's own headers on it (`aq-kind`, `aq-webhook-url`, `aq-reply-to`,
+    /// `aq-batch…`, `aq-queue`) were written by a trusted user — the broker checks `user_id`
+    /// against the publisher's login. A publisher's own message that the broker dead-lettered
+    /// (expired, say) keeps whatever headers it carried: they are not believed.
+    public var trusted: Bool
+    /// The broker dead-lettered it (delivery limit, expiry): it has `x-death`.
+    public var deadLetteredByBroker: Bool
+
+    /// `trustedUsers`: the logins whose `aq-…` headers are believed (the bridge's).
+    public init(_ delivery: AMQPDelivery, spec: TopologySpec, trustedUsers: Set<String>) {
+        let all = delivery.properties.headers ?? AMQPTable()
+        self.trusted = delivery.properties.userId.map { trustedUsers.contains($0) } ?? false
+        let headers = self.trusted ? all : AMQPTable(all.filter { !$0.key.hasPrefix("aq-") })
+        let death = Self.lastDeath(all)
+        self.deadLetteredByBroker = death != nil
+        self.reason = headers["aq-reason"]?.stringValue ?? death?["reason"]?.stringValue ?? all["x-first-death-reason"]?.stringValue ?? "unknown"
         self.error = headers["aq-error"]?.stringValue
         self.status = headers["aq-last-status"]?.intValue.map { Int(clamping: $0) }
         self.attempts = (headers["aq-attempts"]?.intValue ?? death?["count"]?.intValue).map { Int(clamping: $0) }
@@ -47,7 +59,7 @@ public struct DeadLetter: Sendable {
         self.taskId = headers["aq-task-id"]?.stringValue ?? delivery.properties.messageId
         if let queue = headers["aq-queue"]?.stringValue {
             self.queue = queue
-        } else if let queue = headers["x-first-death-queue"]?.stringValue ?? death?["queue"]?.stringValue {
+        } else if let queue = death?["queue"]?.stringValue ?? all["x-first-death-queue"]?.stringValue {
             self.queue = queue.hasPrefix(spec.workQueuePrefix) ? String(queue.dropFirst(spec.workQueuePrefix.count)) : queue
         }
         self.bodyBytes = delivery.body.count
@@ -57,7 +69,7 @@ public struct DeadLetter: Sendable {
         case "webhook"?: self.kind = .webhook
         case "reply"?: self.kind = .reply
         default:
-            if self.reason == "reply-undeliverable" {
+            if self.reason == "reply-undeliverable" && self.trusted {
                 self.kind = .reply
             } else if self.batchId != nil {
                 self.kind = .batchChild
@@ -71,9 +83,10 @@ public struct DeadLetter: Sendable {
         }
     }
 
-    /// The broker's record of the first time it dead-lettered the message.
-    static func firstDeath(_ headers: AMQPTable) -> AMQPTable? {
-        guard case .array(let deaths)? = headers["x-death"], case .table(let last)? = deaths.last else { return nil }
+    /// The broker's record of the last time it dead-lettered the message (`x-death` lists the
+    /// most recent first).
+    static func lastDeath(_ headers: AMQPTable) -> AMQPTable? {
+        guard case .array(let deaths)? = headers["x-death"], case .table(let last)? = deaths.first else { return nil }
         return last
     }
 
@@ -143,9 +156,8 @@ public enum ReplayPlan: Sendable {
     /// Leave it where it is, for this reason.
     case skip(String)
 
-    /// Where `letter` (read from `delivery`) goes back to. `batchIsOpen` says whether a batch
-    /// child's batch still takes outcomes (nil: unknown).
-    public static func make(_ letter: DeadLetter, _ delivery: AMQPDelivery, spec: TopologySpec, batchIsOpen: Bool? = nil) -> ReplayPlan {
+    /// Where `letter` (read from `delivery`) goes back to.
+    public static func make(_ letter: DeadLetter, _ delivery: AMQPDelivery, spec: TopologySpec) -> ReplayPlan {
         let original = delivery.properties
         switch letter.reason {
         case "malformed":
@@ -159,6 +171,9 @@ public enum ReplayPlan: Sendable {
         }
         if letter.kind == .reply {
             guard let replyTo = original.headers?["aq-reply-to"]?.stringValue else { return .skip("a reply without aq-reply-to") }
+            if replyTo.hasPrefix("amq.gen-") || replyTo.hasPrefix("amq.rabbitmq.reply-to") {
+                return .skip("a reply to a temporary queue (\(replyTo.prefix(40))), gone with its client")
+            }
             var properties = Self.fresh(original)
             properties.headers = Self.publisherHeaders(original)
             return .publish(exchange: "", routingKey: replyTo, properties: properties, body: delivery.body)
@@ -181,8 +196,11 @@ public enum ReplayPlan: Sendable {
             }
             headers["aq-attempt"] = .int32(1)
         case .batchChild:
-            guard batchIsOpen == true else {
-                return .skip("batch \(letter.batchId ?? "?") has ended (its report went out without this child); publish the task by hand to run it alone")
+            // The bridge dead-letters a child once its batch counted the failure (a batch counts
+            // each child once, so a copy would run and change nothing). A child the broker
+            // dead-lettered (delivery limit, expiry) was never counted: it goes back as the child.
+            guard letter.deadLetteredByBroker, original.headers?["aq-reason"] == nil else {
+                return .skip("a child of batch \(letter.batchId ?? "?"): the batch counted its failure already (each child counts once); publish the task by hand to run it alone")
             }
             for key in ["aq-batch", "aq-batch-index", "aq-batch-join"] {
                 if let value = original.headers?[key] { headers[key] = value }

@@ -83,7 +83,7 @@ import Testing
             let headers: AMQPTable = ["aq-reason": "retries-exhausted", "aq-queue": "default", "aq-task-id": .string("r-\(i)"), "aq-attempts": .int32(4),
                                       "aq-error": "HTTP 503", "aq-dead-lettered-at": .timestamp(UInt64(Date().timeIntervalSince1970))]
             try await bridge.channel.publish(#"{"callbackUrl":"\#(receiver.url("/ok"))","payload":{"i":\#(i)}}"#, exchange: "aq.dlx", routingKey: "aq.work.default",
-                                             properties: AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent, messageId: "r-\(i)"))
+                                             properties: AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent, messageId: "r-\(i)", userId: try AMQPConfiguration(url: bridge.amqpURL).user))
         }
         try await bridge.waitDepth("aq.dead", UInt32(count))
         // Replay slowly, kill -9 it halfway.
@@ -131,7 +131,7 @@ extension DeadLetterCommandTests {
         for i in 0..<count {
             let headers: AMQPTable = ["aq-reason": "retries-exhausted", "aq-queue": "default", "aq-task-id": .string("r-\(i)")]
             try await bridge.channel.publish(#"{"callbackUrl":"\#(receiver.url("/ok"))","payload":{"i":\#(i)}}"#, exchange: "aq.dlx", routingKey: "aq.work.default",
-                                             properties: AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent, messageId: "r-\(i)"))
+                                             properties: AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent, messageId: "r-\(i)", userId: try AMQPConfiguration(url: bridge.amqpURL).user))
         }
         try await bridge.waitDepth("aq.dead", UInt32(count))
         let again = try self.aq(bridge, ["replay", "--window", "64"])
@@ -149,11 +149,12 @@ extension DeadLetterCommandTests {
         let bridge = try await BridgeHarness.start()
         try await bridge.channel.enableConfirms()
         let count = 11_000
+        let user = try AMQPConfiguration(url: bridge.amqpURL).user  // as the bridge writes them
         var pending: [AMQPPublishConfirm] = []
         for i in 0..<count {
             let headers: AMQPTable = ["aq-reason": .string(i % 2 == 0 ? "not-retryable" : "malformed"), "aq-queue": "default", "aq-task-id": .string("big-\(i)")]
             pending.append(bridge.channel.beginPublish(Array(#"{"callbackUrl":"http://127.0.0.1:9/x"}"#.utf8), exchange: "aq.dlx", routingKey: "aq.work.default",
-                                                       properties: AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent)))
+                                                       properties: AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent, userId: user)))
             if pending.count >= 500 {
                 for confirm in pending { _ = try await confirm.result() }
                 pending.removeAll()
@@ -167,6 +168,30 @@ extension DeadLetterCommandTests {
         let purge = try self.aq(bridge, ["purge", "--reason", "malformed", "--yes"])
         #expect(purge.out.contains("deleted 5500 of 11000"), "\(purge.out)\(purge.err)")
         #expect(try await bridge.depth("aq.dead") == 5500)
+        await bridge.stop()
+    }
+}
+
+extension DeadLetterCommandTests {
+    @Test func aWebhookThatWasGivenUpIsReplayedAsTheWebhookOnly() async throws {
+        let receiver = try Receiver()
+        let healthy = Atomic<Bool>(false)
+        receiver.on("/cb") { _, _ in .json(#"{"made":1}"#) }
+        receiver.on("/hook") { _, _ in healthy.load(ordering: .relaxed) ? .json("{}") : .text("down", status: 500) }
+        let bridge = try await BridgeHarness.start { $0.webhookAttempts = 1 }
+        try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/cb"))","webhookUrl":"\#(receiver.url("/hook"))"}"#, id: "wh-1")
+        try await bridge.waitDepth("aq.dead", 1)
+        try await bridge.waitIdle()
+        #expect(try self.aq(bridge, ["list"]).out.contains("webhook-failed"))
+        healthy.store(true, ordering: .relaxed)
+        let replay = try self.aq(bridge, ["replay"])
+        #expect(replay.out.contains("replayed 1 of 1"), "\(replay.out)\(replay.err)")
+        let hooks = try await receiver.wait("/hook", count: 2)
+        #expect((hooks[1].request.json?["result"] as? [String: Any])?["made"] as? Int == 1)
+        #expect(hooks[1].request.header("webhook-id") == "wh-1:result")
+        try await bridge.waitIdle()
+        #expect(receiver.requests("/cb").count == 1, "the callback did not run again")
+        #expect(try await bridge.depth("aq.dead") == 0)
         await bridge.stop()
     }
 }

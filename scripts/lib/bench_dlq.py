@@ -11,7 +11,8 @@ import time
 import pika
 
 mode, url = sys.argv[1], sys.argv[2]
-connection = pika.BlockingConnection(pika.URLParameters(url))
+parameters = pika.URLParameters(url)
+connection = pika.BlockingConnection(parameters)
 channel = connection.channel()
 if mode == "fill":
     n = int(sys.argv[3])
@@ -23,7 +24,8 @@ if mode == "fill":
                    "aq-error": "HTTP 503: upstream unavailable", "aq-last-status": 503, "aq-dead-lettered-at": now}
         body = f'{{"callbackUrl":"http://127.0.0.1:18080/cb","payload":{{"order":{i},"items":[1,2,3]}}}}'
         channel.basic_publish("aq.dlx", "aq.work.default", body,
-                              pika.BasicProperties(content_type="application/json", delivery_mode=2, message_id=f"dlq-{i}", headers=headers))
+                              pika.BasicProperties(content_type="application/json", delivery_mode=2, message_id=f"dlq-{i}", headers=headers,
+                                                   user_id=parameters.credentials.username))  # as the bridge writes them
     deadline = time.time() + 120
     while channel.queue_declare("aq.dead", passive=True).method.message_count < n:
         if time.time() > deadline:
