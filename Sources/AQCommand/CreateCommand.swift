@@ -47,6 +47,24 @@ func readJSON(text: String?, file: String?, what: String) throws -> Any? {
 /// A number of seconds from the command line, kept to what a sleep can take (0 to 30 days).
 func seconds(_ value: Double) -> Double { value.isFinite ? min(max(value, 0), 30 * 86_400) : 30 * 86_400 }
 
+/// The body of the first message from `consumer` that `matches`, or nil after `seconds`.
+func firstBody(from consumer: AMQPConsumer, within seconds: Double,
+               where matches: @escaping @Sendable (AMQPDelivery) -> Bool) async throws -> [UInt8]? {
+    try await withThrowingTaskGroup(of: [UInt8]?.self) { group in
+        group.addTask {
+            for try await message in consumer where matches(message) { return message.body }
+            return nil
+        }
+        group.addTask {
+            try await Task.sleep(for: .milliseconds(Int64(seconds * 1000)))
+            return nil
+        }
+        let first = try await group.next() ?? nil
+        group.cancelAll()
+        return first
+    }
+}
+
 /// Runs `body` with a connection, closed after it whatever happens.
 func withConnection<T>(_ target: BrokerTarget, _ body: (AMQPConnection) async throws -> T) async throws -> T {
     let connection = try await AMQPConnection.connect(configuration: target.amqp)
@@ -142,19 +160,7 @@ extension AQCommand.Tasks {
                 let consumer = try await replies.consume(info.name, exclusive: true, noAck: true)
                 try await publishCreate(body, queue: queue, id: id, replyTo: info.name, spec: spec, channel: channel)
                 printError("task \(id) published; waiting up to \(timeout) s for its outcome")
-                return try await withThrowingTaskGroup(of: [UInt8]?.self) { group in
-                    group.addTask {
-                        for try await message in consumer where message.properties.correlationId == id { return message.body }
-                        return nil
-                    }
-                    group.addTask {
-                        try await Task.sleep(for: .milliseconds(Int64(timeout * 1000)))
-                        return nil
-                    }
-                    let first = try await group.next() ?? nil
-                    group.cancelAll()
-                    return first
-                }
+                return try await firstBody(from: consumer, within: timeout) { $0.properties.correlationId == id }
             } }
             guard wait else { return print(id) }
             guard let outcome else {
@@ -227,21 +233,8 @@ struct CreateMessage: AsyncParsableCommand {
                 try await publishCreate(body, queue: queue, id: id, spec: spec, channel: try await connection.openChannel())
                 printError("\(kind) \(id) published; waiting up to \(timeout) s for its end")
                 let key = kind == "batch" ? "batchId" : "chainId"
-                return try await withThrowingTaskGroup(of: [UInt8]?.self) { group in
-                    group.addTask {
-                        for try await event in consumer {
-                            let object = try? JSONSerialization.jsonObject(with: Data(event.body)) as? [String: Any]
-                            if object?[key] as? String == id { return event.body }
-                        }
-                        return nil
-                    }
-                    group.addTask {
-                        try await Task.sleep(for: .milliseconds(Int64(timeout * 1000)))
-                        return nil
-                    }
-                    let first = try await group.next() ?? nil
-                    group.cancelAll()
-                    return first
+                return try await firstBody(from: consumer, within: timeout) { event in
+                    (try? JSONSerialization.jsonObject(with: Data(event.body)) as? [String: Any])?[key] as? String == id
                 }
             }
         }
