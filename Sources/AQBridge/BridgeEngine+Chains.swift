@@ -35,7 +35,7 @@ extension BridgeEngine {
             guard message.batches[0] == nil, (message.queues[0] ?? home) == run.queue.name else {
                 // Step 1 runs elsewhere (another queue, or a batch): it goes out (confirmed),
                 // then the create is acked.
-                return self.publishStep(message, step: 1, history: [], results: [], traceparent: self.traceparent(of: run)) { [unowned self] result in
+                return self.publishStep(message, step: 1, history: [], results: [], traceparent: run.traceparent) { [unowned self] result in
                     guard self.isActive(run) else { return }
                     switch result {
                     case .success: self.ack(run)
@@ -66,7 +66,7 @@ extension BridgeEngine {
         }
         guard var task = message.specs[step - 1] else { return self.requeue(run, "chain step \(step) is neither a task nor a batch") }
         task.payload = message.callbackBody(step: step)[...]
-        task.traceparent = nil  // a step's trace context is its message's header (see traceparent(of:))
+        task.traceparent = nil  // a step's trace context is its message's header (see Run.traceparent)
         task.webhookURL = nil
         task.failureWebhookURL = nil
         // When its message was published: the bridge's own millisecond stamp, else the AMQP
@@ -101,12 +101,19 @@ extension BridgeEngine {
         case .success(let value): body = value
         }
         let queue = message.queues[step - 1] ?? message.queue ?? "default"
-        var properties = AMQPProperties(contentType: "application/json",
-                                        headers: ["aq-chain": .string(message.id), "aq-chain-step": .int32(Int32(step)), "aq-step-at": .int64(Self.unixMilliseconds())],
-                                        deliveryMode: .persistent, messageId: "\(message.id):\(step)",
-                                        timestamp: UInt64(Date().timeIntervalSince1970), userId: self.settings.bridgeUser)
-        if let traceparent { properties.headers?["traceparent"] = .string(traceparent) }
+        let properties = self.stepProperties(message, step: step, traceparent: traceparent,
+                                             adding: ["aq-chain": .string(message.id), "aq-chain-step": .int32(Int32(step))])
         self.publish(exchange: self.settings.spec.chainExchange, routingKey: "\(queue).\(message.id).\(step)", properties: properties, body: body, done)
+    }
+
+    /// A step message's properties: its stable id, when it was published (Unix ms, the step's
+    /// start), the chain's trace context, and `ours`.
+    private func stepProperties(_ message: ChainMessage, step: Int, traceparent: String?, adding ours: AMQPTable) -> AMQPProperties {
+        var headers = ours
+        headers["aq-step-at"] = .int64(Self.unixMilliseconds())
+        if let traceparent { headers["traceparent"] = .string(traceparent) }
+        return AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent, messageId: "\(message.id):\(step)",
+                              timestamp: UInt64(Date().timeIntervalSince1970), userId: self.settings.bridgeUser)
     }
 
     /// A webhook job for a chain (published to its work queue, confirmed; delivered like any webhook).
@@ -145,7 +152,7 @@ extension BridgeEngine {
             }
         }
         self.publishStep(message, step: chain.step + 1, history: history, results: message.results + [result[...]],
-                         traceparent: self.traceparent(of: run)) { [unowned self] outcome in
+                         traceparent: run.traceparent) { [unowned self] outcome in
             guard self.isActive(run) else { return }
             switch outcome {
             case .success:
@@ -159,7 +166,8 @@ extension BridgeEngine {
                 // The next step's queue refused it (full, say): running this step's callback again
                 // would be wrong, so the next step waits in a retry tier and enters its queue from
                 // there; only if that fails too is the step handed back.
-                self.parkNextStep(message, step: chain.step + 1, history: history, results: message.results + [result[...]]) { [unowned self] parked in
+                self.parkNextStep(message, step: chain.step + 1, history: history, results: message.results + [result[...]],
+                                  traceparent: run.traceparent) { [unowned self] parked in
                     guard self.isActive(run) else { return }
                     if parked { return self.ack(run) }
                     self.requeue(run, "could not advance chain \(message.id): \(error)")
@@ -170,13 +178,11 @@ extension BridgeEngine {
 
     /// Publishes the next step's message to the parking tier, routed back to its work queue.
     private func parkNextStep(_ message: ChainMessage, step: Int, history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>],
-                              _ done: @escaping (Bool) -> Void) {
+                              traceparent: String?, _ done: @escaping (Bool) -> Void) {
         guard let tier = self.parkTier else { return done(false) }
         let queue = message.queues[step - 1] ?? message.queue ?? "default"
-        let properties = AMQPProperties(contentType: "application/json",
-                                        headers: ["retry-tier": .string(self.settings.spec.retryTierHeader(for: tier)), "aq-step-at": .int64(Self.unixMilliseconds())],
-                                        deliveryMode: .persistent, messageId: "\(message.id):\(step)",
-                                        timestamp: UInt64(Date().timeIntervalSince1970), userId: self.settings.bridgeUser)
+        let properties = self.stepProperties(message, step: step, traceparent: traceparent,
+                                             adding: ["retry-tier": .string(self.settings.spec.retryTierHeader(for: tier))])
         self.publish(exchange: self.settings.spec.retryExchange, routingKey: self.settings.spec.queueName(forWorkQueue: queue), properties: properties,
                      body: message.stepMessage(step: step, history: history, results: results)) { result in
             if case .success = result { done(true) } else { done(false) }

@@ -54,7 +54,7 @@ extension BridgeEngine {
         if let run {
             let elapsed = ContinuousClock.now - run.began
             body += ",\"durationMs\":\(elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000)"
-            if let traceparent = self.traceparent(of: run) { body += ",\"traceparent\":\"\(traceparent)\"" }
+            if let traceparent = run.traceparent { body += ",\"traceparent\":\"\(traceparent)\"" }
         }
         body += fields
         body += "}"

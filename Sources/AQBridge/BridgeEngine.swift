@@ -77,6 +77,11 @@ final class BridgeEngine: AMQPConnectionExtension {
         var active = false
         /// When the bridge received it (for the events' durations).
         let began = ContinuousClock.now
+        /// Its W3C trace context, read once when first asked for (its task is known by then): the
+        /// task's `traceparent` field, else (a webhook job, a chain step) its message's header,
+        /// when valid.
+        lazy var traceparent: String? = self.task?.traceparent
+            ?? self.delivery.properties.headers?["traceparent"]?.stringValue.flatMap(TaskParser.validTraceparent)
         init(delivery: AMQPDelivery, queue: ServedQueue, queueIndex: Int, attempt: Int, trusted: Bool) {
             self.delivery = delivery
             self.queue = queue
@@ -335,10 +340,7 @@ final class BridgeEngine: AMQPConnectionExtension {
             self.chainMessage(run)
         case .failure(let malformed):
             self.rejectMalformed(run, "task", malformed.reason, webhook: malformed.notify)
-        case .success(var task):
-            if task.traceparent == nil, let header = properties.headers?["traceparent"]?.stringValue {
-                task.traceparent = TaskParser.validTraceparent(header)
-            }
+        case .success(let task):
             if let problem = self.replyProblem(properties.replyTo) {
                 return self.rejectMalformed(run, "task", problem, taskId: task.id, webhook: task.webhook(forFailure: true), reply: false)
             }
@@ -489,7 +491,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         }
         let started = ContinuousClock.now
         var headers = ["AsyncQueue-Task-Id: \(request.taskId)", "AsyncQueue-Attempt: \(request.attempt)", "webhook-id: \(request.id)"]
-        if let traceparent = self.traceparent(of: request.run) { headers.append("traceparent: \(traceparent)") }
+        if let traceparent = request.run.traceparent { headers.append("traceparent: \(traceparent)") }
         if self.signing.isEnabled {
             let timestamp = Int(Date().timeIntervalSince1970)
             headers.append("webhook-timestamp: \(timestamp)")
@@ -505,13 +507,6 @@ final class BridgeEngine: AMQPConnectionExtension {
                                                 latency: answered ? now - started : nil, now: now) { self.send(next) }
             request.done(result)
         }
-    }
-
-    /// The run's W3C trace context: its task's, else (a webhook job, a chain step) the
-    /// message's `traceparent` header, when valid.
-    func traceparent(of run: Run) -> String? {
-        if let traceparent = run.task?.traceparent { return traceparent }
-        return run.delivery.properties.headers?["traceparent"]?.stringValue.flatMap(TaskParser.validTraceparent)
     }
 
     // MARK: Callback
@@ -620,7 +615,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         self.emit(.taskFailed, queue: run.queue.name, taskId: task.id, attempt: run.attempt, run: run,
                   fields: ",\"reason\":\"\(reason)\",\"error\":\(JSONScan.quote(Self.clip(outcome.reason, 200)))")
         var metadata: Logger.Metadata = ["task.id": "\(task.id)", "queue": "\(run.queue.name)", "attempts": "\(run.attempt)", "reason": "\(reason)", "error": "\(outcome.reason)"]
-        if let traceparent = self.traceparent(of: run) { metadata["traceparent"] = "\(traceparent)" }
+        if let traceparent = run.traceparent { metadata["traceparent"] = "\(traceparent)" }
         self.logger.info("task failed", metadata: metadata)
         self.deadLetter(run, reason: reason, error: outcome.reason, status: outcome.status, taskId: task.id) { [unowned self] in
             let failure = Outcome.Failure(reason: reason, message: outcome.reason, status: outcome.status,
@@ -978,7 +973,7 @@ final class BridgeEngine: AMQPConnectionExtension {
                let tier = RetryPolicy.tier(forRetry: attempt, retryAfter: retryAfter, tiers: self.settings.spec.retryTiers, jitter: self.settings.retryJitter) {
                 // Its own schedule: a webhook job waits in a tier; the callback never runs again.
                 var properties = self.webhookJob(url: url, taskId: taskId, attempt: attempt + 1, tier: tier, lastError: outcome.reason, webhookId: webhookId)
-                if let traceparent = self.traceparent(of: run) { properties.headers?["traceparent"] = .string(traceparent) }
+                if let traceparent = run.traceparent { properties.headers?["traceparent"] = .string(traceparent) }
                 self.publishThenAck(run, exchange: self.settings.spec.retryExchange, properties: properties, body: body,
                                     counting: .webhooksRetried, "the webhook retry") { _ in giveUp() }
                 return
@@ -1007,7 +1002,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         guard let tier = self.parkTier else { return }  // no tiers: it keeps its place in line
         self.logger.debug("webhook parked", metadata: ["task.id": "\(taskId)", "reason": "\(reason)"])
         var properties = self.webhookJob(url: url, taskId: taskId, attempt: attempt, tier: tier, lastError: nil, webhookId: webhookId)
-        if let traceparent = self.traceparent(of: run) { properties.headers?["traceparent"] = .string(traceparent) }
+        if let traceparent = run.traceparent { properties.headers?["traceparent"] = .string(traceparent) }
         self.publishThenAck(run, exchange: self.settings.spec.retryExchange,
                             properties: properties, body: body,
                             counting: .tasksParked, "the parked webhook") { [unowned self] error in

@@ -402,7 +402,9 @@ extension AQCommand.DeadLetters {
             }
             await connection.close()
             let verb = dryRun ? "would replay" : "replayed"
-            print("\(verb) \(replayed) of \(scan.total) dead letter(s) in \(String(format: "%.1f", Double((ContinuousClock.now - started).components.seconds) + Double((ContinuousClock.now - started).components.attoseconds) / 1e18)) s"
+            let elapsed = (ContinuousClock.now - started).components
+            let seconds = Double(elapsed.seconds) + Double(elapsed.attoseconds) / 1e18
+            print("\(verb) \(replayed) of \(scan.total) dead letter(s) in \(String(format: "%.1f", seconds)) s"
                   + (failed > 0 ? "; \(failed) could not be published (they stay)" : ""))
             for (why, count) in skipped.sorted(by: { $0.value > $1.value }) { print("  left \(count): \(why)") }
             if failed > 0 { throw ExitCode.failure }

@@ -91,8 +91,11 @@ public struct DeadLetter: Sendable {
     }
 
     /// The chain id and step of a chain step message (`{"chain": {...}, ..., "step": n}`).
+    static let chainKey = Array("\"chain\"".utf8)
+
     static func chainStep(_ body: [UInt8], messageId: String?) -> (String, Int)? {
-        guard body.first == UInt8(ascii: "{"), body.count < 64 << 20,
+        // Most letters are tasks: only a body naming "chain" is parsed.
+        guard body.first == UInt8(ascii: "{"), body.count < 64 << 20, body.firstRange(of: Self.chainKey) != nil,
               let object = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any],
               let chain = object["chain"] as? [String: Any], let step = object["step"] as? Int
         else { return nil }
