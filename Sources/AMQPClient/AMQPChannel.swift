@@ -38,6 +38,23 @@ public struct AMQPChannel: Sendable {
         try await self.run { driver, id throws(AMQPError) in try driver.enableConfirms(id) }
     }
 
+    /// Puts the channel in transaction mode (`tx.select`): its publishes and acks then take effect
+    /// together at ``commit()``, or not at all if the connection or channel goes first. Not with
+    /// confirm mode. RabbitMQ applies a commit atomically for one client; a broker that fails in
+    /// the middle of one may apply part of it.
+    public func enableTransactions() async throws {
+        try await self.run { driver, id throws(AMQPError) in try driver.selectTransactions(id) }
+    }
+
+    /// Commits the channel's transaction (`tx.commit`): every publish and ack since the last
+    /// commit, with the publishes in their queues (on disk if persistent) once it returns.
+    /// - Returns: the `mandatory` publishes no queue took (they were not enqueued; the acks
+    ///   committed with them were applied).
+    @discardableResult
+    public func commit() async throws -> [AMQPReturnedMessage] {
+        try await self.run { driver, id throws(AMQPError) in try driver.commit(id) }
+    }
+
     /// Limits unacknowledged deliveries per consumer (`basic.qos`; `global` = per channel).
     public func setPrefetch(_ count: UInt16, global: Bool = false) async throws {
         try await self.run { driver, id throws(AMQPError) in try driver.setPrefetch(id, count: count, global: global) }

@@ -83,6 +83,10 @@ final class ChannelState {
     /// Bumped whenever the channel is reopened: delivery tags from an older epoch are dead.
     var epoch: UInt64 = 0
     var confirmMode = false
+    /// In transaction mode (`tx.select`): publishes and acks take effect at `tx.commit`.
+    var transactional = false
+    /// Messages the broker returned (`mandatory`) since the last commit, in transaction mode.
+    var returnedInTransaction: [AMQPReturnedMessage] = []
     var prefetch: (count: UInt16, global: Bool)?
     var tracker = ConfirmTracker<PendingPublish>()
     var consumers: [String: ConsumerState] = [:]

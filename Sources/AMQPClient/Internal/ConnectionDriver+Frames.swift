@@ -319,6 +319,10 @@ extension ConnectionDriver {
             let returned = AMQPReturnedMessage(
                 replyCode: replyCode, replyText: replyText, exchange: exchange, routingKey: routingKey,
                 properties: content.properties ?? AMQPProperties(), body: content.body)
+            if channel.transactional {
+                channel.returnedInTransaction.append(returned)
+                return
+            }
             // The return precedes its publish's ack. It names the publish by exchange, routing
             // key and message id together (two publishes may share an id); oldest first.
             let messageId = content.properties?.messageId

@@ -61,9 +61,31 @@ extension ConnectionDriver {
     func enableConfirms(_ id: UInt16) throws(AMQPError) {
         let (conn, channel) = try self.requireChannel(id)
         guard !channel.confirmMode else { return }
+        guard !channel.transactional else { throw .invalidArgument("channel \(id) is in transaction mode: AMQP allows no confirms on it") }
         _ = amqp_confirm_select(conn, id)
         try self.check(amqp_get_rpc_reply(conn), channel: id, doing: "confirm.select")
         channel.confirmMode = true
+    }
+
+    func selectTransactions(_ id: UInt16) throws(AMQPError) {
+        let (conn, channel) = try self.requireChannel(id)
+        guard !channel.transactional else { return }
+        guard !channel.confirmMode else { throw .invalidArgument("channel \(id) is in confirm mode: AMQP allows no transactions on it") }
+        var select = amqp_tx_select_t(dummy: 0)
+        try self.rpcDispatching(conn, id, AMQP_TX_SELECT_METHOD, &select, reply: AMQP_TX_SELECT_OK_METHOD, doing: "tx.select")
+        channel.transactional = true
+    }
+
+    func commit(_ id: UInt16) throws(AMQPError) -> [AMQPReturnedMessage] {
+        let (conn, channel) = try self.requireChannel(id)
+        guard channel.transactional else { throw .invalidArgument("channel \(id) is not in transaction mode") }
+        // The acks the transaction holds go first: they are coalesced until a turn ends.
+        self.flushAcks(channel)
+        var commit = amqp_tx_commit_t(dummy: 0)
+        // Returns for the transaction's mandatory publishes arrive before commit-ok.
+        try self.rpcDispatching(conn, id, AMQP_TX_COMMIT_METHOD, &commit, reply: AMQP_TX_COMMIT_OK_METHOD, doing: "tx.commit")
+        defer { channel.returnedInTransaction.removeAll() }
+        return channel.returnedInTransaction
     }
 
     func setPrefetch(_ id: UInt16, count: UInt16, global: Bool) throws(AMQPError) {

@@ -480,6 +480,12 @@ final class ConnectionDriver {
                     _ = amqp_confirm_select(conn, channel.id)
                     try self.check(amqp_get_rpc_reply(conn), channel: channel.id, doing: "confirm.select", reopenOnClose: false)
                 }
+                if channel.transactional {
+                    // What the lost transaction held is gone (the error says so); the next one starts afresh.
+                    channel.returnedInTransaction.removeAll()
+                    _ = amqp_tx_select(conn, channel.id)
+                    try self.check(amqp_get_rpc_reply(conn), channel: channel.id, doing: "tx.select", reopenOnClose: false)
+                }
                 if let prefetch = channel.prefetch {
                     _ = amqp_basic_qos(conn, channel.id, 0, prefetch.count, prefetch.global ? 1 : 0)
                     try self.check(amqp_get_rpc_reply(conn), channel: channel.id, doing: "basic.qos", reopenOnClose: false)
