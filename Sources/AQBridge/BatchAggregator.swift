@@ -3,7 +3,7 @@ import Foundation
 // Fan-in (issue 9): the rules of one batch's aggregation, as a pure state machine that returns
 // actions for the engine to carry out. The broker holds the state, in three queues per batch:
 //
-// - `aq.batch.<id>` — the reply queue: each child's final outcome, published (confirmed) before
+// - `aq.batch.<id>.replies` — the reply queue: each child's final outcome, published (confirmed) before
 //   the child is acked, and the deadline's mark. Classic, durable, single active consumer: the
 //   bridge consuming it is the batch's one aggregator; the others wait behind it.
 // - `aq.batch.<id>.state` — the checkpoint: the manifest, which children have settled, how many
@@ -41,6 +41,15 @@ public struct Bitmap: Sendable, Equatable, Codable {
         guard index >= 0, index < self.count, !self[index] else { return false }
         self.words[index >> 6] |= 1 << UInt64(index & 63)
         self.population += 1
+        return true
+    }
+
+    /// Clears `index`; false when it was not set.
+    @discardableResult
+    public mutating func remove(_ index: Int) -> Bool {
+        guard self[index] else { return false }
+        self.words[index >> 6] &= ~(1 << UInt64(index & 63))
+        self.population -= 1
         return true
     }
 
@@ -129,34 +138,42 @@ public struct BatchCheckpoint: Sendable, Codable, Equatable {
 /// A child's final outcome as published to the reply queue: one JSON object that is also its
 /// entry in the batch webhook — `{"index":3,"taskId":"b:3","status":"completed","attempts":1,
 /// "result":…}` (or `"error":{…}` when it failed).
+///
+/// A child replayed from the dead letters into its open batch (`aq dlq replay`) reports with
+/// `"rejoined":true`: its outcome replaces the failure the batch counted for it.
 public struct ChildOutcome: Sendable, Equatable {
     public enum Status: String, Sendable { case completed, failed }
     public var index: Int
     public var status: Status
+    public var rejoined: Bool
     public var json: [UInt8]
 
-    public init(index: Int, status: Status, json: [UInt8]) {
+    public init(index: Int, status: Status, rejoined: Bool = false, json: [UInt8]) {
         self.index = index
         self.status = status
+        self.rejoined = rejoined
         self.json = json
     }
 
     /// The message a child's bridge publishes when the child has its final outcome.
-    public static func make(index: Int, taskId: String, status: Status, attempts: Int, result: [UInt8]?, error: [UInt8]?) -> ChildOutcome {
+    public static func make(index: Int, taskId: String, status: Status, attempts: Int, result: [UInt8]?, error: [UInt8]?,
+                            rejoined: Bool = false) -> ChildOutcome {
         var json = Array("{\"index\":\(index),\"taskId\":\(JSONScan.quote(taskId)),\"status\":\"\(status.rawValue)\",\"attempts\":\(attempts)".utf8)
+        if rejoined { json += Array(",\"rejoined\":true".utf8) }
         if let result { json += Array(",\"result\":".utf8) + result }
         if let error { json += Array(",\"error\":".utf8) + error }
         json.append(UInt8(ascii: "}"))
-        return ChildOutcome(index: index, status: status, json: json)
+        return ChildOutcome(index: index, status: status, rejoined: rejoined, json: json)
     }
 
     /// Reads an outcome message; nil when it is not one.
     public static func parse(_ bytes: [UInt8]) -> ChildOutcome? {
-        var index: JSONScan.Member?, status: JSONScan.Member?
+        var index: JSONScan.Member?, status: JSONScan.Member?, rejoined = false
         do {
             try JSONScan.forEachMember(bytes) { (key: Range<Int>, member: JSONScan.Member) throws(JSONScan.Failure) in
                 if JSONScan.keyEquals(bytes, key, "index") { index = member }
                 if JSONScan.keyEquals(bytes, key, "status") { status = member }
+                if JSONScan.keyEquals(bytes, key, "rejoined") { rejoined = member.kind == .bool && bytes[member.range.lowerBound] == UInt8(ascii: "t") }
             }
         } catch {
             return nil
@@ -164,7 +181,7 @@ public struct ChildOutcome: Sendable, Equatable {
         guard let value = JSONScan.integer(bytes, index, in: 0...(BatchParser.maxSize - 1)), let status, status.kind == .string,
               let text = try? JSONScan.decodeString(bytes, status.range), let kind = Status(rawValue: text)
         else { return nil }
-        return ChildOutcome(index: value, status: kind, json: bytes)
+        return ChildOutcome(index: value, status: kind, rejoined: rejoined, json: bytes)
     }
 }
 
@@ -259,8 +276,12 @@ public struct BatchAggregator: Sendable {
             case .deadline:
                 deadline = true
             case .outcome(let outcome):
-                // Out of range, or a child that already counts (it ran twice): ignored.
-                guard outcome.index < self.checkpoint.manifest.size, self.checkpoint.settled.insert(outcome.index) else { continue }
+                // Out of range, or a child that already counts (it ran twice): ignored — unless
+                // it failed and this is its replay re-joining the batch: then this outcome counts.
+                guard outcome.index < self.checkpoint.manifest.size else { continue }
+                if !self.checkpoint.settled.insert(outcome.index) {
+                    guard outcome.rejoined, self.checkpoint.failed.remove(outcome.index) else { continue }
+                }
                 if outcome.status == .failed { self.checkpoint.failed.insert(outcome.index) }
                 self.pending.append(outcome)
                 self.pendingBytes += outcome.json.count
@@ -359,14 +380,20 @@ public struct BatchReport {
         self.entries = [[UInt8]?](repeating: nil, count: checkpoint.manifest.size)
     }
 
-    /// Adds a result segment (a JSON array of outcomes); the first outcome of a child wins.
+    /// Adds a result segment (a JSON array of outcomes); the first outcome of a child wins, except
+    /// that a re-joined outcome replaces a failure (segments are added in the order written).
     public mutating func add(segment: [UInt8]) {
         let size = self.checkpoint.manifest.size
         try? JSONScan.forEachElement(segment) { (member: JSONScan.Member) throws(JSONScan.Failure) in
-            guard member.kind == .object, let outcome = ChildOutcome.parse(Array(segment[member.range])),
-                  outcome.index < size, self.statuses[outcome.index] == 0 else { return }
+            guard member.kind == .object, let outcome = ChildOutcome.parse(Array(segment[member.range])), outcome.index < size else { return }
+            let current = self.statuses[outcome.index]
+            guard current == 0 || (current == UInt8(ascii: "f") && outcome.rejoined) else { return }
             self.statuses[outcome.index] = outcome.status == .completed ? UInt8(ascii: "c") : UInt8(ascii: "f")
             guard !self.overflow else { return }
+            if current != 0, let replaced = self.entries[outcome.index] {
+                self.keptBytes -= replaced.count + 1
+                self.entries[outcome.index] = nil
+            }
             self.keptBytes += outcome.json.count + 1
             if self.keptBytes > self.maxBytes {
                 // The full report cannot fit: stop keeping entries (and let go of those kept).

@@ -7,6 +7,8 @@ struct BatchLink {
     var id: String
     var index: Int
     var join: BatchJoin
+    /// Replayed from the dead letters into its open batch: its outcome replaces its failure.
+    var rejoin = false
 }
 
 /// The broker objects of one batch (see ``BatchAggregator`` for what each holds).
@@ -17,7 +19,7 @@ struct BatchQueues {
 
     init(spec: TopologySpec, id: String) {
         let base = spec.batchQueueName(forBatch: id)
-        self.replies = base + ".replies"
+        self.replies = spec.batchReplyQueueName(forBatch: id)
         self.state = base + ".state"
         self.results = base + ".results"
     }
@@ -315,7 +317,8 @@ extension BridgeEngine {
         }
         let child = ChildOutcome.make(index: batch.index, taskId: outcome.taskId ?? "\(batch.id):\(batch.index)",
                                       status: outcome.failure == nil ? .completed : .failed, attempts: outcome.attempts,
-                                      result: outcome.failure == nil ? (outcome.result ?? Array("null".utf8)) : nil, error: error)
+                                      result: outcome.failure == nil ? (outcome.result ?? Array("null".utf8)) : nil, error: error,
+                                      rejoined: batch.rejoin)
         self.bufferOutcome(batch.id, child.json) { [unowned self] result in
             guard self.isActive(run) else { return }
             switch result {
@@ -542,6 +545,10 @@ extension BridgeEngine {
                     // `multiple` ack would settle other batches' too (the client merges runs).
                     for delivery in batch.held where delivery.deliveryTag <= ackUpTo && self.context.isCurrent(delivery) { self.context.ack(delivery) }
                     batch.held.removeAll { $0.deliveryTag <= ackUpTo }
+                }
+                if segment != nil, checkpoint.status == nil {
+                    self.emit(.batchProgress, queue: checkpoint.manifest.queue, taskId: id,
+                              fields: ",\"batchId\":\(JSONScan.quote(id)),\"size\":\(checkpoint.manifest.size),\"settled\":\(checkpoint.settled.population),\"failed\":\(checkpoint.failed.population)")
                 }
                 if let actions = batch.machine?.persisted(now: .now) { self.carryOut(batch, actions) }
             } }

@@ -13,6 +13,8 @@ enum LifecycleEvent: String {
     case taskDeadLettered = "task.dead-lettered"
     case webhookDelivered = "webhook.delivered"
     case webhookGivenUp = "webhook.given-up"
+    /// Outcomes were folded into a batch (at most every 200 ms per batch): its counts so far.
+    case batchProgress = "batch.progress"
     case batchEnded = "batch.ended"
     case chainStepCompleted = "chain.step-completed"
     case chainCompleted = "chain.completed"
@@ -21,7 +23,7 @@ enum LifecycleEvent: String {
     /// Published with `events: failures` (and `all`): what went wrong or ended.
     var isFailureLevel: Bool {
         switch self {
-        case .taskReceived, .taskCompleted, .webhookDelivered, .chainStepCompleted: return false
+        case .taskReceived, .taskCompleted, .webhookDelivered, .batchProgress, .chainStepCompleted: return false
         default: return true
         }
     }

@@ -323,7 +323,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         default: break
         }
         if let id = headers?["aq-batch"]?.stringValue, let index = headers?["aq-batch-index"]?.intValue {
-            run.batch = BatchLink(id: id, index: Int(clamping: index), join: headers?["aq-batch-join"]?.stringValue.flatMap(BatchJoin.init(rawValue:)) ?? .allSettled)
+            run.batch = BatchLink(id: id, index: Int(clamping: index), join: headers?["aq-batch-join"]?.stringValue.flatMap(BatchJoin.init(rawValue:)) ?? .allSettled,
+                                  rejoin: headers?["aq-batch-rejoin"]?.boolValue ?? false)
         }
         if queue.isUnrouted { return self.unrouted(run) }
         // Memory: past the budget, a task waits in the broker instead (one run always proceeds).
@@ -835,6 +836,7 @@ final class BridgeEngine: AMQPConnectionExtension {
             headers["aq-batch"] = .string(batch.id)
             headers["aq-batch-index"] = .int64(Int64(batch.index))
             headers["aq-batch-join"] = .string(batch.join.rawValue)
+            if batch.rejoin { headers["aq-batch-rejoin"] = .bool(true) }
         }
         if let chain = run.chain {
             // A chain step's start stays when it was first published, through its retries.

@@ -44,11 +44,31 @@ struct DeadLetterFilterOptions: ParsableArguments {
 /// Removes (acks) letters for a scan, counting them per consumer: a consumer's held letters
 /// are what it has been delivered minus what was removed.
 final class LetterRemover {
+    /// Reader channels in transaction mode: a letter's removal and what is published on its
+    /// channel (``channel(of:)``) take effect together, at that channel's commit.
+    let transactional: Bool
     private(set) var removed: [String: Int] = [:]
+    /// The reader channel of each consumer tag.
+    var channels: [String: AMQPChannel] = [:]
+
+    init(transactional: Bool = false) {
+        self.transactional = transactional
+    }
 
     func remove(_ delivery: AMQPDelivery) throws {
         try delivery.ack()
-        self.removed[delivery.consumerTag ?? "", default: 0] += 1
+        // In a transaction the ack holds the letter (and its prefetch credit) until the commit.
+        if !self.transactional { self.removed[delivery.consumerTag ?? "", default: 0] += 1 }
+    }
+
+    /// `count` removals on `tag`'s channel were committed.
+    func committed(_ count: Int, tag: String) {
+        self.removed[tag, default: 0] += count
+    }
+
+    /// The channel `delivery` came through (its ack goes there).
+    func channel(of delivery: AMQPDelivery) -> AMQPChannel? {
+        self.channels[delivery.consumerTag ?? ""]
     }
 }
 
@@ -109,8 +129,10 @@ struct DeadLetterReader {
                     let reader = readers.isEmpty ? channel : try await connection.openChannel()
                     readers.append(reader)
                     try await reader.setPrefetch(UInt16(Self.perChannel))
+                    if remover.transactional { try await reader.enableTransactions() }
                     let consumer = try await reader.consume(queue, maxBodyBytes: .max)
                     consumers.append(consumer)
+                    remover.channels[consumer.tag] = reader
                     feeders.append(Task {
                         do {
                             for try await delivery in consumer { feed.yield(.letter(delivery)) }
@@ -320,56 +342,89 @@ extension AQCommand.DeadLetters {
 
     struct Replay: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Publish dead letters back where they came from; each is removed only once the broker confirmed its copy.",
+            abstract: "Publish dead letters back where they came from; each copy and the removal of its letter take effect together.",
             discussion: """
                 A task goes to its work queue with a fresh attempt count; a webhook that could not be delivered goes back \
                 as a webhook job (the callback does not run again); a chain step resumes its chain at that step; an outcome \
-                its reply_to did not take goes to that queue again. A batch child stays: its batch counted its failure \
-                already (each child counts once). Malformed and unrouted letters, and letters the \
+                its reply_to did not take goes to that queue again. A batch child re-joins its batch while the batch is \
+                open (its outcome replaces the failure the batch counted); a child of a batch that has ended stays (the \
+                batch's webhook reported it). Malformed and unrouted letters, and letters the \
                 bridge rejected unread, stay: replaying them would fail the same way. Webhook jobs carry AsyncQueue headers \
                 the bridge honours only from a trusted publisher: replay them with the bridge's user (or one in \
-                trusted_publishers). Interrupted at any point (even kill -9), nothing is lost: run it again; \
-                the copies confirmed in the last moment before the interruption (at most --window) are replayed twice, \
-                with the same task id.
+                trusted_publishers). Copies and the removal of their letters are committed together (an AMQP \
+                transaction per --window letters): interrupted at any point (even kill -9), every letter is either \
+                replayed and gone or untouched; run it again. A letter whose queue does not exist stays.
                 """)
 
         @OptionGroup var filters: DeadLetterFilterOptions
         @Option(help: "At most this many letters per second (0: no limit).")
         var rate: Double = 0
-        @Option(help: "Copies waiting for the broker's confirm at once.")
+        @Option(help: "Letters replayed per transaction (each commit waits for the broker's disks).")
         var window = 256
         @Flag(help: "Say what would be replayed and where; change nothing.")
         var dryRun = false
         @OptionGroup var files: FileOptions
         @OptionGroup var broker: BrokerOptions
 
+        /// A copy published in a reader channel's open transaction, with the letter it replays.
+        struct Pending {
+            var delivery: AMQPDelivery
+            var letter: DeadLetter
+            var exchange: String
+            var routingKey: String
+            var messageId: String?
+        }
+
         func run() async throws {
             let spec = try self.files.load()
             let filter = try self.filters.filter()
             let target = try self.broker.target()
-            let dryRun = self.dryRun, rate = self.rate.isFinite ? min(max(self.rate, 0), 1e6) : 0, window = min(max(1, self.window), 100_000)
+            let dryRun = self.dryRun, rate = self.rate.isFinite ? min(max(self.rate, 0), 1e6) : 0, window = min(max(1, self.window), DeadLetterReader.perChannel)
             var replayed = 0, failed = 0
             var skipped: [String: Int] = [:]
-            var inFlight: [(AMQPPublishConfirm, AMQPDelivery, DeadLetter)] = []
-            let remover = LetterRemover()
+            let remover = LetterRemover(transactional: !dryRun)
+            var pending: [String: [Pending]] = [:]  // per consumer tag, i.e. per reader channel
+            var pendingCount = 0
             let started = ContinuousClock.now
             let connection = try await AMQPConnection.connect(configuration: target.amqp)
-            let publisher = try await connection.openChannel()
-            try await publisher.enableConfirms()
-            func settle(_ entry: (AMQPPublishConfirm, AMQPDelivery, DeadLetter)) async {
-                let (confirm, delivery, letter) = entry
+            // Checks that queues exist (a passive declare of a missing one closes it: it reopens),
+            // and puts back a letter whose copy no queue took.
+            let helper = try await connection.openChannel()
+            try await helper.enableConfirms()
+            var exists: [String: Bool] = [:]
+            func queueExists(_ name: String) async throws -> Bool {
+                if let known = exists[name] { return known }
+                let found: Bool
                 do {
-                    switch try await confirm.result() {
-                    case .returned(let returned):
-                        failed += 1
-                        printError("\(letter.taskId ?? "-"): no queue took the copy (\(returned.replyText)); the dead letter stays")
-                    default:
-                        try remover.remove(delivery)
-                        replayed += 1
-                    }
-                } catch {
+                    _ = try await helper.declareQueue(name, passive: true)
+                    found = true
+                } catch let error as AMQPError where error.code == .channelClosedByServer {
+                    found = false
+                }
+                exists[name] = found
+                return found
+            }
+            /// Commits one reader channel's transaction: its copies and its letters' removals.
+            func commit(_ tag: String) async throws {
+                guard let entries = pending.removeValue(forKey: tag), !entries.isEmpty,
+                      let channel = remover.channels[tag] else { return }
+                pendingCount -= entries.count
+                var returned = try await channel.commit()
+                remover.committed(entries.count, tag: tag)
+                replayed += entries.count - returned.count
+                guard !returned.isEmpty else { return }
+                // A queue went away between the check and the commit: the letter was removed with
+                // its copy, so it goes back into the dead-letter queue whole.
+                for entry in entries {
+                    guard let index = returned.firstIndex(where: {
+                        $0.exchange == entry.exchange && $0.routingKey == entry.routingKey && $0.properties.messageId == entry.messageId
+                    }) else { continue }
+                    let reason = returned.remove(at: index).replyText
+                    var properties = entry.delivery.properties
+                    properties.userId = target.amqp.user  // the broker checks it against our login
+                    _ = try await helper.publish(entry.delivery.body, routingKey: spec.deadLetterQueue, properties: properties)
                     failed += 1
-                    printError("\(letter.taskId ?? "-"): \(error); the dead letter stays")
+                    printError("\(entry.letter.taskId ?? "-"): no queue took the copy (\(reason)); the dead letter was put back")
                 }
             }
             let scan = try await runReporting {
@@ -379,25 +434,44 @@ extension AQCommand.DeadLetters {
                     case .skip(let why):
                         skipped[why, default: 0] += 1
                     case .publish(let exchange, let routingKey, var properties, let body):
-                        // Our login as user_id (the broker checks it): a bridge trusts the
-                        // AsyncQueue headers of a webhook job only from a trusted user.
-                        properties.userId = target.amqp.user
+                        // A batch child re-joins its batch only while it is open (its reply queue
+                        // exists); an ended batch's webhook has reported it already.
+                        if letter.kind == .batchChild, let batch = letter.batchId,
+                           !(try await queueExists(spec.batchReplyQueueName(forBatch: batch))) {
+                            skipped["a child of a batch that has ended (its webhook reported the child): publish the task by hand to run it alone", default: 0] += 1
+                            return
+                        }
+                        // The queue the copy goes to (through aq.chain: the step's work queue).
+                        let queue = exchange.isEmpty ? routingKey : spec.queueName(forWorkQueue: letter.queue ?? "")
+                        guard try await queueExists(queue) else {
+                            failed += 1
+                            printError("\(letter.taskId ?? "-"): queue '\(queue)' does not exist; the dead letter stays")
+                            return
+                        }
                         if dryRun {
                             print("\(letter.taskId ?? "-") (\(letter.kind.rawValue), \(letter.reason)) -> exchange '\(exchange)', routing key '\(routingKey)'")
                             replayed += 1
                             return
                         }
+                        guard let tag = delivery.consumerTag, let channel = remover.channel(of: delivery) else { return }
                         if rate >= 0.001 {
-                            let due = started + .milliseconds(Int64(Double(replayed + failed + inFlight.count) * 1000 / rate))
+                            let due = started + .milliseconds(Int64(Double(replayed + failed + pendingCount) * 1000 / rate))
                             if due > .now { try await Task.sleep(until: due) }
                         }
-                        inFlight.append((publisher.beginPublish(body, exchange: exchange, routingKey: routingKey, properties: properties, mandatory: true), delivery, letter))
-                        if inFlight.count >= window { await settle(inFlight.removeFirst()) }
+                        // Our login as user_id (the broker checks it): a bridge trusts the
+                        // AsyncQueue headers of a webhook job only from a trusted user.
+                        properties.userId = target.amqp.user
+                        // In the channel's transaction: the copy and the ack take effect together.
+                        _ = channel.beginPublish(body, exchange: exchange, routingKey: routingKey, properties: properties, mandatory: true)
+                        try remover.remove(delivery)
+                        pending[tag, default: []].append(Pending(delivery: delivery, letter: letter, exchange: exchange,
+                                                                 routingKey: routingKey, messageId: properties.messageId))
+                        pendingCount += 1
+                        if pending[tag, default: []].count >= window { try await commit(tag) }
                     }
                 }, finish: {
-                    // Every copy confirmed (or not) and its letter acked before the reader's channel closes.
-                    for entry in inFlight { await settle(entry) }
-                    inFlight.removeAll()
+                    // Every transaction committed before the reader's channels close.
+                    for tag in pending.keys.sorted() { try await commit(tag) }
                 })
             }
             await connection.close()

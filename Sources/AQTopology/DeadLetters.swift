@@ -199,15 +199,15 @@ public enum ReplayPlan: Sendable {
             }
             headers["aq-attempt"] = .int32(1)
         case .batchChild:
-            // The bridge dead-letters a child once its batch counted the failure (a batch counts
-            // each child once, so a copy would run and change nothing). A child the broker
-            // dead-lettered (delivery limit, expiry) was never counted: it goes back as the child.
-            guard letter.deadLetteredByBroker, original.headers?["aq-reason"] == nil else {
-                return .skip("a child of batch \(letter.batchId ?? "?"): the batch counted its failure already (each child counts once); publish the task by hand to run it alone")
-            }
+            // Back into its batch, which must still be open (the caller checks that its reply
+            // queue exists). The bridge dead-letters a child once its batch counted the failure:
+            // the copy re-joins (`aq-batch-rejoin`), and its outcome replaces that failure. A
+            // child the broker dead-lettered (delivery limit, expiry) was never counted: it goes
+            // back as the child it was.
             for key in ["aq-batch", "aq-batch-index", "aq-batch-join"] {
                 if let value = original.headers?[key] { headers[key] = value }
             }
+            if !(letter.deadLetteredByBroker && original.headers?["aq-reason"] == nil) { headers["aq-batch-rejoin"] = .bool(true) }
         case .task, .reply:
             break
         }

@@ -82,6 +82,8 @@ public struct TopologySpec: Sendable, Equatable {
     /// The `retry-tier` header value that routes a message to a tier.
     public func retryTierHeader(for tier: TimeSpan) -> String { tier.description }
     public func batchQueueName(forBatch id: String) -> String { self.batchQueuePrefix + id }
+    /// A batch's reply queue: it exists while the batch is open.
+    public func batchReplyQueueName(forBatch id: String) -> String { self.batchQueueName(forBatch: id) + ".replies" }
 
     /// Arguments for a per-batch reply queue (declared at run time): classic, durable,
     /// single-active-consumer. Its expiry comes from the `<batch prefix>` policy.

@@ -334,3 +334,50 @@ import Testing
         #expect(BatchReport.build(checkpoint, segments: [Self.segment(big)], maxBytes: 1000).count <= 1000)
     }
 }
+
+@Suite struct BatchRejoinTests {
+    static func outcome(_ index: Int, _ status: ChildOutcome.Status, rejoined: Bool = false, result: String = "1") -> ChildOutcome {
+        ChildOutcome.make(index: index, taskId: "b:\(index)", status: status, attempts: 1,
+                          result: status == .completed ? Array(result.utf8) : nil,
+                          error: status == .failed ? Array(#"{"reason":"not-retryable"}"#.utf8) : nil, rejoined: rejoined)
+    }
+
+    @Test func aRejoinedOutcomeReplacesAFailureAndNothingElse() throws {
+        #expect(ChildOutcome.parse(Self.outcome(1, .completed, rejoined: true).json)?.rejoined == true)
+        #expect(ChildOutcome.parse(Self.outcome(1, .completed).json)?.rejoined == false)
+        var policy = BatchAggregator.Policy()
+        policy.maxPending = 1
+        var (machine, _) = BatchAggregator.restore(BatchCheckpoint(manifest: BatchAggregatorTests.manifest(size: 3)), policy: policy, now: BatchAggregatorTests.t0)
+        let t = BatchAggregatorTests.t0
+        _ = machine.receive(.outcome(Self.outcome(0, .completed)), tag: 1, now: t)
+        _ = machine.persisted(now: t)
+        _ = machine.receive(.outcome(Self.outcome(1, .failed)), tag: 2, now: t)
+        _ = machine.persisted(now: t)
+        #expect(machine.checkpoint.failed.population == 1 && machine.checkpoint.settled.population == 2)
+        // Its duplicate (not re-joined) changes nothing; the re-joined success replaces the failure.
+        #expect(machine.receive(.outcome(Self.outcome(1, .completed)), tag: 3, now: t).first.map { if case .persist(nil, _, _) = $0 { true } else { false } } ?? true)
+        _ = machine.persisted(now: t)
+        #expect(machine.checkpoint.failed.population == 1)
+        _ = machine.receive(.outcome(Self.outcome(1, .completed, rejoined: true)), tag: 4, now: t)
+        _ = machine.persisted(now: t)
+        #expect(machine.checkpoint.failed.population == 0 && machine.checkpoint.settled.population == 2)
+        // A re-joined outcome of a child that succeeded already is a duplicate.
+        _ = machine.receive(.outcome(Self.outcome(0, .failed, rejoined: true)), tag: 5, now: t)
+        _ = machine.persisted(now: t)
+        #expect(machine.checkpoint.failed.population == 0)
+        let end = machine.receive(.outcome(Self.outcome(2, .completed)), tag: 6, now: t)
+        guard case .persist(_, let last, _)? = end.first else { Issue.record("no final persist: \(end)"); return }
+        #expect(last.status == .completed && last.failed.population == 0)
+
+        // The report: the first outcome wins, except that a re-joined one replaces a failure
+        // (segments in the order written; a crash may repeat one).
+        let segments = [[Self.outcome(0, .completed), Self.outcome(1, .failed)], [Self.outcome(1, .completed)],
+                        [Self.outcome(1, .failed), Self.outcome(1, .completed, rejoined: true, result: "7")],
+                        [Self.outcome(0, .failed, rejoined: true), Self.outcome(2, .completed)]].map(BatchReportTests.segment)
+        let report = try BatchReportTests.json(BatchReport.build(last, segments: segments, maxBytes: 1 << 20))
+        #expect(report["counts"] as? [String: Int] == ["completed": 3, "failed": 0, "skipped": 0])
+        let children = try #require(report["children"] as? [[String: Any]])
+        #expect(children.map { $0["status"] as? String } == ["completed", "completed", "completed"])
+        #expect(children[1]["result"] as? Int == 7 && children[1]["rejoined"] as? Bool == true)
+    }
+}

@@ -25,6 +25,13 @@ import Testing
         let calls = try await receiver.wait("/double", count: 1)
         #expect(calls[0].request.header("AsyncQueue-Task-Id") == id && !id.isEmpty)
         #expect(calls[0].request.json?["n"] as? Int == 21)
+        // The payload from standard input, as a pipe in a script gives it.
+        let piped = try TestEnvironment.run(TestEnvironment.builtProgram("aq"), ["tasks", "create", "--callback-url", receiver.url("/double"), "--payload-file", "-",
+                                                                                 "--id", "stdin-1", "--url", bridge.amqpURL, "-f", bridge.topologyDir.path],
+                                            input: #"{"n":4}"# + "\n")
+        #expect(piped.status == 0 && piped.out.trimmingCharacters(in: .whitespacesAndNewlines) == "stdin-1", "\(piped.out)\(piped.err)")
+        let fromPipe = try await receiver.wait("/double", count: 2)
+        #expect(fromPipe[1].request.header("AsyncQueue-Task-Id") == "stdin-1" && fromPipe[1].request.json?["n"] as? Int == 4)
         // --wait: the outcome through a reply queue; the exit status says how it went.
         let waited = try self.aq(bridge, ["tasks", "create", "--callback-url", receiver.url("/double"), "--payload", #"{"n":5}"#, "--id", "w-1", "--wait"])
         #expect(waited.status == 0, "\(waited.err)")

@@ -19,13 +19,14 @@ import Testing
             self.iterator = try await bridge.channel.consume(queue, exclusive: true, noAck: true).makeAsyncIterator()
         }
 
-        /// The next `count` events of `taskId` (the suite's time limit bounds the wait).
+        /// The next `count` events of `taskId` (or of the chain of that id; the suite's time
+        /// limit bounds the wait).
         func events(of taskId: String, count: Int) async throws -> [[String: Any]] {
             var found: [[String: Any]] = []
             while found.count < count, let message = try await self.iterator.next() {
                 guard let event = try JSONSerialization.jsonObject(with: Data(message.body)) as? [String: Any] else { continue }
                 self.seen.append(event)
-                if event["taskId"] as? String == taskId { found.append(event) }
+                if event["taskId"] as? String == taskId || event["chainId"] as? String == taskId { found.append(event) }
             }
             return found
         }
@@ -84,6 +85,34 @@ import Testing
         process.waitUntilExit()
         let printed = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         #expect(process.terminationStatus == 0 && printed.contains(" task.failed default tail-") && printed.contains("reason=not-retryable"), "\(printed)")
+        await bridge.stop()
+    }
+
+    /// A batch's progress as its outcomes are folded, then its end; a chain's steps, then its end.
+    @Test func batchesAndChainsReportProgressAndTheirEnd() async throws {
+        let receiver = try Receiver()
+        receiver.on("/ok") { _, _ in .json(#"{"v":1}"#) }
+        receiver.on("/later") { _, nth in nth == 1 ? .text("busy", status: 503) : .json(#"{"v":2}"#) }
+        let bridge = try await BridgeHarness.start { $0.events = .all }
+        // The batch's webhook job is a task too (its id is the batch's): batch events only.
+        let watch = try await Watch(bridge, "batch.#"), chains = try await Watch(bridge, "chain.#")
+        let children = [#"{"callbackUrl":"\#(receiver.url("/ok"))"}"#, #"{"callbackUrl":"\#(receiver.url("/ok"))"}"#,
+                        #"{"callbackUrl":"\#(receiver.url("/later"))"}"#]
+        try await bridge.publish(#"{"batch":{"id":"ev-b","webhookUrl":"\#(receiver.url("/done"))"},"tasks":[\#(children.joined(separator: ","))]}"#)
+        // The batch's events carry its id as taskId: progress (once or more: outcomes are folded
+        // as they come), then the end.
+        var batch: [[String: Any]] = []
+        while batch.last?["event"] as? String != "batch.ended" { batch += try await watch.events(of: "ev-b", count: 1) }
+        let progress = batch.dropLast()
+        #expect(!progress.isEmpty && progress.allSatisfy { $0["event"] as? String == "batch.progress" && $0["size"] as? Int == 3 && $0["failed"] as? Int == 0 }, "\(batch)")
+        #expect(progress.last?["settled"] as? Int == 2, "the last child is retried first: \(batch)")
+        #expect(batch.last?["settled"] as? Int == 3 && batch.last?["status"] as? String == "completed")
+
+        let steps = [#"{"callbackUrl":"\#(receiver.url("/ok"))"}"#, #"{"callbackUrl":"\#(receiver.url("/ok"))"}"#]
+        try await bridge.publish(#"{"chain":{"id":"ev-c","webhookUrl":"\#(receiver.url("/chain-done"))"},"payload":{},"steps":[\#(steps.joined(separator: ","))]}"#)
+        let chain = try await chains.events(of: "ev-c", count: 3)
+        #expect(chain.map { $0["event"] as? String } == ["chain.step-completed", "chain.step-completed", "chain.completed"], "\(chain)")
+        #expect(chain.map { $0["step"] as? Int } == [1, 2, nil] && chain[2]["steps"] as? Int == 2, "\(chain)")
         await bridge.stop()
     }
 }

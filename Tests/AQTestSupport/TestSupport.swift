@@ -56,7 +56,7 @@ public enum TestEnvironment {
 
     /// Runs a program to its end: its status, standard output and standard error.
     public static func run(_ executable: URL, _ arguments: [String], environment: [String: String] = [:],
-                           directory: URL? = nil) throws -> (status: Int32, out: String, err: String) {
+                           directory: URL? = nil, input: String? = nil) throws -> (status: Int32, out: String, err: String) {
         let process = Process()
         process.executableURL = executable
         process.arguments = arguments
@@ -65,7 +65,13 @@ public enum TestEnvironment {
         let out = Pipe(), err = Pipe()
         process.standardOutput = out
         process.standardError = err
+        let stdin = Pipe()
+        if input != nil { process.standardInput = stdin }
         try process.run()
+        if let input {
+            stdin.fileHandleForWriting.write(Data(input.utf8))
+            try stdin.fileHandleForWriting.close()
+        }
         let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
         return (process.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))

@@ -81,10 +81,18 @@ import Testing
         ])
         let letter = DeadLetter(child, spec: self.spec, trustedUsers: ["bridge"])
         #expect(letter.kind == .batchChild && letter.batchId == "b-1" && letter.batchIndex == 7)
-        guard case .skip(let why) = ReplayPlan.make(letter, child, spec: self.spec), why.contains("counted its failure already") else {
-            Issue.record("a batch child stays: its batch counted it")
-            return
-        }
+        // Back into its batch (the command checks the batch is open), re-joining it: the batch
+        // counted its failure, which its new outcome replaces.
+        let headers = try #require(self.publish(ReplayPlan.make(letter, child, spec: self.spec))?.properties.headers)
+        #expect(headers["aq-batch"] == "b-1" && headers["aq-batch-index"] == .int64(7) && headers["aq-batch-rejoin"] == .bool(true))
+        #expect(headers["aq-reason"] == nil)
+        // One the broker dead-lettered (never counted) goes back as the child it was.
+        let expired = self.letter(#"{"callbackUrl":"http://x/cb"}"#, headers: [
+            "aq-batch": "b-1", "aq-batch-index": .int64(2), "aq-batch-join": "allSettled",
+            "x-death": .array([.table(["reason": "delivery_limit", "queue": "aq.work.default"])]),
+        ])
+        let plain = try #require(self.publish(ReplayPlan.make(DeadLetter(expired, spec: self.spec, trustedUsers: ["bridge"]), expired, spec: self.spec))?.properties.headers)
+        #expect(plain["aq-batch-index"] == .int64(2) && plain["aq-batch-rejoin"] == nil)
     }
 
     @Test func aPublishersOwnAsyncQueueHeadersAreNotBelieved() throws {
