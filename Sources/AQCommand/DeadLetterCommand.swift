@@ -414,17 +414,33 @@ extension AQCommand.DeadLetters {
                 replayed += entries.count - returned.count
                 guard !returned.isEmpty else { return }
                 // A queue went away between the check and the commit: the letter was removed with
-                // its copy, so it goes back into the dead-letter queue whole.
+                // its copy, so it goes back into the dead-letter queue (confirmed). Published as
+                // our login, it keeps AsyncQueue's headers only if they were believed: a letter
+                // from an untrusted publisher must not become trusted by being put back. (If this
+                // command dies in the instant between the commit and this publish, that letter
+                // is lost: the one window left, and only when a queue is deleted mid-replay.)
+                func putBack(_ body: [UInt8], _ original: AMQPProperties, trusted: Bool, what: String, reason: String) async throws {
+                    var properties = original
+                    properties.userId = target.amqp.user  // the broker checks it against our login
+                    if !trusted, var headers = properties.headers {
+                        for key in headers.keys where key.hasPrefix("aq-") || key == "retry-tier" { headers[key] = nil }
+                        properties.headers = headers
+                    }
+                    _ = try await helper.publish(body, routingKey: spec.deadLetterQueue, properties: properties)
+                    failed += 1
+                    printError("\(what): no queue took the copy (\(reason)); the dead letter was put back")
+                }
                 for entry in entries {
                     guard let index = returned.firstIndex(where: {
                         $0.exchange == entry.exchange && $0.routingKey == entry.routingKey && $0.properties.messageId == entry.messageId
                     }) else { continue }
                     let reason = returned.remove(at: index).replyText
-                    var properties = entry.delivery.properties
-                    properties.userId = target.amqp.user  // the broker checks it against our login
-                    _ = try await helper.publish(entry.delivery.body, routingKey: spec.deadLetterQueue, properties: properties)
-                    failed += 1
-                    printError("\(entry.letter.taskId ?? "-"): no queue took the copy (\(reason)); the dead letter was put back")
+                    try await putBack(entry.delivery.body, entry.delivery.properties, trusted: entry.letter.trusted,
+                                      what: entry.letter.taskId ?? "-", reason: reason)
+                }
+                // Returns that match no letter of the window (not expected): the copy itself.
+                for message in returned {
+                    try await putBack(message.body, message.properties, trusted: false, what: message.properties.messageId ?? "-", reason: message.replyText)
                 }
             }
             let scan = try await runReporting {

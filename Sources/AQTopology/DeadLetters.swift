@@ -189,6 +189,9 @@ public enum ReplayPlan: Sendable {
         switch letter.kind {
         case .chainStep:
             guard let chain = letter.chainId, let step = letter.chainStep else { return .skip("a chain step without its chain id") }
+            guard !chain.contains(where: { $0 == "." || $0 == "*" || $0 == "#" }) else {
+                return .skip("a chain id with '.', '*' or '#' (not one the bridge made): it cannot be routed")
+            }
             properties.messageId = "\(chain):\(step)"
             properties.headers = headers
             return .publish(exchange: spec.chainExchange, routingKey: "\(queue).\(chain).\(step)", properties: properties, body: delivery.body)
@@ -204,10 +207,15 @@ public enum ReplayPlan: Sendable {
             // the copy re-joins (`aq-batch-rejoin`), and its outcome replaces that failure. A
             // child the broker dead-lettered (delivery limit, expiry) was never counted: it goes
             // back as the child it was.
+            let counted = !(letter.deadLetteredByBroker && original.headers?["aq-reason"] == nil)
+            if counted, original.headers?["aq-batch-join"]?.stringValue == "all" {
+                // A fail-fast batch ended at this failure: there is nothing to re-join.
+                return .skip("a child of a fail-fast batch (join: all), which ended at its failure: publish the task by hand to run it alone")
+            }
             for key in ["aq-batch", "aq-batch-index", "aq-batch-join"] {
                 if let value = original.headers?[key] { headers[key] = value }
             }
-            if !(letter.deadLetteredByBroker && original.headers?["aq-reason"] == nil) { headers["aq-batch-rejoin"] = .bool(true) }
+            if counted { headers["aq-batch-rejoin"] = .bool(true) }
         case .task, .reply:
             break
         }

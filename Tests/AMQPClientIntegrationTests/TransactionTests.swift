@@ -65,4 +65,25 @@ import Testing
         await #expect(throws: AMQPError.self) { try await confirming.enableTransactions() }
         await connection.close()
     }
+
+    /// The broker closes the channel mid-transaction (a publish to a missing exchange): the
+    /// transaction is gone, so the commit must fail rather than commit what came after the reopen.
+    @Test func aTransactionTheBrokerCutShortCommitsNothing() async throws {
+        let connection = try await TestBroker.connect()
+        let channel = try await connection.openChannel()
+        let queue = TestBroker.uniqueName()
+        try await channel.declareQueue(queue, exclusive: true)
+        try await channel.enableTransactions()
+        _ = channel.beginPublish(Array("a".utf8), routingKey: queue)
+        _ = channel.beginPublish(Array("x".utf8), exchange: TestBroker.uniqueName("no-such-exchange"), routingKey: queue)
+        _ = channel.beginPublish(Array("b".utf8), routingKey: queue)
+        await #expect(throws: AMQPError.self) { try await channel.commit() }
+        let control = try await connection.openChannel()
+        #expect(try await control.declareQueue(queue, passive: true).messageCount == 0, "nothing of it committed")
+        // The channel goes on in transaction mode.
+        _ = channel.beginPublish(Array("c".utf8), routingKey: queue)
+        #expect(try await channel.commit().isEmpty)
+        #expect(try await control.declareQueue(queue, passive: true).messageCount == 1)
+        await connection.close()
+    }
 }

@@ -93,6 +93,23 @@ import Testing
         ])
         let plain = try #require(self.publish(ReplayPlan.make(DeadLetter(expired, spec: self.spec, trustedUsers: ["bridge"]), expired, spec: self.spec))?.properties.headers)
         #expect(plain["aq-batch-index"] == .int64(2) && plain["aq-batch-rejoin"] == nil)
+        // A fail-fast batch ended at the child's failure: nothing to re-join.
+        let failFast = self.letter(#"{"callbackUrl":"http://x/cb"}"#, headers: [
+            "aq-reason": "not-retryable", "aq-queue": "default", "aq-batch": "b-2", "aq-batch-index": .int64(0), "aq-batch-join": "all",
+        ])
+        guard case .skip(let why) = ReplayPlan.make(DeadLetter(failFast, spec: self.spec, trustedUsers: ["bridge"]), failFast, spec: self.spec),
+              why.contains("fail-fast") else {
+            Issue.record("a counted child of a fail-fast batch stays")
+            return
+        }
+        // A chain id the bridge would never make (a publisher's own expired message) cannot be routed.
+        let dotted = self.letter(#"{"chain":{"id":"a.b"},"step":1,"steps":[]}"#, headers: [
+            "x-death": .array([.table(["reason": "expired", "queue": "aq.work.default"])]),
+        ], userId: "someone")
+        guard case .skip = ReplayPlan.make(DeadLetter(dotted, spec: self.spec, trustedUsers: ["bridge"]), dotted, spec: self.spec) else {
+            Issue.record("a dotted chain id stays")
+            return
+        }
     }
 
     @Test func aPublishersOwnAsyncQueueHeadersAreNotBelieved() throws {

@@ -85,6 +85,11 @@ final class ChannelState {
     var confirmMode = false
     /// In transaction mode (`tx.select`): publishes and acks take effect at `tx.commit`.
     var transactional = false
+    /// Why the open transaction cannot commit: a publish of it never reached the broker, or the
+    /// channel was reopened (the broker's close took the transaction with it).
+    var transactionFailure: AMQPError?
+    /// The transaction's loss was already thrown to the caller (by the commit that met the close).
+    var transactionLossReported = false
     /// Messages the broker returned (`mandatory`) since the last commit, in transaction mode.
     var returnedInTransaction: [AMQPReturnedMessage] = []
     var prefetch: (count: UInt16, global: Bool)?

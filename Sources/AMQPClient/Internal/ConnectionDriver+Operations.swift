@@ -74,16 +74,40 @@ extension ConnectionDriver {
         var select = amqp_tx_select_t(dummy: 0)
         try self.rpcDispatching(conn, id, AMQP_TX_SELECT_METHOD, &select, reply: AMQP_TX_SELECT_OK_METHOD, doing: "tx.select")
         channel.transactional = true
+        channel.transactionFailure = nil
     }
 
     func commit(_ id: UInt16) throws(AMQPError) -> [AMQPReturnedMessage] {
+        // A transaction that lost part of itself commits nothing: the broker closed the channel
+        // (what it held is gone; the error waits in `pendingError`, and later publishes and acks
+        // went to a new transaction on the reopened channel), or a publish never reached the
+        // broker. What the channel holds now is rolled back and the error thrown.
+        if let channel = self.channels[id], channel.transactional {
+            if let lost = channel.pendingError ?? channel.transactionFailure {
+                channel.pendingError = nil
+                channel.pendingAcks.removeAll()
+                channel.transactionFailure = nil
+                channel.returnedInTransaction.removeAll()
+                let (conn, _) = try self.requireChannel(id)
+                var rollback = amqp_tx_rollback_t(dummy: 0)
+                try self.rpcDispatching(conn, id, AMQP_TX_ROLLBACK_METHOD, &rollback, reply: AMQP_TX_ROLLBACK_OK_METHOD, doing: "tx.rollback")
+                throw lost
+            }
+        }
         let (conn, channel) = try self.requireChannel(id)
         guard channel.transactional else { throw .invalidArgument("channel \(id) is not in transaction mode") }
         // The acks the transaction holds go first: they are coalesced until a turn ends.
         self.flushAcks(channel)
         var commit = amqp_tx_commit_t(dummy: 0)
         // Returns for the transaction's mandatory publishes arrive before commit-ok.
-        try self.rpcDispatching(conn, id, AMQP_TX_COMMIT_METHOD, &commit, reply: AMQP_TX_COMMIT_OK_METHOD, doing: "tx.commit")
+        do throws(AMQPError) {
+            try self.rpcDispatching(conn, id, AMQP_TX_COMMIT_METHOD, &commit, reply: AMQP_TX_COMMIT_OK_METHOD, doing: "tx.commit")
+        } catch {
+            // Thrown here: the reopened channel's next transaction starts clean.
+            channel.transactionLossReported = true
+            channel.returnedInTransaction.removeAll()
+            throw error
+        }
         defer { channel.returnedInTransaction.removeAll() }
         return channel.returnedInTransaction
     }
@@ -195,6 +219,16 @@ extension ConnectionDriver {
             completion.complete(.failure(error))
             return
         }
+        func failTransaction(_ error: AMQPError) {
+            if channel.transactional, channel.transactionFailure == nil { channel.transactionFailure = error }
+        }
+        if self.blocked, channel.transactional {
+            // Held, it would miss its transaction's commit (which the acks would not): refused.
+            let error = AMQPError(code: .connectionClosedByServer, message: "the broker blocks publishers (resource alarm): a transaction cannot publish now")
+            failTransaction(error)
+            completion.complete(.failure(error))
+            return
+        }
         if self.blocked {
             // The broker stopped reading from this connection (resource alarm). Hold the publish
             // rather than block the thread in a socket write (rabbitmq-c issue #519).
@@ -208,7 +242,9 @@ extension ConnectionDriver {
         // length bytes it cannot fit: anything that would not fit AMQP must fail here, alone.
         if let problem = WireCheck.publish(exchange: exchange, routingKey: routingKey, properties: properties,
                                            frameMax: Int(amqp_get_frame_max(conn))) {
-            completion.complete(.failure(.invalidArgument("cannot publish to exchange '\(exchange.prefix(64))': \(problem)")))
+            let error = AMQPError.invalidArgument("cannot publish to exchange '\(exchange.prefix(64))': \(problem)")
+            failTransaction(error)
+            completion.complete(.failure(error))
             return
         }
         // rabbitmq-c 0.11 (#780): a publish made once no byte arrived for two heartbeats reads with

@@ -481,8 +481,14 @@ final class ConnectionDriver {
                     try self.check(amqp_get_rpc_reply(conn), channel: channel.id, doing: "confirm.select", reopenOnClose: false)
                 }
                 if channel.transactional {
-                    // What the lost transaction held is gone (the error says so); the next one starts afresh.
+                    // What the lost transaction held is gone: the next commit says so (unless the
+                    // commit that met the close did already), and commits nothing.
                     channel.returnedInTransaction.removeAll()
+                    if !channel.transactionLossReported, channel.transactionFailure == nil {
+                        channel.transactionFailure = AMQPError(code: .channelClosedByServer,
+                                                               message: "channel \(channel.id) was closed and reopened during the transaction: nothing of it was committed")
+                    }
+                    channel.transactionLossReported = false
                     _ = amqp_tx_select(conn, channel.id)
                     try self.check(amqp_get_rpc_reply(conn), channel: channel.id, doing: "tx.select", reopenOnClose: false)
                 }
