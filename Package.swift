@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "AQTopology", targets: ["AQTopology"]),
         .executable(name: "aq", targets: ["AQCommand"]),
         .executable(name: "aq-bridge", targets: ["AQBridgeCommand"]),
+        .executable(name: "aq-gateway", targets: ["AQGatewayCommand"]),
         .library(name: "AsyncQueue", targets: ["AsyncQueue"]),
         .executable(name: "aq-amqp-bench", targets: ["AMQPBenchmark"]),
         .executable(name: "aq-sign-bench", targets: ["SigningBenchmark"]),
@@ -22,6 +23,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.0.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
     ],
     targets: [
         // C layers: headers and prefixed shims only.
@@ -70,6 +74,20 @@ let package = Package(
         .executableTarget(
             name: "AQBridgeCommand",
             dependencies: ["AQBridge", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: swiftSettings
+        ),
+        // aq-gateway: the wire format over HTTP (Hummingbird 2 on SwiftNIO faces the network).
+        .target(
+            name: "AQGateway",
+            dependencies: ["AMQPClient", "AQTopology", "AQBridge", "CAQOpenSSL", .product(name: "Hummingbird", package: "hummingbird"),
+                           .product(name: "Yams", package: "Yams"), .product(name: "HTTPTypes", package: "swift-http-types"),
+                           .product(name: "NIOCore", package: "swift-nio"),
+                           .product(name: "Logging", package: "swift-log")],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "AQGatewayCommand",
+            dependencies: ["AQGateway", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: swiftSettings
         ),
         // The Swift client for applications.
@@ -123,7 +141,7 @@ let package = Package(
         ),
         .testTarget(
             name: "AQBridgeTests",
-            dependencies: ["AQBridge", "AQHTTP", "AQTopology", "AMQPClient", "AsyncQueue", "AQTestSupport"],
+            dependencies: ["AQBridge", "AQGateway", "AQHTTP", "AQTopology", "AMQPClient", "AsyncQueue", "AQTestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -1,0 +1,80 @@
+import AQGateway
+import ArgumentParser
+import Foundation
+import Logging
+
+@main
+struct GatewayCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "aq-gateway",
+        abstract: "AsyncQueue over HTTP: POST /v1/tasks, /v1/batches, /v1/chains (202 once the broker confirmed).",
+        discussion: """
+            Configuration, later sources winning: defaults, --config FILE (YAML), the environment (AQ_AMQP_URL, \
+            AQ_TOPOLOGY, AQ_GATEWAY_LISTEN, AQ_GATEWAY_TOKENS, AQ_LOG_LEVEL), flags. See README.md, "HTTP gateway".
+            """,
+        subcommands: [Serve.self, HashToken.self],
+        defaultSubcommand: Serve.self)
+
+    struct Serve: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Run the gateway (the default).")
+
+        @Option(help: "A YAML configuration file.")
+        var config: String?
+        @Option(help: "host:port to listen on (port 0: any free port).")
+        var listen: String?
+        @Option(help: "The broker's AMQP URL.")
+        var amqpUrl: String?
+        @Option(name: [.customShort("f"), .long], help: "Topology files or directories (repeatable).")
+        var topology: [String] = []
+
+        func run() async throws {
+            var configuration = GatewayConfiguration()
+            do {
+                if let config { try configuration.apply(file: config) }
+                try configuration.apply(environment: ProcessInfo.processInfo.environment)
+            } catch {
+                FileHandle.standardError.write(Data("aq-gateway: \(error)\n".utf8))
+                throw ExitCode(2)
+            }
+            if let listen { configuration.listen = listen }
+            if let amqpUrl { configuration.amqpURL = amqpUrl }
+            if !topology.isEmpty { configuration.topology = topology }
+            let level = Logger.Level(rawValue: configuration.logLevel) ?? .info
+            LoggingSystem.bootstrap { label in
+                var handler = StreamLogHandler.standardError(label: label)
+                handler.logLevel = level
+                return handler
+            }
+            let logger = Logger(label: "aq-gateway")
+            do {
+                try await GatewayServer.run(configuration: configuration, logger: logger)
+            } catch {
+                FileHandle.standardError.write(Data("aq-gateway: \(error)\n".utf8))
+                throw ExitCode.failure
+            }
+        }
+    }
+
+    struct HashToken: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "hash-token",
+            abstract: "Print a new random token and the SHA-256 to configure (or hash the token given on standard input).")
+
+        @Flag(help: "Read the token from standard input instead of making one.")
+        var stdin = false
+
+        func run() throws {
+            let token: String
+            if stdin {
+                token = (readLine(strippingNewline: true) ?? "").trimmingCharacters(in: .whitespaces)
+            } else {
+                var bytes = [UInt8](repeating: 0, count: 24)
+                var generator = SystemRandomNumberGenerator()
+                for i in bytes.indices { bytes[i] = generator.next() }
+                token = "aqt_" + TokenVerifier.hex(bytes)
+                print("token:  \(token)")
+            }
+            print("sha256: \(TokenVerifier.hex(TokenVerifier.sha256(Array(token.utf8))))")
+        }
+    }
+}

@@ -1,0 +1,232 @@
+import AMQPClient
+@testable import AQGateway
+import AQHTTP
+import AQTestSupport
+import Foundation
+import Synchronization
+import Testing
+
+/// aq-gateway as it is deployed: the built binary, a real broker, real HTTP on 127.0.0.1.
+final class GatewayProcess: @unchecked Sendable {
+    // @unchecked Sendable: `process` is set once in init and only read afterwards (Process is
+    // itself thread-safe for terminate/wait); `port` and `url` are constants.
+    let process: Process
+    let port: Int
+    var url: String { "http://127.0.0.1:\(self.port)" }
+    static let token = "aqt_test_token_for_the_gateway"
+    static let other = "aqt_token_for_reports_only"
+
+    static var tokens: String {
+        let hash = { (token: String) in TokenVerifier.hex(TokenVerifier.sha256(Array(token.utf8))) }
+        return "app:\(hash(Self.token)):default|reports,reporter:\(hash(Self.other)):reports"
+    }
+
+    init(amqpURL: String, topology: String, environment: [String: String] = [:], arguments: [String] = []) throws {
+        let process = Process()
+        process.executableURL = TestEnvironment.builtProgram("aq-gateway")
+        process.arguments = ["--listen", "127.0.0.1:0", "--amqp-url", amqpURL, "-f", topology] + arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(["AQ_GATEWAY_TOKENS": Self.tokens].merging(environment) { $1 }) { $1 }
+        let err = Pipe()
+        process.standardError = err
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        // The log line that names the bound port.
+        var seen = ""
+        let deadline = Date().addingTimeInterval(30)
+        var port: Int?
+        while port == nil, Date() < deadline, process.isRunning {
+            let data = err.fileHandleForReading.availableData
+            if data.isEmpty { Thread.sleep(forTimeInterval: 0.02); continue }
+            seen += String(decoding: data, as: UTF8.self)
+            if let range = seen.range(of: "address=http://127.0.0.1:") {
+                port = Int(seen[range.upperBound...].prefix { $0.isNumber })
+            }
+        }
+        guard let port else {
+            process.terminate()
+            throw TestFailure("aq-gateway did not start: \(seen)")
+        }
+        self.process = process
+        self.port = port
+        // Keep draining its log so it never blocks on a full pipe.
+        err.fileHandleForReading.readabilityHandler = { handle in _ = handle.availableData }
+    }
+
+    func stop() {
+        self.process.terminate()
+        self.process.waitUntilExit()
+    }
+
+    func post(_ path: String, _ body: String, token: String? = GatewayProcess.token, headers: [String] = []) async throws -> (status: Int, json: [String: Any]) {
+        var all = ["Content-Type: application/json"] + headers
+        if let token { all.append("Authorization: Bearer \(token)") }
+        let response = try await BlockingHTTP.request(method: "POST", url: self.url + path, headers: all, body: Array(body.utf8))
+        return (response.status, (try? JSONSerialization.jsonObject(with: Data(response.body))) as? [String: Any] ?? [:])
+    }
+
+    func get(_ path: String) async throws -> (status: Int, body: String) {
+        let response = try await BlockingHTTP.request(method: "GET", url: self.url + path)
+        return (response.status, response.bodyString)
+    }
+}
+
+struct TestFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+@Suite(.serialized, .timeLimit(.minutes(3))) struct GatewayTests {
+    @Test func everyAnswerOfTheTaskEndpoint() async throws {
+        let receiver = try Receiver()
+        receiver.on("/work") { _, _ in .json(#"{"done":true}"#) }
+        let bridge = try await BridgeHarness.start()
+        let gateway = try GatewayProcess(amqpURL: bridge.amqpURL, topology: bridge.topologyDir.path)
+        defer { gateway.stop() }
+        let task = #"{"callbackUrl":"\#(receiver.url("/work"))","payload":{"n":1},"webhookUrl":"\#(receiver.url("/hook"))"}"#
+
+        // Who: no token, a wrong one (401); a token not allowed on the queue (403).
+        #expect(try await gateway.post("/v1/tasks", task, token: nil).status == 401)
+        let wrong = try await gateway.post("/v1/tasks", task, token: "aqt_guess")
+        #expect(wrong.status == 401 && wrong.json["error"] as? String == "unauthorized")
+        let forbidden = try await gateway.post("/v1/tasks", task, token: GatewayProcess.other)
+        #expect(forbidden.status == 403 && forbidden.json["field"] as? String == "queue")
+        // What: not JSON (400), a field wrong (422, named), an unknown queue (422), a batch on
+        // the task endpoint (422), too big (413). Nothing of it reaches the broker.
+        let notJSON = try await gateway.post("/v1/tasks", "{nope")
+        #expect(notJSON.status == 400 && notJSON.json["error"] as? String == "invalid_json")
+        let noCallback = try await gateway.post("/v1/tasks", #"{"payload":{}}"#)
+        #expect(noCallback.status == 422 && noCallback.json["field"] as? String == "callbackUrl", "\(noCallback.json)")
+        let badRetries = try await gateway.post("/v1/tasks", #"{"callbackUrl":"http://x/y","retries":"many"}"#)
+        #expect(badRetries.status == 422 && badRetries.json["field"] as? String == "retries", "\(badRetries.json)")
+        let unknown = try await gateway.post("/v1/tasks?queue=nope", task)
+        #expect(unknown.status == 422 && unknown.json["error"] as? String == "unknown_queue")
+        let batchHere = try await gateway.post("/v1/tasks", #"{"batch":{},"tasks":[]}"#)
+        #expect(batchHere.status == 422 && batchHere.json["error"] as? String == "wrong_endpoint")
+        let big = #"{"callbackUrl":"http://x/y","payload":""# + String(repeating: "x", count: (1 << 20) + 10) + #""}"#
+        #expect(try await gateway.post("/v1/tasks", big).status == 413)
+        #expect(try await bridge.depth("aq.dead") == 0, "refused requests publish nothing")
+
+        // Accepted (202, after the broker's confirm): the task runs, with the request's trace.
+        let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        let accepted = try await gateway.post("/v1/tasks", task, headers: ["traceparent: \(trace)"])
+        #expect(accepted.status == 202, "\(accepted.json)")
+        let id = try #require(accepted.json["taskId"] as? String)
+        let calls = try await receiver.wait("/work", count: 1)
+        #expect(calls[0].request.header("AsyncQueue-Task-Id") == id && calls[0].request.json?["n"] as? Int == 1)
+        #expect(calls[0].request.header("traceparent") == trace)
+        let hooks = try await receiver.wait("/hook", count: 1)
+        #expect((hooks[0].request.json?["result"] as? [String: Any])?["done"] as? Bool == true)
+        // The other token may use its queue.
+        #expect(try await gateway.post("/v1/tasks?queue=reports", task, token: GatewayProcess.other).status == 202)
+        _ = try await receiver.wait("/work", count: 2)
+
+        // Health, readiness, metrics.
+        #expect(try await gateway.get("/healthz").status == 200)
+        #expect(try await gateway.get("/readyz").status == 200)
+        let metrics = try await gateway.get("/metrics").body
+        #expect(metrics.contains(#"aq_gateway_requests_total{route="/v1/tasks",status="202"} 2"#) && metrics.contains("aq_gateway_broker_connected 1"), "\(metrics)")
+        await bridge.stop()
+    }
+
+    @Test func anIdempotentRetryCreatesOneTask() async throws {
+        let receiver = try Receiver()
+        receiver.on("/once") { _, _ in .json("{}") }
+        let bridge = try await BridgeHarness.start()
+        let gateway = try GatewayProcess(amqpURL: bridge.amqpURL, topology: bridge.topologyDir.path)
+        defer { gateway.stop() }
+        let task = #"{"callbackUrl":"\#(receiver.url("/once"))","payload":{"order":42}}"#
+        // A client that timed out retries: the same reply, one task, whose id is the key. Some
+        // of the retries arrive while the first is still publishing.
+        let replies = try await withThrowingTaskGroup(of: (Int, String?).self) { group in
+            for _ in 0..<5 {
+                group.addTask {
+                    let reply = try await gateway.post("/v1/tasks", task, headers: ["Idempotency-Key: order-42"])
+                    return (reply.status, reply.json["taskId"] as? String)
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(replies.allSatisfy { $0.0 == 202 && $0.1 == "order-42" }, "\(replies)")
+        let again = try await gateway.post("/v1/tasks", task, headers: ["Idempotency-Key: order-42"])
+        #expect(again.status == 202 && again.json["taskId"] as? String == "order-42")
+        // The key with another request: refused, nothing published.
+        let reused = try await gateway.post("/v1/tasks", #"{"callbackUrl":"\#(receiver.url("/once"))","payload":{"order":43}}"#, headers: ["Idempotency-Key: order-42"])
+        #expect(reused.status == 422 && reused.json["error"] as? String == "idempotency_key_reused")
+        _ = try await receiver.wait("/once", count: 1)
+        try await bridge.waitIdle()
+        #expect(receiver.requests("/once").count == 1, "one task")
+        await bridge.stop()
+    }
+
+    @Test func withTheBrokerDownNothingIsAccepted() async throws {
+        // Nothing listens on port 9: the gateway runs, keeps trying, and says 503.
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("gw-down-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try BridgeHarness.topologyYAML.write(to: dir.appendingPathComponent("asyncqueue.yaml"), atomically: true, encoding: .utf8)
+        let gateway = try GatewayProcess(amqpURL: "amqp://guest:guest@127.0.0.1:9/%2F", topology: dir.path)
+        defer { gateway.stop() }
+        let down = try await gateway.post("/v1/tasks", #"{"callbackUrl":"http://127.0.0.1:9/x"}"#)
+        #expect(down.status == 503 && down.json["error"] as? String == "broker_unavailable", "\(down.json)")
+        #expect(try await gateway.get("/readyz").status == 503)
+        #expect(try await gateway.get("/healthz").status == 200)
+        // An idempotent request that got 503 is not remembered: its retry publishes (503 again here).
+        #expect(try await gateway.post("/v1/tasks", #"{"callbackUrl":"http://127.0.0.1:9/x"}"#, headers: ["Idempotency-Key: k-1"]).status == 503)
+        #expect(try await gateway.post("/v1/tasks", #"{"callbackUrl":"http://127.0.0.1:9/x"}"#, headers: ["Idempotency-Key: k-1"]).status == 503)
+    }
+
+    @Test func batchesAndChainsOverHTTP() async throws {
+        let receiver = try Receiver()
+        receiver.on("/price") { request, _ in .json(#"{"p":\#(request.json?["n"] as? Int ?? 0)}"#) }
+        receiver.on("/step") { request, _ in .json(#"{"seen":\#(request.json.map { $0.count } ?? 0)}"#) }
+        let bridge = try await BridgeHarness.start()
+        let gateway = try GatewayProcess(amqpURL: bridge.amqpURL, topology: bridge.topologyDir.path)
+        defer { gateway.stop() }
+        let children = (1...3).map { #"{"callbackUrl":"\#(receiver.url("/price"))","payload":{"n":\#($0)}}"# }.joined(separator: ",")
+        let batch = try await gateway.post("/v1/batches", #"{"batch":{"webhookUrl":"\#(receiver.url("/batch-done"))"},"tasks":[\#(children)]}"#,
+                                           headers: ["Idempotency-Key: batch-7"])
+        #expect(batch.status == 202 && batch.json["batchId"] as? String == "batch-7" && batch.json["children"] as? Int == 3, "\(batch.json)")
+        let report = try #require(try await receiver.wait("/batch-done", count: 1)[0].request.json)
+        #expect(report["batchId"] as? String == "batch-7" && report["counts"] as? [String: Int] == ["completed": 3, "failed": 0, "skipped": 0])
+        let steps = [#"{"callbackUrl":"\#(receiver.url("/step"))"}"#, #"{"callbackUrl":"\#(receiver.url("/step"))"}"#].joined(separator: ",")
+        let chain = try await gateway.post("/v1/chains", #"{"chain":{"id":"c-9","webhookUrl":"\#(receiver.url("/chain-done"))"},"payload":{"a":1},"steps":[\#(steps)]}"#)
+        #expect(chain.status == 202 && chain.json["chainId"] as? String == "c-9", "\(chain.json)")
+        let done = try #require(try await receiver.wait("/chain-done", count: 1)[0].request.json)
+        #expect(done["status"] as? String == "completed")
+        let badChain = try await gateway.post("/v1/chains", #"{"chain":{},"steps":[]}"#)
+        #expect(badChain.status == 422 && badChain.json["error"] as? String == "invalid_chain", "\(badChain.json)")
+        await bridge.stop()
+    }
+}
+
+@Suite struct GatewayConfigurationTests {
+    @Test func tokensAreHashedAndComparedAndConfigurationComesFromFileAndEnvironment() throws {
+        let hash = TokenVerifier.hex(TokenVerifier.sha256(Array("secret".utf8)))
+        #expect(hash == "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b")
+        var configuration = GatewayConfiguration()
+        try configuration.apply(yaml: """
+            listen: 127.0.0.1:9000
+            tokens:
+              - name: shop
+                sha256: \(hash)
+                queues: [default]
+            max_body_bytes: 4096
+            idempotency_window: 1h
+            """, source: "test.yaml")
+        #expect(configuration.listen == "127.0.0.1:9000" && configuration.maxBodyBytes == 4096 && configuration.idempotencyWindow == .seconds(3600))
+        let verifier = TokenVerifier(configuration.tokens)
+        #expect(verifier.verify(authorization: "Bearer secret")?.name == "shop")
+        #expect(verifier.verify(authorization: "bearer secret")?.allows(queue: "default") == true)
+        #expect(verifier.verify(authorization: "Bearer secret")?.allows(queue: "reports") == false)
+        #expect(verifier.verify(authorization: "Bearer secreT") == nil && verifier.verify(authorization: "Basic c2VjcmV0") == nil)
+        #expect(verifier.verify(authorization: nil) == nil)
+        #expect(throws: GatewayConfiguration.Invalid.self) { try configuration.apply(yaml: "tokenz: []", source: "t") }
+        #expect(throws: GatewayConfiguration.Invalid.self) { try configuration.apply(yaml: "tokens:\n  - name: x\n    sha256: abc", source: "t") }
+        try configuration.apply(environment: ["AQ_GATEWAY_TOKENS": "a:\(hash), b:\(hash):reports|default", "AQ_GATEWAY_LISTEN": "0.0.0.0:1"])
+        #expect(configuration.tokens.map(\.name) == ["a", "b"] && configuration.tokens[0].allows(queue: "anything"))
+        #expect(configuration.tokens[1].queues == ["reports", "default"] && configuration.listen == "0.0.0.0:1")
+        #expect(throws: GatewayConfiguration.Invalid.self) { try configuration.apply(environment: ["AQ_GATEWAY_TOKENS": "a:nothex"]) }
+        #expect(GatewayError.field(in: "callbackUrl must be a string") == "callbackUrl")
+        #expect(GatewayError.field(in: "the body is not a JSON object") == nil)
+    }
+}
