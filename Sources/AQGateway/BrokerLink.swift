@@ -46,6 +46,11 @@ final class BrokerLink: Sendable {
         }
     }
 
+    /// The connection, once made (for the events consumer and the dashboard).
+    var connection: AMQPConnection? {
+        self.state.withLock { $0.connection }
+    }
+
     var isReady: Bool {
         self.state.withLock { $0.connection?.isConnected ?? false }
     }

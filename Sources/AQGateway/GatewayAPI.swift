@@ -177,6 +177,21 @@ final class GatewayAPI: Sendable {
     }
 }
 
+extension GatewayAPI {
+    /// Whether a batch's reply queue exists (it does while the batch is open).
+    func batchIsOpen(_ id: String) async -> Bool {
+        guard let connection = self.broker.connection, connection.isConnected else { return false }
+        do {
+            let channel = try await connection.openChannel()
+            defer { Task { try? await channel.close() } }
+            _ = try await channel.declareQueue(self.spec.batchReplyQueueName(forBatch: id), passive: true)
+            return true
+        } catch {
+            return false
+        }
+    }
+}
+
 struct GatewayReplyError: Error {
     var reply: GatewayReply
     init(_ reply: GatewayReply) { self.reply = reply }

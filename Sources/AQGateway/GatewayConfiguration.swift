@@ -62,6 +62,8 @@ public struct GatewayConfiguration: Sendable {
     public var listen = "127.0.0.1:8080"
     /// The broker (`AQ_AMQP_URL`).
     public var amqpURL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    /// RabbitMQ's management API, for the dashboard's queue numbers (`AQ_MANAGEMENT_URL`).
+    public var managementURL = "http://127.0.0.1:15672"
     /// Topology files or directories (`AQ_TOPOLOGY`): the work queues and exchanges.
     public var topology: [String] = ["topology"]
     /// The accepted tokens (`AQ_GATEWAY_TOKENS`: `name:sha256hex[:queue|queue]`, comma- or
@@ -72,8 +74,6 @@ public struct GatewayConfiguration: Sendable {
     /// How long an `Idempotency-Key` is remembered, and how many at most.
     public var idempotencyWindow: Duration = .seconds(24 * 3600)
     public var idempotencyKeys = 100_000
-    /// The longest a publish may wait for the broker's confirm before the request gets 503.
-    public var publishTimeout: Duration = .seconds(10)
     public var logLevel = "info"
 
     public init() {}
@@ -88,8 +88,8 @@ public struct GatewayConfiguration: Sendable {
         try self.apply(yaml: String(decoding: data, as: UTF8.self), source: path)
     }
 
-    /// Keys: listen, amqp_url, topology, tokens (a list of {name, sha256, queues}),
-    /// max_body_bytes, idempotency_window, idempotency_keys, publish_timeout, log_level.
+    /// Keys: listen, amqp_url, management_url, topology, tokens (a list of {name, sha256, queues}),
+    /// max_body_bytes, idempotency_window, idempotency_keys, log_level.
     public mutating func apply(yaml text: String, source: String) throws {
         let loaded: Any?
         do { loaded = try Yams.load(yaml: text) } catch { throw Invalid(description: "\(source): not YAML: \(error)") }
@@ -116,6 +116,7 @@ public struct GatewayConfiguration: Sendable {
         }
         if let v = try string("listen") { self.listen = v }
         if let v = try string("amqp_url") { self.amqpURL = v }
+        if let v = try string("management_url") { self.managementURL = v }
         if let v = values.removeValue(forKey: "topology") {
             if let list = v as? [String] { self.topology = list } else if let one = v as? String { self.topology = [one] } else {
                 throw Invalid(description: "\(source): topology must be a path or a list of paths")
@@ -137,7 +138,6 @@ public struct GatewayConfiguration: Sendable {
         if let v = try int("max_body_bytes", 1...(64 << 20)) { self.maxBodyBytes = v }
         if let v = try duration("idempotency_window") { self.idempotencyWindow = v }
         if let v = try int("idempotency_keys", 0...10_000_000) { self.idempotencyKeys = v }
-        if let v = try duration("publish_timeout") { self.publishTimeout = v }
         if let v = try string("log_level") { self.logLevel = v }
         if let key = values.keys.sorted().first { throw Invalid(description: "\(source): unknown key \(key)") }
     }
@@ -148,6 +148,7 @@ public struct GatewayConfiguration: Sendable {
         }
         if let v = environment["AQ_GATEWAY_LISTEN"], !v.isEmpty { self.listen = v }
         if let v = environment["AQ_AMQP_URL"], !v.isEmpty { self.amqpURL = v }
+        if let v = environment["AQ_MANAGEMENT_URL"], !v.isEmpty { self.managementURL = v }
         if let v = environment["AQ_TOPOLOGY"], !v.isEmpty { self.topology = list(v) }
         if let v = environment["AQ_GATEWAY_TOKENS"], !v.isEmpty { self.tokens = try list(v).map(GatewayToken.parse) }
         if let v = environment["AQ_LOG_LEVEL"], !v.isEmpty { self.logLevel = v }

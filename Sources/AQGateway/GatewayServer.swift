@@ -1,4 +1,5 @@
 import AMQPClient
+import AQBridge
 import AQTopology
 import Foundation
 import HTTPTypes
@@ -22,7 +23,11 @@ public enum GatewayServer {
         if configuration.tokens.isEmpty {
             logger.warning("no tokens configured: every API request is refused (401); see AQ_GATEWAY_TOKENS")
         }
-        let router = self.router(api, maxBodyBytes: configuration.maxBodyBytes)
+        let monitor = EventMonitor()
+        let dashboard = Dashboard(api: api, monitor: monitor, target: try BrokerTarget(amqpURL: configuration.amqpURL, managementURL: configuration.managementURL),
+                                  logger: logger)
+        let router = self.router(api, monitor: monitor, maxBodyBytes: configuration.maxBodyBytes)
+        dashboard.register(on: router)
         let app = Application(
             router: router,
             server: .http1(configuration: .init(idleTimeout: .seconds(60))),
@@ -34,9 +39,14 @@ public enum GatewayServer {
             },
             logger: logger)
         let connecting = Task { await broker.connect() }
-        defer { connecting.cancel() }
+        let watching = Task { await monitor.run(connection: { broker.connection }, exchange: spec.eventsExchange, logger: logger) }
+        defer {
+            connecting.cancel()
+            watching.cancel()
+        }
         try await app.runService()
         connecting.cancel()
+        watching.cancel()
         await broker.close()
     }
 
@@ -49,8 +59,33 @@ public enum GatewayServer {
     static let idempotencyKey = HTTPField.Name("Idempotency-Key")!
     static let traceparent = HTTPField.Name("traceparent")!
 
-    static func router(_ api: GatewayAPI, maxBodyBytes: Int) -> Router<BasicRequestContext> {
+    static func router(_ api: GatewayAPI, monitor: EventMonitor, maxBodyBytes: Int) -> Router<BasicRequestContext> {
         let router = Router()
+        router.get("/") { _, _ -> Response in Response(status: .seeOther, headers: [.location: "/dashboard"]) }
+        // Progress: what the lifecycle events said (ends always; counts and steps with the
+        // bridges' `events: all`); a batch not seen yet is open while its reply queue exists.
+        router.get("/v1/batches/:id") { request, context -> Response in
+            if case .failure(let error) = api.authenticate(request.headers[.authorization]) { return self.json(error.reply) }
+            let id = context.parameters.get("id") ?? ""
+            if let batch = monitor.batch(id) {
+                return self.json(GatewayReply(status: 200, body: "{\"batchId\":\(JSONScan.quote(batch.id)),\"queue\":\(JSONScan.quote(batch.queue)),\"status\":\(JSONScan.quote(batch.status)),\"size\":\(batch.size),\"settled\":\(batch.settled),\"failed\":\(batch.failed)}"))
+            }
+            if await api.batchIsOpen(id) {
+                return self.json(GatewayReply(status: 200, body: "{\"batchId\":\(JSONScan.quote(id)),\"status\":\"running\"}"))
+            }
+            return self.json(GatewayError.reply(404, "not_found", "no batch '\(id.prefix(100))' is open, and none ended since this gateway started"))
+        }
+        router.get("/v1/chains/:id") { request, context -> Response in
+            if case .failure(let error) = api.authenticate(request.headers[.authorization]) { return self.json(error.reply) }
+            let id = context.parameters.get("id") ?? ""
+            guard let chain = monitor.chain(id) else {
+                return self.json(GatewayError.reply(404, "not_found", "no event of chain '\(id.prefix(100))' since this gateway started (progress needs the bridges' events: all)"))
+            }
+            var body = "{\"chainId\":\(JSONScan.quote(chain.id)),\"queue\":\(JSONScan.quote(chain.queue)),\"status\":\(JSONScan.quote(chain.status)),\"stepsCompleted\":\(chain.step)"
+            if let steps = chain.steps { body += ",\"steps\":\(steps)" }
+            if let failed = chain.failedStep { body += ",\"failedStep\":\(failed)" }
+            return self.json(GatewayReply(status: 200, body: body + "}"))
+        }
         for kind in [GatewayAPI.Kind.tasks, .batches, .chains] {
             let route = "/v1/\(kind.rawValue)"
             router.post(RouterPath(route)) { request, _ -> Response in

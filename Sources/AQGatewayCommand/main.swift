@@ -10,7 +10,7 @@ struct GatewayCommand: AsyncParsableCommand {
         abstract: "AsyncQueue over HTTP: POST /v1/tasks, /v1/batches, /v1/chains (202 once the broker confirmed).",
         discussion: """
             Configuration, later sources winning: defaults, --config FILE (YAML), the environment (AQ_AMQP_URL, \
-            AQ_TOPOLOGY, AQ_GATEWAY_LISTEN, AQ_GATEWAY_TOKENS, AQ_LOG_LEVEL), flags. See README.md, "HTTP gateway".
+            AQ_MANAGEMENT_URL, AQ_TOPOLOGY, AQ_GATEWAY_LISTEN, AQ_GATEWAY_TOKENS, AQ_LOG_LEVEL), flags. See README.md, "HTTP gateway".
             """,
         subcommands: [Serve.self, HashToken.self],
         defaultSubcommand: Serve.self)
@@ -22,9 +22,11 @@ struct GatewayCommand: AsyncParsableCommand {
         var config: String?
         @Option(help: "host:port to listen on (port 0: any free port).")
         var listen: String?
-        @Option(help: "The broker's AMQP URL.")
+        @Option(name: .customLong("amqp"), help: ArgumentHelp("The broker's AMQP URL (default $AQ_AMQP_URL).", valueName: "url"))
         var amqpUrl: String?
-        @Option(name: [.customShort("f"), .long], help: "Topology files or directories (repeatable).")
+        @Option(help: "RabbitMQ's management API (the dashboard's queue numbers).")
+        var managementUrl: String?
+        @Option(help: "Topology files or directories (repeatable; default topology/).")
         var topology: [String] = []
 
         func run() async throws {
@@ -38,6 +40,7 @@ struct GatewayCommand: AsyncParsableCommand {
             }
             if let listen { configuration.listen = listen }
             if let amqpUrl { configuration.amqpURL = amqpUrl }
+            if let managementUrl { configuration.managementURL = managementUrl }
             if !topology.isEmpty { configuration.topology = topology }
             let level = Logger.Level(rawValue: configuration.logLevel) ?? .info
             LoggingSystem.bootstrap { label in

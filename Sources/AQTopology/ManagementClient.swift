@@ -48,6 +48,38 @@ public struct ManagementClient: Sendable {
         return response
     }
 
+    /// One queue's numbers, as the management API shows them.
+    public struct QueueStats: Sendable {
+        public var name: String
+        public var ready: Int
+        public var unacknowledged: Int
+        public var consumers: Int
+        /// Messages per second in (published) and out (acknowledged), over the last few seconds.
+        public var rateIn: Double
+        public var rateOut: Double
+    }
+
+    /// The queues of `vhost` with their depth, consumers and rates.
+    public func queueStats(vhost: String) async throws -> [QueueStats] {
+        let columns = "name,messages_ready,messages_unacknowledged,consumers,message_stats.publish_details.rate,message_stats.ack_details.rate"
+        let body = try await self.call("GET", "/api/queues/\(Self.escape(vhost))?columns=\(columns)").body
+        guard case .array(let list) = try JSONDecoder().decode(JSONValue.self, from: Data(body)) else { return [] }
+        func number(_ value: JSONValue?) -> Double {
+            switch value {
+            case .int(let v)?: return Double(v)
+            case .double(let v)?: return v
+            default: return 0
+            }
+        }
+        return list.compactMap { item in
+            guard let object = item.objectValue, let name = object["name"]?.stringValue else { return nil }
+            let stats = object["message_stats"]?.objectValue
+            return QueueStats(name: name, ready: Int(number(object["messages_ready"])), unacknowledged: Int(number(object["messages_unacknowledged"])),
+                              consumers: Int(number(object["consumers"])),
+                              rateIn: number(stats?["publish_details"]?.objectValue?["rate"]), rateOut: number(stats?["ack_details"]?.objectValue?["rate"]))
+        }
+    }
+
     /// What one virtual host holds (exchanges, queues, bindings, policies); nil when it does not
     /// exist. Uses the per-kind endpoints, which a `policymaker` user may read (the
     /// `/api/definitions` export needs `administrator`).

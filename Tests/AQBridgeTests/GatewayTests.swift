@@ -15,16 +15,18 @@ final class GatewayProcess: @unchecked Sendable {
     var url: String { "http://127.0.0.1:\(self.port)" }
     static let token = "aqt_test_token_for_the_gateway"
     static let other = "aqt_token_for_reports_only"
+    /// Allowed on every queue: the dashboard's.
+    static let operatorToken = "aqt_operator_token"
 
     static var tokens: String {
         let hash = { (token: String) in TokenVerifier.hex(TokenVerifier.sha256(Array(token.utf8))) }
-        return "app:\(hash(Self.token)):default|reports,reporter:\(hash(Self.other)):reports"
+        return "app:\(hash(Self.token)):default|reports,reporter:\(hash(Self.other)):reports,ops:\(hash(Self.operatorToken))"
     }
 
     init(amqpURL: String, topology: String, environment: [String: String] = [:], arguments: [String] = []) throws {
         let process = Process()
         process.executableURL = TestEnvironment.builtProgram("aq-gateway")
-        process.arguments = ["--listen", "127.0.0.1:0", "--amqp-url", amqpURL, "-f", topology] + arguments
+        process.arguments = ["--listen", "127.0.0.1:0", "--amqp", amqpURL, "--topology", topology, "--management-url", TestEnvironment.managementURL] + arguments
         process.environment = ProcessInfo.processInfo.environment.merging(["AQ_GATEWAY_TOKENS": Self.tokens].merging(environment) { $1 }) { $1 }
         let err = Pipe()
         process.standardError = err
@@ -195,6 +197,33 @@ struct TestFailure: Error, CustomStringConvertible {
         #expect(done["status"] as? String == "completed")
         let badChain = try await gateway.post("/v1/chains", #"{"chain":{},"steps":[]}"#)
         #expect(badChain.status == 422 && badChain.json["error"] as? String == "invalid_chain", "\(badChain.json)")
+        await bridge.stop()
+    }
+}
+
+extension GatewayTests {
+    /// The dashboard in headless Chromium, driven by Selenium (Tests/browser/dashboard_test.py):
+    /// sign in, a task appears and completes, a failed one is replayed by clicking and completes.
+    @Test(.timeLimit(.minutes(2))) func theDashboardInABrowser() async throws {
+        let receiver = try Receiver()
+        let fixed = Atomic<Bool>(false)
+        receiver.on("/ok") { _, _ in .json(#"{"ok":true}"#) }
+        receiver.on("/flaky") { _, _ in fixed.load(ordering: .relaxed) ? .json(#"{"fixed":true}"#) : .text("card declined", status: 422) }
+        receiver.on("/fix") { _, _ in
+            fixed.store(true, ordering: .relaxed)
+            return .json("{}")
+        }
+        let bridge = try await BridgeHarness.start { $0.events = .all }
+        let gateway = try GatewayProcess(amqpURL: bridge.amqpURL, topology: bridge.topologyDir.path)
+        defer { gateway.stop() }
+        let screenshot = ProcessInfo.processInfo.environment["AQ_DASHBOARD_SCREENSHOT"] ?? ""
+        let result = try TestEnvironment.run(URL(fileURLWithPath: InteropTests.python),
+                                             [TestEnvironment.repositoryRoot.appendingPathComponent("Tests/browser/dashboard_test.py").path],
+                                             environment: ["GATEWAY_URL": gateway.url, "TOKEN": GatewayProcess.operatorToken,
+                                                           "RECEIVER_URL": receiver.url(""), "SCREENSHOT": screenshot])
+        #expect(result.status == 0, "\(result.out)\(result.err)")
+        #expect(result.out.contains("ok: its dead letter is gone"), "\(result.out)")
+        #expect(receiver.requests("/flaky").count == 2, "failed once, then the replay completed")
         await bridge.stop()
     }
 }
