@@ -83,6 +83,7 @@ let package = Package(
                            .product(name: "Yams", package: "Yams"), .product(name: "HTTPTypes", package: "swift-http-types"),
                            .product(name: "NIOCore", package: "swift-nio"),
                            .product(name: "Logging", package: "swift-log")],
+            exclude: ["openapi.yaml"],
             swiftSettings: swiftSettings
         ),
         .executableTarget(
@@ -141,7 +142,8 @@ let package = Package(
         ),
         .testTarget(
             name: "AQBridgeTests",
-            dependencies: ["AQBridge", "AQGateway", "AQHTTP", "AQTopology", "AMQPClient", "AsyncQueue", "AQTestSupport"],
+            dependencies: ["AQBridge", "AQGateway", "AQHTTP", "AQTopology", "AMQPClient", "AsyncQueue", "AQTestSupport",
+                           .product(name: "Yams", package: "Yams")],
             swiftSettings: swiftSettings
         ),
         .testTarget(

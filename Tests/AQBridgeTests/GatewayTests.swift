@@ -5,6 +5,7 @@ import AQTestSupport
 import Foundation
 import Synchronization
 import Testing
+import Yams
 
 /// aq-gateway as it is deployed: the built binary, a real broker, real HTTP on 127.0.0.1.
 final class GatewayProcess: @unchecked Sendable {
@@ -257,5 +258,63 @@ extension GatewayTests {
         #expect(throws: GatewayConfiguration.Invalid.self) { try configuration.apply(environment: ["AQ_GATEWAY_TOKENS": "a:nothex"]) }
         #expect(GatewayError.field(in: "callbackUrl must be a string") == "callbackUrl")
         #expect(GatewayError.field(in: "the body is not a JSON object") == nil)
+    }
+}
+
+extension GatewayTests {
+    /// Sources/AQGateway/openapi.yaml against the running server: every operation answers its
+    /// example request with a documented status and a body with the documented fields, and one
+    /// without a token with 401 (unless documented open).
+    @Test func theOpenAPIDocumentMatchesTheServer() async throws {
+        let text = try String(contentsOf: TestEnvironment.repositoryRoot.appendingPathComponent("Sources/AQGateway/openapi.yaml"), encoding: .utf8)
+        let document = try #require(try Yams.load(yaml: text) as? [String: Any])
+        func resolve(_ value: Any?) -> [String: Any]? {
+            guard let object = value as? [String: Any] else { return nil }
+            guard let ref = object["$ref"] as? String else { return object }
+            var node: Any? = document
+            for part in ref.dropFirst(2).split(separator: "/") { node = (node as? [String: Any])?[String(part)] }
+            return resolve(node)
+        }
+        let paths = try #require(document["paths"] as? [String: Any])
+        #expect(Set(paths.keys) == ["/v1/tasks", "/v1/batches", "/v1/batches/{id}", "/v1/chains", "/v1/chains/{id}", "/healthz", "/readyz", "/metrics"])
+        let bridge = try await BridgeHarness.start()
+        let gateway = try GatewayProcess(amqpURL: bridge.amqpURL, topology: bridge.topologyDir.path)
+        defer { gateway.stop() }
+        var checked = 0
+        for (path, item) in paths.sorted(by: { $0.key < $1.key }) {
+            for (method, value) in (item as? [String: Any] ?? [:]) {
+                let operation = try #require(value as? [String: Any])
+                let responses = try #require(operation["responses"] as? [String: Any])
+                let open = (operation["security"] as? [Any])?.isEmpty == true
+                let url = gateway.url + path.replacingOccurrences(of: "{id}", with: "openapi-check")
+                var body: [UInt8]?
+                if let content = resolve(operation["requestBody"])?["content"] as? [String: Any],
+                   let example = (content["application/json"] as? [String: Any])?["example"] {
+                    body = Array(try JSONSerialization.data(withJSONObject: example))
+                }
+                let headers = ["Content-Type: application/json", "Authorization: Bearer \(GatewayProcess.token)", "Idempotency-Key: openapi-check"]
+                let response = try await BlockingHTTP.request(method: method.uppercased(), url: url, headers: headers, body: body)
+                let status = String(response.status)
+                #expect(responses[status] != nil, "\(method) \(path) answered \(status), not documented")
+                if let schema = resolve((resolve(responses[status])?["content"] as? [String: Any]).flatMap { ($0["application/json"] as? [String: Any])?["schema"] }) {
+                    let json = (try? JSONSerialization.jsonObject(with: Data(response.body))) as? [String: Any] ?? [:]
+                    for field in schema["required"] as? [String] ?? [] {
+                        #expect(json[field] != nil, "\(method) \(path) \(status): '\(field)' missing in \(response.bodyString)")
+                    }
+                    for (field, property) in schema["properties"] as? [String: Any] ?? [:] {
+                        guard let value = json[field], let type = (property as? [String: Any])?["type"] as? String else { continue }
+                        let matches = type == "string" ? value is String : type == "integer" ? (value as? NSNumber).map { !($0 is Bool) && $0.doubleValue == $0.doubleValue.rounded() } ?? false : true
+                        #expect(matches, "\(method) \(path) \(status): '\(field)' is not \(type)")
+                    }
+                }
+                if !open {
+                    let anonymous = try await BlockingHTTP.request(method: method.uppercased(), url: url, headers: ["Content-Type: application/json"], body: body)
+                    #expect(anonymous.status == 401 && responses["401"] != nil, "\(method) \(path) without a token: \(anonymous.status)")
+                }
+                checked += 1
+            }
+        }
+        #expect(checked == 8)
+        await bridge.stop()
     }
 }
