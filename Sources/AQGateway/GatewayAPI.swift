@@ -132,7 +132,8 @@ final class GatewayAPI: Sendable {
         let answer: String
         switch kind {
         case .tasks:
-            switch TaskParser.parse(body, messageId: generated, defaults: defaults) {
+            // The key, else the body's taskId, else a new id (the parser's order).
+            switch TaskParser.parse(body, messageId: id, defaults: defaults) {
             case .failure(let malformed) where malformed.isBatch:
                 return GatewayError.reply(422, "wrong_endpoint", "a batch message: POST it to /v1/batches", field: "batch")
             case .failure(let malformed) where malformed.isChain:

@@ -119,15 +119,20 @@ struct TestFailure: Error, CustomStringConvertible {
         #expect(calls[0].request.header("traceparent") == trace)
         let hooks = try await receiver.wait("/hook", count: 1)
         #expect((hooks[0].request.json?["result"] as? [String: Any])?["done"] as? Bool == true)
+        // Without a key, the body's taskId names the task.
+        let named = try await gateway.post("/v1/tasks", #"{"callbackUrl":"\#(receiver.url("/work"))","taskId":"named-1","payload":{"n":2}}"#)
+        #expect(named.status == 202 && named.json["taskId"] as? String == "named-1")
+        let namedCall = try await receiver.wait("/work", count: 2)
+        #expect(namedCall[1].request.header("AsyncQueue-Task-Id") == "named-1")
         // The other token may use its queue.
         #expect(try await gateway.post("/v1/tasks?queue=reports", task, token: GatewayProcess.other).status == 202)
-        _ = try await receiver.wait("/work", count: 2)
+        _ = try await receiver.wait("/work", count: 3)
 
         // Health, readiness, metrics.
         #expect(try await gateway.get("/healthz").status == 200)
         #expect(try await gateway.get("/readyz").status == 200)
         let metrics = try await gateway.get("/metrics").body
-        #expect(metrics.contains(#"aq_gateway_requests_total{route="/v1/tasks",status="202"} 2"#) && metrics.contains("aq_gateway_broker_connected 1"), "\(metrics)")
+        #expect(metrics.contains(#"aq_gateway_requests_total{route="/v1/tasks",status="202"} 3"#) && metrics.contains("aq_gateway_broker_connected 1"), "\(metrics)")
         await bridge.stop()
     }
 
@@ -315,6 +320,23 @@ extension GatewayTests {
             }
         }
         #expect(checked == 8)
+        await bridge.stop()
+    }
+}
+
+extension GatewayTests {
+    /// examples/node: the seed's four patterns in Node (built-in http and fetch), through the
+    /// gateway and a bridge, end to end (examples/node/test.mjs asserts what matters).
+    @Test(.timeLimit(.minutes(2))) func theSeedsNodeCodeRunsThroughTheGateway() async throws {
+        let node = ["/usr/bin/node", "/usr/local/bin/node"].first { FileManager.default.isExecutableFile(atPath: $0) }
+        let path = try #require(node, "needs node (scripts/test installs Debian's nodejs when there is none)")
+        let bridge = try await BridgeHarness.start { $0.events = .all }
+        let gateway = try GatewayProcess(amqpURL: bridge.amqpURL, topology: bridge.topologyDir.path)
+        defer { gateway.stop() }
+        let result = try TestEnvironment.run(URL(fileURLWithPath: path),
+                                             [TestEnvironment.repositoryRoot.appendingPathComponent("examples/node/test.mjs").path],
+                                             environment: ["AQ_GATEWAY_URL": gateway.url, "AQ_GATEWAY_TOKEN": GatewayProcess.token])
+        #expect(result.status == 0, "\(result.out)\(result.err)")
         await bridge.stop()
     }
 }
