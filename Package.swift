@@ -81,7 +81,7 @@ let package = Package(
             name: "AQGateway",
             dependencies: ["AMQPClient", "AQTopology", "AQBridge", "CAQOpenSSL", .product(name: "Hummingbird", package: "hummingbird"),
                            .product(name: "Yams", package: "Yams"), .product(name: "HTTPTypes", package: "swift-http-types"),
-                           .product(name: "NIOCore", package: "swift-nio"),
+                           .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
                            .product(name: "Logging", package: "swift-log")],
             exclude: ["openapi.yaml"],
             swiftSettings: swiftSettings

@@ -89,7 +89,9 @@ public enum TaskParser {
                                        "batch", "batchPart", "chain", "traceparent"]
 
     /// Reads and checks a task body. `messageId` is the AMQP `message_id` (the task id).
-    public static func parse(_ body: [UInt8], messageId: String?, defaults: TaskDefaults, now: Date = Date()) -> Result<TaskSpec, MalformedTask> {
+    /// `makeId` names a task that has neither a `message_id` nor a `taskId`.
+    public static func parse(_ body: [UInt8], messageId: String?, defaults: TaskDefaults, now: Date = Date(),
+                             makeId: () -> String = { UUID().uuidString.lowercased() }) -> Result<TaskSpec, MalformedTask> {
         guard body.count <= defaults.maxPayloadBytes else {
             return .failure(MalformedTask(reason: "the task is \(body.count) bytes, over the limit of \(defaults.maxPayloadBytes)"))
         }
@@ -200,7 +202,7 @@ public enum TaskParser {
         let payload = payloadMember.map { body[$0.range] } ?? Array("null".utf8)[...]
         var id = messageId ?? ""
         if id.isEmpty, case .success(let bodyId?) = string(taskIdMember, "taskId") { id = bodyId }
-        if id.isEmpty { id = UUID().uuidString.lowercased() }
+        if id.isEmpty { id = makeId() }
         guard Self.safeId(id) != nil else {
             return bad("the task id (message_id or taskId) must be at most \(Self.maxIdBytes) bytes without control characters")
         }

@@ -120,7 +120,6 @@ final class GatewayAPI: Sendable {
 
     private func validateAndPublish(_ kind: Kind, _ request: Request, queue: String, defaults: TaskDefaults, id: String?) async -> GatewayReply {
         let body = request.body
-        let generated = id ?? UUID().uuidString.lowercased()
         let isWorkQueue = { (name: String) in self.defaults[name] != nil }
         func refused(_ reason: String, _ code: String) -> GatewayReply {
             if reason.hasPrefix("the body is not a JSON object") {
@@ -133,7 +132,7 @@ final class GatewayAPI: Sendable {
         switch kind {
         case .tasks:
             // The key, else the body's taskId, else a new id (the parser's order).
-            switch TaskParser.parse(body, messageId: id, defaults: defaults) {
+            switch TaskParser.parse(body, messageId: id, defaults: defaults, makeId: GeneratedIds.next) {
             case .failure(let malformed) where malformed.isBatch:
                 return GatewayError.reply(422, "wrong_endpoint", "a batch message: POST it to /v1/batches", field: "batch")
             case .failure(let malformed) where malformed.isChain:
@@ -145,7 +144,7 @@ final class GatewayAPI: Sendable {
                 answer = "{\"taskId\":\(JSONScan.quote(task.id)),\"queue\":\(JSONScan.quote(queue))}"
             }
         case .batches:
-            switch BatchParser.parse(body, messageId: generated, queue: queue, defaults: defaults, isWorkQueue: isWorkQueue) {
+            switch BatchParser.parse(body, messageId: id ?? GeneratedIds.next(), queue: queue, defaults: defaults, isWorkQueue: isWorkQueue) {
             case .failure(let malformed):
                 return refused(malformed.reason, "invalid_batch")
             case .success(let message):
@@ -153,7 +152,7 @@ final class GatewayAPI: Sendable {
                 answer = "{\"batchId\":\(JSONScan.quote(message.batchId)),\"queue\":\(JSONScan.quote(queue)),\"children\":\(message.children.count)}"
             }
         case .chains:
-            switch ChainParser.parse(body, messageId: generated, defaults: defaults, isWorkQueue: isWorkQueue) {
+            switch ChainParser.parse(body, messageId: id ?? GeneratedIds.next(), defaults: defaults, isWorkQueue: isWorkQueue) {
             case .failure(let malformed):
                 return refused(malformed.reason, "invalid_chain")
             case .success(let message):

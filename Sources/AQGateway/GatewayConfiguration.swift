@@ -74,6 +74,8 @@ public struct GatewayConfiguration: Sendable {
     /// How long an `Idempotency-Key` is remembered, and how many at most.
     public var idempotencyWindow: Duration = .seconds(24 * 3600)
     public var idempotencyKeys = 100_000
+    /// Event loop threads for HTTP (`AQ_GATEWAY_THREADS`); 0: one per core.
+    public var threads = 0
     public var logLevel = "info"
 
     public init() {}
@@ -89,7 +91,7 @@ public struct GatewayConfiguration: Sendable {
     }
 
     /// Keys: listen, amqp_url, management_url, topology, tokens (a list of {name, sha256, queues}),
-    /// max_body_bytes, idempotency_window, idempotency_keys, log_level.
+    /// max_body_bytes, idempotency_window, idempotency_keys, threads, log_level.
     public mutating func apply(yaml text: String, source: String) throws {
         let loaded: Any?
         do { loaded = try Yams.load(yaml: text) } catch { throw Invalid(description: "\(source): not YAML: \(error)") }
@@ -138,6 +140,7 @@ public struct GatewayConfiguration: Sendable {
         if let v = try int("max_body_bytes", 1...(64 << 20)) { self.maxBodyBytes = v }
         if let v = try duration("idempotency_window") { self.idempotencyWindow = v }
         if let v = try int("idempotency_keys", 0...10_000_000) { self.idempotencyKeys = v }
+        if let v = try int("threads", 0...256) { self.threads = v }
         if let v = try string("log_level") { self.logLevel = v }
         if let key = values.keys.sorted().first { throw Invalid(description: "\(source): unknown key \(key)") }
     }
@@ -152,6 +155,10 @@ public struct GatewayConfiguration: Sendable {
         if let v = environment["AQ_TOPOLOGY"], !v.isEmpty { self.topology = list(v) }
         if let v = environment["AQ_GATEWAY_TOKENS"], !v.isEmpty { self.tokens = try list(v).map(GatewayToken.parse) }
         if let v = environment["AQ_LOG_LEVEL"], !v.isEmpty { self.logLevel = v }
+        if let v = environment["AQ_GATEWAY_THREADS"], !v.isEmpty {
+            guard let n = Int(v), (0...256).contains(n) else { throw Invalid(description: "AQ_GATEWAY_THREADS must be 0 to 256") }
+            self.threads = n
+        }
     }
 
     /// `host:port` of `listen`.

@@ -6,6 +6,7 @@ import HTTPTypes
 import Hummingbird
 import Logging
 import NIOCore
+import NIOPosix
 
 /// aq-gateway: the wire format over HTTP, on Hummingbird 2 (SwiftNIO) — keep-alive, pipelining,
 /// chunked bodies and an idle timeout for slow clients come from it; limits and auth from us.
@@ -37,6 +38,7 @@ public enum GatewayServer {
                 logger.info("aq-gateway listening", metadata: ["address": "http://\(host):\(bound)"])
                 await onListening(bound)
             },
+            eventLoopGroupProvider: configuration.threads > 0 ? .shared(MultiThreadedEventLoopGroup(numberOfThreads: configuration.threads)) : .singleton,
             logger: logger)
         let connecting = Task { await broker.connect() }
         let watching = Task { await monitor.run(connection: { broker.connection }, exchange: spec.eventsExchange, logger: logger) }
