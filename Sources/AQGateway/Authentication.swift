@@ -8,11 +8,23 @@ public struct TokenVerifier: Sendable {
 
     public init(_ tokens: [GatewayToken]) { self.tokens = tokens }
 
+    /// SHA-256 fetched once: OpenSSL 3 looks the algorithm up again on every call given
+    /// `EVP_sha256()` (an implicit fetch, with locks).
+    final class Digest: @unchecked Sendable {
+        // @unchecked Sendable: `md` is set once here and never changed; OpenSSL documents a
+        // fetched EVP_MD as usable from many threads at once (it is reference-counted and
+        // read-only after the fetch).
+        let md: OpaquePointer?
+        init() { self.md = EVP_MD_fetch(nil, "SHA256", nil) }
+        static let shared = Digest()
+    }
+
     public static func sha256(_ bytes: [UInt8]) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: 32)
         var size: UInt32 = 32
+        let md = Digest.shared.md ?? EVP_sha256()
         _ = bytes.withUnsafeBytes { raw in
-            out.withUnsafeMutableBufferPointer { EVP_Digest(raw.baseAddress, raw.count, $0.baseAddress, &size, EVP_sha256(), nil) }
+            out.withUnsafeMutableBufferPointer { EVP_Digest(raw.baseAddress, raw.count, $0.baseAddress, &size, md, nil) }
         }
         return out
     }

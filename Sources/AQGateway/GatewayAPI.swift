@@ -98,6 +98,11 @@ final class GatewayAPI: Sendable {
         case .failure(let error): return error.reply
         case .success(let found): token = found
         }
+        return await self.create(kind, request, token: token)
+    }
+
+    /// For a request whose token was checked already.
+    func create(_ kind: Kind, _ request: Request, token: GatewayToken) async -> GatewayReply {
         let queue = request.queue ?? "default"
         guard let defaults = self.defaults[queue] else {
             return GatewayError.reply(422, "unknown_queue", "'\(queue.prefix(100))' is not a work queue (known: \(self.spec.workQueues.map(\.name).joined(separator: ", ")))", field: "queue")

@@ -112,7 +112,11 @@ public enum GatewayServer {
 
     static func create(_ kind: GatewayAPI.Kind, _ request: Request, _ api: GatewayAPI, maxBodyBytes: Int) async -> GatewayReply {
         // Who asks comes first: an unauthenticated client gets 401 before its body is read.
-        if case .failure(let error) = api.authenticate(request.headers[.authorization]) { return error.reply }
+        let token: GatewayToken
+        switch api.authenticate(request.headers[.authorization]) {
+        case .failure(let error): return error.reply
+        case .success(let found): token = found
+        }
         if let length = request.headers[.contentLength].flatMap(Int.init), length > maxBodyBytes {
             return GatewayError.reply(413, "too_large", "the body is \(length) bytes; the limit is \(maxBodyBytes)")
         }
@@ -127,6 +131,6 @@ public enum GatewayServer {
         let queue = request.uri.queryParameters.get("queue")
         return await api.create(kind, GatewayAPI.Request(
             authorization: request.headers[.authorization], queue: queue, idempotencyKey: request.headers[self.idempotencyKey],
-            traceparent: request.headers[self.traceparent], body: Array(buffer: body)))
+            traceparent: request.headers[self.traceparent], body: Array(buffer: body)), token: token)
     }
 }
