@@ -61,7 +61,8 @@ extension BridgeEngine {
         body += fields
         body += "}"
         self.context.publish(channel: channel, exchange: self.settings.spec.eventsExchange, routingKey: "\(event.rawValue).\(queue)",
-                             properties: AMQPProperties(contentType: "application/json", deliveryMode: .transient, type: event.rawValue),
+                             properties: AMQPProperties(contentType: "application/json", deliveryMode: .transient, type: event.rawValue,
+                                                         userId: self.settings.bridgeUser),
                              body: Array(body.utf8), mandatory: false) { _ in }
     }
 }

@@ -64,8 +64,10 @@ final class EventMonitor: Sendable {
         guard let event = (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any],
               let name = event["event"] as? String else { return }
         let at = (event["at"] as? NSNumber)?.int64Value ?? Int64(Date().timeIntervalSince1970 * 1000)
-        let queue = event["queue"] as? String ?? "-"
-        let taskId = event["taskId"] as? String ?? "-"
+        // Kept short: an event is telemetry, and its strings end up in a page.
+        func text(_ key: String) -> String? { (event[key] as? String).map { String($0.prefix(300)) } }
+        let queue = text("queue") ?? "-"
+        let taskId = text("taskId") ?? "-"
         let attempt = (event["attempt"] as? NSNumber)?.intValue ?? 1
         func int(_ key: String) -> Int? { (event[key] as? NSNumber)?.intValue }
         self.state.withLock { state in
@@ -84,8 +86,8 @@ final class EventMonitor: Sendable {
                 state.tasks[taskId] = TaskView(id: taskId, queue: queue, status: status, attempt: attempt, detail: detail, at: at)
             }
             func failure(_ kind: String) {
-                let reason = event["reason"] as? String ?? kind
-                let error = event["error"] as? String ?? ""
+                let reason = text("reason") ?? kind
+                let error = text("error") ?? ""
                 state.failures.append(TaskView(id: taskId, queue: queue, status: kind, attempt: attempt, detail: error.isEmpty ? reason : "\(reason): \(error)", at: at))
                 if state.failures.count > Self.keep { state.failures.removeFirst() }
             }
@@ -94,21 +96,21 @@ final class EventMonitor: Sendable {
             case "task.completed":
                 task("completed", detail: int("durationMs").map { "\($0) ms" } ?? "")
                 count(completed: true)
-            case "task.retried": task("retrying", detail: "\(event["reason"] as? String ?? "") (in \(int("delayMs") ?? 0) ms)")
+            case "task.retried": task("retrying", detail: "\(text("reason") ?? "") (in \(int("delayMs") ?? 0) ms)")
             case "task.failed":
-                task("failed", detail: event["reason"] as? String ?? "")
+                task("failed", detail: text("reason") ?? "")
                 count(completed: false)
                 failure("failed")
             case "task.dead-lettered": failure("dead-lettered")
             case "webhook.given-up": failure("webhook given up")
             case "batch.progress", "batch.ended":
-                let id = event["batchId"] as? String ?? taskId
+                let id = text("batchId") ?? taskId
                 if state.batches[id] == nil, state.batches.count >= Self.keepBatches,
                    let oldest = state.batches.values.min(by: { $0.at < $1.at }) { state.batches[oldest.id] = nil }
                 state.batches[id] = BatchView(id: id, queue: queue, size: int("size") ?? 0, settled: int("settled") ?? 0, failed: int("failed") ?? 0,
-                                              status: name == "batch.ended" ? (event["status"] as? String ?? "ended") : "running", at: at)
+                                              status: name == "batch.ended" ? (text("status") ?? "ended") : "running", at: at)
             case "chain.step-completed", "chain.completed", "chain.failed":
-                let id = event["chainId"] as? String ?? taskId
+                let id = text("chainId") ?? taskId
                 var view = state.chains[id] ?? ChainView(id: id, queue: queue, step: 0, steps: nil, status: "running", failedStep: nil, at: at)
                 if state.chains[id] == nil, state.chains.count >= Self.keepBatches,
                    let oldest = state.chains.values.min(by: { $0.at < $1.at }) { state.chains[oldest.id] = nil }
@@ -152,7 +154,9 @@ final class EventMonitor: Sendable {
 
     /// Consumes the events exchange through a queue of its own until cancelled; starts again
     /// when the connection comes back.
-    func run(connection: @escaping @Sendable () -> AMQPConnection?, exchange: String, logger: Logger) async {
+    /// Only events a trusted user published count (the broker vouches for `user_id`; the bridge
+    /// stamps its own): anyone allowed to publish to the exchange cannot fake a batch's end.
+    func run(connection: @escaping @Sendable () -> AMQPConnection?, exchange: String, trusted: Set<String>, logger: Logger) async {
         while !Task.isCancelled {
             guard let connection = connection(), connection.isConnected else {
                 try? await Task.sleep(for: .seconds(1))
@@ -171,8 +175,17 @@ final class EventMonitor: Sendable {
                 let queue = try await channel.declareQueue("", durable: false, exclusive: true, autoDelete: true,
                                                            arguments: ["x-max-length": .int32(10_000), "x-overflow": "drop-head"])
                 try await channel.bindQueue(queue.name, to: exchange, routingKey: "#")
-                for try await delivery in try await channel.consume(queue.name, exclusive: true, noAck: true) {
-                    self.take(delivery.body)
+                // Acknowledged, with a prefetch: the broker holds what this process has not read yet
+                // (up to the queue's 10,000, oldest dropped), never this process's memory.
+                try await channel.setPrefetch(256)
+                var unacked = 0
+                for try await delivery in try await channel.consume(queue.name, exclusive: true, maxBodyBytes: 64 << 10) {
+                    if let user = delivery.properties.userId, trusted.contains(user) { self.take(delivery.body) }
+                    unacked += 1
+                    if unacked >= 64 {
+                        try delivery.ack(multiple: true)
+                        unacked = 0
+                    }
                 }
             } catch {
                 logger.debug("events consumer ended", metadata: ["error": "\(error)"])

@@ -105,7 +105,7 @@ final class GatewayAPI: Sendable {
     func create(_ kind: Kind, _ request: Request, token: GatewayToken) async -> GatewayReply {
         let queue = request.queue ?? "default"
         guard let defaults = self.defaults[queue] else {
-            return GatewayError.reply(422, "unknown_queue", "'\(queue.prefix(100))' is not a work queue (known: \(self.spec.workQueues.map(\.name).joined(separator: ", ")))", field: "queue")
+            return GatewayError.reply(422, "unknown_queue", "'\(queue.prefix(100))' is not a work queue", field: "queue")
         }
         guard token.allows(queue: queue) else {
             return GatewayError.reply(403, "forbidden", "token '\(token.name)' may not publish to work queue '\(queue)'", field: "queue")
@@ -115,17 +115,24 @@ final class GatewayAPI: Sendable {
                 return GatewayError.reply(400, "invalid_idempotency_key", "Idempotency-Key must be 1 to \(BatchParser.maxIdBytes) visible ASCII characters", field: "Idempotency-Key")
             }
             // The key is the task's (batch's, chain's) id; remembered per token, kind and queue.
-            let fingerprint = TokenVerifier.sha256(Array("\(kind.rawValue)\u{0}\(queue)\u{0}\(request.traceparent ?? "")\u{0}".utf8) + request.body)
+            // Not the traceparent: a retry may carry a fresh one and is still the same request.
+            let fingerprint = TokenVerifier.sha256(Array("\(kind.rawValue)\u{0}\(queue)\u{0}".utf8) + request.body)
             return await self.idempotency.reply(key: "\(token.name)\u{0}\(kind.rawValue)\u{0}\(queue)\u{0}\(key)", fingerprint: fingerprint) {
-                await self.validateAndPublish(kind, request, queue: queue, defaults: defaults, id: key)
+                await self.validateAndPublish(kind, request, token: token, queue: queue, defaults: defaults, id: key)
             }
         }
-        return await self.validateAndPublish(kind, request, queue: queue, defaults: defaults, id: nil)
+        return await self.validateAndPublish(kind, request, token: token, queue: queue, defaults: defaults, id: nil)
     }
 
-    private func validateAndPublish(_ kind: Kind, _ request: Request, queue: String, defaults: TaskDefaults, id: String?) async -> GatewayReply {
+    private func validateAndPublish(_ kind: Kind, _ request: Request, token: GatewayToken, queue: String, defaults: TaskDefaults,
+                                    id: String?) async -> GatewayReply {
         let body = request.body
         let isWorkQueue = { (name: String) in self.defaults[name] != nil }
+        /// Every work queue a message names must be one the token may use, not only `?queue=`.
+        func forbidden(_ named: [String?], _ field: String) -> GatewayReply? {
+            guard let other = named.compactMap({ $0 }).first(where: { !token.allows(queue: $0) }) else { return nil }
+            return GatewayError.reply(403, "forbidden", "token '\(token.name)' may not use work queue '\(other.prefix(100))'", field: field)
+        }
         func refused(_ reason: String, _ code: String) -> GatewayReply {
             if reason.hasPrefix("the body is not a JSON object") {
                 return GatewayError.reply(400, "invalid_json", reason)
@@ -153,14 +160,27 @@ final class GatewayAPI: Sendable {
             case .failure(let malformed):
                 return refused(malformed.reason, "invalid_batch")
             case .success(let message):
+                // Over HTTP a batch comes whole (up to 10,000 children): a part names a batch by
+                // its id alone, which another client could do for a batch not its own.
+                if case .part = message.kind {
+                    return GatewayError.reply(422, "invalid_batch", "batchPart is not taken over HTTP: send up to \(BatchParser.maxChildrenPerMessage) children in one batch", field: "batchPart")
+                }
+                if let refused = forbidden(message.children.map(\.queue), "tasks") { return refused }
                 messageId = message.batchId
                 answer = "{\"batchId\":\(JSONScan.quote(message.batchId)),\"queue\":\(JSONScan.quote(queue)),\"children\":\(message.children.count)}"
             }
         case .chains:
+            // A create only: a step message (step, history, results) is the bridge's own.
+            if let top = try? JSONScan.members(body), let key = ["step", "history", "results"].first(where: { top[$0] != nil }) {
+                return GatewayError.reply(422, "invalid_chain", "\(key) is the bridge's: create a chain with chain, payload and steps", field: key)
+            }
             switch ChainParser.parse(body, messageId: id ?? GeneratedIds.next(), defaults: defaults, isWorkQueue: isWorkQueue) {
             case .failure(let malformed):
                 return refused(malformed.reason, "invalid_chain")
             case .success(let message):
+                var named = [message.queue] + message.queues
+                for batch in message.batches.compactMap({ $0 }) { named += batch.children.map(\.queue) }
+                if let refused = forbidden(named, "steps") { return refused }
                 messageId = message.id
                 answer = "{\"chainId\":\(JSONScan.quote(message.id)),\"queue\":\(JSONScan.quote(queue))}"
             }
@@ -171,10 +191,14 @@ final class GatewayAPI: Sendable {
                                         messageId: messageId, timestamp: UInt64(Date().timeIntervalSince1970), appId: "aq-gateway")
         do {
             let result = try await self.broker.publish(body, exchange: self.spec.taskExchange, routingKey: queue, properties: properties)
-            if case .returned(let returned) = result {
+            switch result {
+            case .confirmed:
+                return GatewayReply(status: 202, body: answer)
+            case .returned(let returned):
                 return GatewayError.reply(503, "not_routed", "the broker routed the message to no queue (\(returned.replyText)); is the topology applied?")
+            case .sent:
+                return GatewayError.reply(503, "broker_unavailable", "the message was sent without a confirm: it may not be queued; retry")
             }
-            return GatewayReply(status: 202, body: answer)
         } catch {
             self.logger.warning("publish failed", metadata: ["error": "\(error)", "id": "\(messageId)"])
             return GatewayError.reply(503, "broker_unavailable", "the broker did not confirm the message: it is not queued; retry (\(error))")

@@ -22,14 +22,15 @@ public struct GatewayToken: Sendable, Equatable {
     /// `name:sha256hex:queue|queue` (queues default to all) — the form of `AQ_GATEWAY_TOKENS`.
     public static func parse(_ text: String) throws -> GatewayToken {
         let parts = text.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count == 2 || parts.count == 3, !parts[0].isEmpty else {
-            throw GatewayConfiguration.Invalid(description: "a token is name:sha256-hex[:queue|queue], not '\(text.prefix(80))'")
+        guard parts.count == 3, !parts[0].isEmpty, !parts[2].isEmpty else {
+            throw GatewayConfiguration.Invalid(description: "a token is name:sha256-hex:queue|queue (or * for every queue), not '\(text.prefix(80))'")
         }
         guard let hash = Self.hex(parts[1]), hash.count == 32 else {
             throw GatewayConfiguration.Invalid(description: "token '\(parts[0])': the hash must be 64 hex digits (aq-gateway hash-token prints it)")
         }
-        let queues = parts.count == 3 ? Set(parts[2].split(separator: "|").map(String.init)) : ["*"]
-        return GatewayToken(name: parts[0], hash: hash, queues: queues.isEmpty ? ["*"] : queues)
+        let queues = Set(parts[2].split(separator: "|").map(String.init))
+        guard !queues.isEmpty else { throw GatewayConfiguration.Invalid(description: "token '\(parts[0])': name its work queues (or *)") }
+        return GatewayToken(name: parts[0], hash: hash, queues: queues)
     }
 
     static func hex(_ text: String) -> [UInt8]? {
@@ -66,7 +67,7 @@ public struct GatewayConfiguration: Sendable {
     public var managementURL = "http://127.0.0.1:15672"
     /// Topology files or directories (`AQ_TOPOLOGY`): the work queues and exchanges.
     public var topology: [String] = ["topology"]
-    /// The accepted tokens (`AQ_GATEWAY_TOKENS`: `name:sha256hex[:queue|queue]`, comma- or
+    /// The accepted tokens (`AQ_GATEWAY_TOKENS`: `name:sha256hex:queue|queue` or `…:*`, comma- or
     /// space-separated). None: every API request is refused (401).
     public var tokens: [GatewayToken] = []
     /// The largest request body; a bigger one is refused with 413 before it is read whole.
@@ -131,7 +132,9 @@ public struct GatewayConfiguration: Sendable {
                       let hash = GatewayToken.hex(hex), hash.count == 32 else {
                     throw Invalid(description: "\(source): tokens[\(index)] needs a name and a sha256 of 64 hex digits (aq-gateway hash-token prints it)")
                 }
-                let queues = (entry["queues"] as? [String]) ?? (entry["queues"] as? String).map { [$0] } ?? ["*"]
+                guard let queues = (entry["queues"] as? [String]) ?? (entry["queues"] as? String).map({ [$0] }), !queues.isEmpty else {
+                    throw Invalid(description: "\(source): tokens[\(index)] needs its queues (a list of work queues, or [\"*\"] for every queue)")
+                }
                 let unknown = Set(entry.keys).subtracting(["name", "sha256", "queues"])
                 if let key = unknown.sorted().first { throw Invalid(description: "\(source): tokens[\(index)]: unknown key \(key)") }
                 return GatewayToken(name: name, hash: hash, queues: Set(queues))

@@ -41,7 +41,10 @@ public enum GatewayServer {
             eventLoopGroupProvider: configuration.threads > 0 ? .shared(MultiThreadedEventLoopGroup(numberOfThreads: configuration.threads)) : .singleton,
             logger: logger)
         let connecting = Task { await broker.connect() }
-        let watching = Task { await monitor.run(connection: { broker.connection }, exchange: spec.eventsExchange, logger: logger) }
+        // The bridges' user (the same login, as in most deployments) and AQ_TRUSTED_PUBLISHERS.
+        let trusted = Set([amqp.user] + (ProcessInfo.processInfo.environment["AQ_TRUSTED_PUBLISHERS"] ?? "")
+            .split(whereSeparator: { $0 == "," || $0 == " " }).map(String.init))
+        let watching = Task { await monitor.run(connection: { broker.connection }, exchange: spec.eventsExchange, trusted: trusted, logger: logger) }
         defer {
             connecting.cancel()
             watching.cancel()
@@ -67,20 +70,30 @@ public enum GatewayServer {
         // Progress: what the lifecycle events said (ends always; counts and steps with the
         // bridges' `events: all`); a batch not seen yet is open while its reply queue exists.
         router.get("/v1/batches/:id") { request, context -> Response in
-            if case .failure(let error) = api.authenticate(request.headers[.authorization]) { return self.json(error.reply) }
+            let token: GatewayToken
+            switch api.authenticate(request.headers[.authorization]) {
+            case .failure(let error): return self.json(error.reply)
+            case .success(let found): token = found
+            }
             let id = context.parameters.get("id") ?? ""
-            if let batch = monitor.batch(id) {
+            // A token sees the batches of its own work queues; whether an unseen one is open,
+            // only an operator token (its queue is unknown).
+            if let batch = monitor.batch(id), token.allows(queue: batch.queue) {
                 return self.json(GatewayReply(status: 200, body: "{\"batchId\":\(JSONScan.quote(batch.id)),\"queue\":\(JSONScan.quote(batch.queue)),\"status\":\(JSONScan.quote(batch.status)),\"size\":\(batch.size),\"settled\":\(batch.settled),\"failed\":\(batch.failed)}"))
             }
-            if await api.batchIsOpen(id) {
+            if token.allows(queue: "*"), monitor.batch(id) == nil, await api.batchIsOpen(id) {
                 return self.json(GatewayReply(status: 200, body: "{\"batchId\":\(JSONScan.quote(id)),\"status\":\"running\"}"))
             }
             return self.json(GatewayError.reply(404, "not_found", "no batch '\(id.prefix(100))' is open, and none ended since this gateway started"))
         }
         router.get("/v1/chains/:id") { request, context -> Response in
-            if case .failure(let error) = api.authenticate(request.headers[.authorization]) { return self.json(error.reply) }
+            let token: GatewayToken
+            switch api.authenticate(request.headers[.authorization]) {
+            case .failure(let error): return self.json(error.reply)
+            case .success(let found): token = found
+            }
             let id = context.parameters.get("id") ?? ""
-            guard let chain = monitor.chain(id) else {
+            guard let chain = monitor.chain(id), token.allows(queue: chain.queue) else {
                 return self.json(GatewayError.reply(404, "not_found", "no event of chain '\(id.prefix(100))' since this gateway started (progress needs the bridges' events: all)"))
             }
             var body = "{\"chainId\":\(JSONScan.quote(chain.id)),\"queue\":\(JSONScan.quote(chain.queue)),\"status\":\(JSONScan.quote(chain.status)),\"stepsCompleted\":\(chain.step)"

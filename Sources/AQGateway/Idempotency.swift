@@ -1,28 +1,22 @@
-import Synchronization
-
-/// Ids for tasks, batches and chains created without one: a random 64-bit prefix drawn once per
-/// process and a counter, written like a UUID. Unique without a system call per id (Foundation's
-/// UUID() opens and reads /dev/urandom each time: two files opened per request, measured).
+/// Ids for tasks, batches and chains created without one: 122 random bits from the system's
+/// generator (getrandom), written like a version-4 UUID. Not Foundation's UUID(), which opened
+/// and read /dev/urandom each time (two files opened per request, measured). Unpredictable, so a
+/// client cannot guess another's ids from its own.
 enum GeneratedIds {
-    static let prefix: UInt64 = {
-        var generator = SystemRandomNumberGenerator()
-        return generator.next()
-    }()
-    static let counter = Atomic<UInt64>(0)
-
     static func next() -> String {
-        let n = self.counter.wrappingAdd(1, ordering: .relaxed).newValue
+        var generator = SystemRandomNumberGenerator()
+        let high: UInt64 = generator.next(), low: UInt64 = generator.next()
         let digits = Array("0123456789abcdef".utf8)
         var out = [UInt8]()
         out.reserveCapacity(36)
         func hex(_ value: UInt64, _ count: Int) {
             for i in stride(from: count - 1, through: 0, by: -1) { out.append(digits[Int((value >> (UInt64(i) * 4)) & 15)]) }
         }
-        hex(self.prefix >> 32, 8); out.append(UInt8(ascii: "-"))
-        hex((self.prefix >> 16) & 0xffff, 4); out.append(UInt8(ascii: "-"))
-        hex(self.prefix & 0xffff, 4); out.append(UInt8(ascii: "-"))
-        hex(n >> 48, 4); out.append(UInt8(ascii: "-"))
-        hex(n & 0xffff_ffff_ffff, 12)
+        hex(high >> 32, 8); out.append(UInt8(ascii: "-"))
+        hex((high >> 16) & 0xffff, 4); out.append(UInt8(ascii: "-"))
+        hex(0x4000 | (high & 0x0fff), 4); out.append(UInt8(ascii: "-"))
+        hex(0x8000 | ((low >> 48) & 0x3fff), 4); out.append(UInt8(ascii: "-"))
+        hex(low & 0xffff_ffff_ffff, 12)
         return String(decoding: out, as: UTF8.self)
     }
 }
@@ -93,6 +87,11 @@ actor IdempotencyCache {
         }
         if self.head > 4096, self.head * 2 > self.order.count {
             self.order.removeFirst(self.head)
+            self.head = 0
+        }
+        // Keys forgotten early (5xx) leave their names behind a live one: drop them now and then.
+        if self.order.count - self.head > 2 * max(self.entries.count, 1024) {
+            self.order = self.order[self.head...].filter { self.entries[$0] != nil }
             self.head = 0
         }
     }

@@ -21,7 +21,7 @@ final class GatewayProcess: @unchecked Sendable {
 
     static var tokens: String {
         let hash = { (token: String) in TokenVerifier.hex(TokenVerifier.sha256(Array(token.utf8))) }
-        return "app:\(hash(Self.token)):default|reports,reporter:\(hash(Self.other)):reports,ops:\(hash(Self.operatorToken))"
+        return "app:\(hash(Self.token)):default|reports,reporter:\(hash(Self.other)):reports,ops:\(hash(Self.operatorToken)):*"
     }
 
     init(amqpURL: String, topology: String, environment: [String: String] = [:], arguments: [String] = []) throws {
@@ -103,6 +103,16 @@ struct TestFailure: Error, CustomStringConvertible {
         #expect(badRetries.status == 422 && badRetries.json["field"] as? String == "retries", "\(badRetries.json)")
         let unknown = try await gateway.post("/v1/tasks?queue=nope", task)
         #expect(unknown.status == 422 && unknown.json["error"] as? String == "unknown_queue")
+        // A queue named inside the body counts too: a child or a step on a queue the token may
+        // not use is refused, as is a batch part or a chain step message.
+        let sneaky = try await gateway.post("/v1/batches?queue=reports", #"{"batch":{},"tasks":[{"callbackUrl":"http://x/y","queue":"default"}]}"#, token: GatewayProcess.other)
+        #expect(sneaky.status == 403 && sneaky.json["field"] as? String == "tasks", "\(sneaky.json)")
+        let sneakyChain = try await gateway.post("/v1/chains?queue=reports", #"{"chain":{},"steps":[{"callbackUrl":"http://x/y","queue":"default"}]}"#, token: GatewayProcess.other)
+        #expect(sneakyChain.status == 403, "\(sneakyChain.json)")
+        let part = try await gateway.post("/v1/batches", #"{"batchPart":{"id":"someone-elses","offset":10},"tasks":[{"callbackUrl":"http://x/y"}]}"#)
+        #expect(part.status == 422 && part.json["field"] as? String == "batchPart", "\(part.json)")
+        let stepMessage = try await gateway.post("/v1/chains", #"{"chain":{"id":"c"},"payload":{},"steps":[{"callbackUrl":"http://x/y"},{"callbackUrl":"http://x/z"}],"step":2,"history":[],"results":[1]}"#)
+        #expect(stepMessage.status == 422 && stepMessage.json["field"] as? String == "step", "\(stepMessage.json)")
         let batchHere = try await gateway.post("/v1/tasks", #"{"batch":{},"tasks":[]}"#)
         #expect(batchHere.status == 422 && batchHere.json["error"] as? String == "wrong_endpoint")
         let big = #"{"callbackUrl":"http://x/y","payload":""# + String(repeating: "x", count: (1 << 20) + 10) + #""}"#
@@ -257,10 +267,19 @@ extension GatewayTests {
         #expect(verifier.verify(authorization: nil) == nil)
         #expect(throws: GatewayConfiguration.Invalid.self) { try configuration.apply(yaml: "tokenz: []", source: "t") }
         #expect(throws: GatewayConfiguration.Invalid.self) { try configuration.apply(yaml: "tokens:\n  - name: x\n    sha256: abc", source: "t") }
-        try configuration.apply(environment: ["AQ_GATEWAY_TOKENS": "a:\(hash), b:\(hash):reports|default", "AQ_GATEWAY_LISTEN": "0.0.0.0:1"])
+        try configuration.apply(environment: ["AQ_GATEWAY_TOKENS": "a:\(hash):*, b:\(hash):reports|default", "AQ_GATEWAY_LISTEN": "0.0.0.0:1"])
         #expect(configuration.tokens.map(\.name) == ["a", "b"] && configuration.tokens[0].allows(queue: "anything"))
         #expect(configuration.tokens[1].queues == ["reports", "default"] && configuration.listen == "0.0.0.0:1")
         #expect(throws: GatewayConfiguration.Invalid.self) { try configuration.apply(environment: ["AQ_GATEWAY_TOKENS": "a:nothex"]) }
+        // A token must name its queues: a forgotten list is not every queue.
+        #expect(throws: GatewayConfiguration.Invalid.self) { try configuration.apply(environment: ["AQ_GATEWAY_TOKENS": "a:\(hash)"]) }
+        #expect(throws: GatewayConfiguration.Invalid.self) { try configuration.apply(yaml: "tokens:\n  - name: x\n    sha256: \(hash)", source: "t") }
+        // Ids the gateway makes are random, UUID-shaped.
+        let ids = (0..<1000).map { _ in GeneratedIds.next() }
+        #expect(Set(ids).count == 1000 && ids.allSatisfy { $0.count == 36 && $0.split(separator: "-").count == 5 })
+        // HTML escaping is per Unicode scalar: a quote with a combining mark is still a quote.
+        #expect(!Dashboard.esc("x\"\u{301} onmouseover=alert(1)").contains("\""))
+        #expect(Dashboard.esc("<a href='x'>&</a>") == "&lt;a href=&#39;x&#39;&gt;&amp;&lt;/a&gt;")
         #expect(GatewayError.field(in: "callbackUrl must be a string") == "callbackUrl")
         #expect(GatewayError.field(in: "the body is not a JSON object") == nil)
     }
@@ -337,6 +356,39 @@ extension GatewayTests {
                                              [TestEnvironment.repositoryRoot.appendingPathComponent("examples/node/test.mjs").path],
                                              environment: ["AQ_GATEWAY_URL": gateway.url, "AQ_GATEWAY_TOKEN": GatewayProcess.token])
         #expect(result.status == 0, "\(result.out)\(result.err)")
+        await bridge.stop()
+    }
+}
+
+extension GatewayTests {
+    /// Progress comes from events a trusted user published (the broker checks user_id): one
+    /// anybody could publish to aq.events does not make a batch look finished.
+    @Test func progressBelievesOnlyTrustedEvents() async throws {
+        let bridge = try await BridgeHarness.start()
+        let gateway = try GatewayProcess(amqpURL: bridge.amqpURL, topology: bridge.topologyDir.path)
+        defer { gateway.stop() }
+        func event(_ id: String) -> String {
+            #"{"event":"batch.ended","batchId":"\#(id)","taskId":"\#(id)","queue":"default","status":"completed","size":1,"settled":1,"failed":0}"#
+        }
+        let user = try AMQPConfiguration(url: bridge.amqpURL).user
+        try await bridge.channel.publish(event("forged"), exchange: "aq.events", routingKey: "batch.ended.default")
+        try await bridge.channel.publish(event("genuine"), exchange: "aq.events", routingKey: "batch.ended.default",
+                                         properties: AMQPProperties(userId: user))
+        let headers = ["Authorization: Bearer \(GatewayProcess.operatorToken)"]
+        var genuine = try await BlockingHTTP.request(method: "GET", url: gateway.url + "/v1/batches/genuine", headers: headers)
+        let deadline = ContinuousClock.now + .seconds(20)
+        while genuine.status != 200, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(100))  // the gateway's events queue binds at start
+            try await bridge.channel.publish(event("genuine"), exchange: "aq.events", routingKey: "batch.ended.default", properties: AMQPProperties(userId: user))
+            try await bridge.channel.publish(event("forged"), exchange: "aq.events", routingKey: "batch.ended.default")
+            genuine = try await BlockingHTTP.request(method: "GET", url: gateway.url + "/v1/batches/genuine", headers: headers)
+        }
+        #expect(genuine.status == 200 && genuine.bodyString.contains("\"completed\""), "\(genuine.bodyString)")
+        let forged = try await BlockingHTTP.request(method: "GET", url: gateway.url + "/v1/batches/forged", headers: headers)
+        #expect(forged.status == 404, "\(forged.bodyString)")
+        // A token limited to another queue does not see it.
+        let other = try await BlockingHTTP.request(method: "GET", url: gateway.url + "/v1/batches/genuine", headers: ["Authorization: Bearer \(GatewayProcess.other)"])
+        #expect(other.status == 404)
         await bridge.stop()
     }
 }
