@@ -1,11 +1,19 @@
-/// Ids for tasks, batches and chains created without one: 122 random bits from the system's
-/// generator (getrandom), written like a version-4 UUID. Not Foundation's UUID(), which opened
+import CAQOpenSSL
+
+/// Ids for tasks, batches and chains created without one: 122 random bits from OpenSSL's
+/// generator, written like a version-4 UUID. Not Foundation's UUID(), which opened
 /// and read /dev/urandom each time (two files opened per request, measured). Unpredictable, so a
 /// client cannot guess another's ids from its own.
 enum GeneratedIds {
     static func next() -> String {
-        var generator = SystemRandomNumberGenerator()
-        let high: UInt64 = generator.next(), low: UInt64 = generator.next()
+        // OpenSSL's generator (seeded from the system, no system call per id).
+        var words: (UInt64, UInt64) = (0, 0)
+        let filled = withUnsafeMutableBytes(of: &words) { RAND_bytes($0.baseAddress?.assumingMemoryBound(to: UInt8.self), 16) }
+        if filled != 1 {
+            var generator = SystemRandomNumberGenerator()
+            words = (generator.next(), generator.next())
+        }
+        let (high, low) = words
         let digits = Array("0123456789abcdef".utf8)
         var out = [UInt8]()
         out.reserveCapacity(36)

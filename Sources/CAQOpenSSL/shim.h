@@ -1,4 +1,4 @@
-// OpenSSL's libcrypto for HMAC-SHA256 and SHA-256: the vetted implementation (assembly, SHA
+// OpenSSL's libcrypto for HMAC-SHA256, SHA-256, random bytes and constant-time comparison: the vetted implementation (assembly, SHA
 // extensions where the CPU has them) that libcurl already loads, so signing adds no library.
 // Only the one-shot calls that OpenSSL 3 does not deprecate are used.
 #ifndef CAQ_OPENSSL_SHIM_H
@@ -8,6 +8,8 @@
 #include <openssl/hmac.h>
 #include <openssl/core_names.h>
 #include <openssl/params.h>
+#include <openssl/rand.h>
+#include <openssl/crypto.h>
 
 /* An HMAC-SHA256 context keyed once: the key's inner and outer digest states are computed here,
  * so each message afterwards costs only its own compressions. OSSL_PARAM arrays are awkward from
