@@ -90,12 +90,23 @@ extension BridgeEngine {
 
     // MARK: Creating
 
+    /// Who created a batch: the publisher's `user_id` (the broker checks it), and for a trusted
+    /// publisher that speaks for several clients (aq-gateway: its tokens) the `aq-tenant` it
+    /// names. Parts and re-creates of a batch are taken only from its creator.
+    static func creator(of run: Run) -> String? {
+        guard let user = run.delivery.properties.userId else { return nil }
+        if run.trusted, let tenant = run.delivery.properties.headers?["aq-tenant"]?.stringValue, !tenant.isEmpty {
+            return user + "/" + tenant
+        }
+        return user
+    }
+
     /// A message with `batch` or `batchPart`: checked whole; its queues declared, its checkpoint,
     /// children and timer published and confirmed; only then acked.
     func batchMessage(_ run: Run) {
         let spec = self.settings.spec
         let known = Set(spec.workQueues.map(\.name))
-        let creator = run.delivery.properties.userId
+        let creator = Self.creator(of: run)
         let parsed = BatchParser.parse(run.delivery.body, messageId: run.delivery.properties.messageId, queue: run.queue.name,
                                        defaults: run.queue.defaults, isWorkQueue: { known.contains($0) })
         let message: BatchMessage

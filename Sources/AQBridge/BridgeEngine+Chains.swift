@@ -227,7 +227,7 @@ extension BridgeEngine {
         default:
             break
         }
-        self.launchBatch(run, launched, join: manifest.join, creator: run.delivery.properties.userId, continuation: message)
+        self.launchBatch(run, launched, join: manifest.join, creator: Self.creator(of: run), continuation: message)
     }
 
     /// A child of a chain's batch step: its callback gets the chain's envelope around its payload.

@@ -16,6 +16,9 @@ final class BrokerLink: Sendable {
     private let configuration: AMQPConfiguration
     private let logger: Logger
 
+    /// The login, stamped as `user_id` on what the gateway publishes (the broker checks it).
+    var user: String { self.configuration.user }
+
     init(configuration: AMQPConfiguration, logger: Logger) {
         self.configuration = configuration
         self.logger = logger

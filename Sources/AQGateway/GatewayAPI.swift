@@ -185,10 +185,13 @@ final class GatewayAPI: Sendable {
                 answer = "{\"chainId\":\(JSONScan.quote(message.id)),\"queue\":\(JSONScan.quote(queue))}"
             }
         }
-        var headers = AMQPTable()
+        // The token's name as the tenant, vouched for by our user_id: a bridge that trusts this
+        // login takes a batch's re-creates only from the token that created it.
+        var headers: AMQPTable = ["aq-tenant": .string(token.name)]
         if let traceparent = request.traceparent, TaskParser.validTraceparent(traceparent) != nil { headers["traceparent"] = .string(traceparent) }
-        let properties = AMQPProperties(contentType: "application/json", headers: headers.isEmpty ? nil : headers, deliveryMode: .persistent,
-                                        messageId: messageId, timestamp: UInt64(Date().timeIntervalSince1970), appId: "aq-gateway")
+        let properties = AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent,
+                                        messageId: messageId, timestamp: UInt64(Date().timeIntervalSince1970), userId: self.broker.user,
+                                        appId: "aq-gateway")
         do {
             let result = try await self.broker.publish(body, exchange: self.spec.taskExchange, routingKey: queue, properties: properties)
             switch result {

@@ -392,3 +392,33 @@ extension GatewayTests {
         await bridge.stop()
     }
 }
+
+extension GatewayTests {
+    /// Tokens share the gateway's AMQP user; the gateway names the token (`aq-tenant`, vouched
+    /// for by its user_id) so a bridge takes a batch's re-create only from the token that made
+    /// it: another token reusing the id is refused and cannot add children to it.
+    @Test func anotherTokenCannotTakeOverABatchById() async throws {
+        let receiver = try Receiver()
+        receiver.on("/ok") { _, _ in .json(#"{"mine":true}"#) }
+        // Keeps the batch open for a few seconds (retried).
+        receiver.on("/slow") { _, nth in nth < 3 ? .text("busy", status: 503) : .json(#"{"mine":true}"#) }
+        receiver.on("/intruder") { _, _ in .json(#"{"mine":false}"#) }
+        let bridge = try await BridgeHarness.start()
+        let gateway = try GatewayProcess(amqpURL: bridge.amqpURL, topology: bridge.topologyDir.path)
+        defer { gateway.stop() }
+        let mine = try await gateway.post("/v1/batches?queue=reports",
+                                          #"{"batch":{"id":"shared-id","webhookUrl":"\#(receiver.url("/done"))"},"tasks":[{"callbackUrl":"\#(receiver.url("/ok"))"},{"callbackUrl":"\#(receiver.url("/slow"))","retries":5}]}"#)
+        #expect(mine.status == 202)
+        _ = try await receiver.wait("/slow", count: 1)
+        let theirs = try await gateway.post("/v1/batches?queue=reports",
+                                            #"{"batch":{"id":"shared-id","webhookUrl":"\#(receiver.url("/their-done"))"},"tasks":[{"callbackUrl":"\#(receiver.url("/intruder"))"},{"callbackUrl":"\#(receiver.url("/intruder"))"},{"callbackUrl":"\#(receiver.url("/intruder"))"}]}"#,
+                                            token: GatewayProcess.other)
+        #expect(theirs.status == 202, "the gateway cannot know; the bridge refuses it")
+        let refused = try await receiver.wait("/their-done", count: 1)
+        #expect(refused[0].request.bodyString.contains("in use by another publisher"), "\(refused[0].request.bodyString)")
+        let done = try #require(try await receiver.wait("/done", count: 1)[0].request.json)
+        #expect(done["size"] as? Int == 2 && done["counts"] as? [String: Int] == ["completed": 2, "failed": 0, "skipped": 0], "\(done)")
+        #expect(receiver.requests("/intruder").isEmpty)
+        await bridge.stop()
+    }
+}
