@@ -55,9 +55,12 @@ final class GatewayProcess: @unchecked Sendable {
         err.fileHandleForReading.readabilityHandler = { handle in _ = handle.availableData }
     }
 
-    func stop() {
-        self.process.terminate()
+    /// SIGTERM, as a service manager stops it; its exit status (0: a graceful stop).
+    @discardableResult
+    func stop() -> Int32 {
+        if self.process.isRunning { self.process.terminate() }
         self.process.waitUntilExit()
+        return self.process.terminationStatus
     }
 
     func post(_ path: String, _ body: String, token: String? = GatewayProcess.token, headers: [String] = []) async throws -> (status: Int, json: [String: Any]) {
@@ -143,6 +146,8 @@ struct TestFailure: Error, CustomStringConvertible {
         #expect(try await gateway.get("/readyz").status == 200)
         let metrics = try await gateway.get("/metrics").body
         #expect(metrics.contains(#"aq_gateway_requests_total{route="/v1/tasks",status="202"} 3"#) && metrics.contains("aq_gateway_broker_connected 1"), "\(metrics)")
+        // SIGTERM: a graceful stop, exit status 0.
+        #expect(gateway.stop() == 0)
         await bridge.stop()
     }
 
