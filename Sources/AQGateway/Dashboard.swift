@@ -29,6 +29,18 @@ final class Dashboard: Sendable {
 
     static let cookie = "aq_gateway_token"
 
+    /// One dead-letter scan at a time (each reads aq.dead through and holds what it reads): a
+    /// second page view waits for none of it, it is told to try again.
+    let scanning = Atomic<Bool>(false)
+
+    func oneScanAtATime(_ body: () async -> String) async -> Response {
+        guard self.scanning.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else {
+            return Self.html(Self.page("Busy", "<p>Another dead-letter operation is running; try again in a moment.</p>"), status: .serviceUnavailable)
+        }
+        defer { self.scanning.store(false, ordering: .releasing) }
+        return Self.html(await body())
+    }
+
     // MARK: Routes
 
     func register(on router: Router<BasicRequestContext>) {
@@ -58,11 +70,12 @@ final class Dashboard: Sendable {
         router.get("/dashboard/dlq") { request, _ -> Response in
             guard self.operator(request) != nil else { return Self.html(Self.loginPage(error: nil)) }
             let query = Self.query(request)
-            return Self.html(await self.deadLetterPage(query))
+            return await self.oneScanAtATime { await self.deadLetterPage(query) }
         }
         router.get("/dashboard/dlq/show") { request, _ -> Response in
             guard self.operator(request) != nil else { return Self.html(Self.loginPage(error: nil)) }
-            return Self.html(await self.letterPage(Self.query(request)["task"] ?? ""))
+            let task = Self.query(request)["task"] ?? ""
+            return await self.oneScanAtATime { await self.letterPage(task) }
         }
         for action in ["replay", "purge"] {
             router.post(RouterPath("/dashboard/dlq/\(action)")) { request, _ -> Response in
@@ -72,7 +85,7 @@ final class Dashboard: Sendable {
                     return Self.html(Self.page("Refused", "<p>A request from another site.</p>"), status: .forbidden)
                 }
                 let form = try await Self.form(request)
-                return Self.html(await self.act(action, form))
+                return await self.oneScanAtATime { await self.act(action, form) }
             }
         }
     }
