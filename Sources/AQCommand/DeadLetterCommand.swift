@@ -50,8 +50,6 @@ func summaryLine(_ counts: [String: Int]) -> String {
     counts.sorted { $0.value != $1.value ? $0.value > $1.value : $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
 }
 
-func letterJSON(_ letter: DeadLetter) -> [String: Any] { letter.jsonObject }
-
 func printJSON(_ object: Any) {
     guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes]) else { return }
     print(String(decoding: data, as: UTF8.self))
@@ -96,7 +94,7 @@ extension AQCommand.DeadLetters {
                     matching[letter.reason, default: 0] += 1
                     guard limit == 0 || shown < limit else { return }
                     shown += 1
-                    if json { return printJSON(letterJSON(letter)) }
+                    if json { return printJSON(letter.jsonObject) }
                     print(Self.row(letter))
                 }
             }

@@ -9,6 +9,8 @@ final class BrokerLink: Sendable {
     private struct State {
         var connection: AMQPConnection?
         var channel: AMQPChannel?
+        /// For passive declares (a missing queue closes it; the client reopens it).
+        var admin: AMQPChannel?
         var closed = false
     }
 
@@ -32,10 +34,12 @@ final class BrokerLink: Sendable {
                 let connection = try await AMQPConnection.connect(configuration: self.configuration, logger: self.logger)
                 let channel = try await connection.openChannel()
                 try await channel.enableConfirms()
+                let admin = try await connection.openChannel()
                 let keep = self.state.withLock { state -> Bool in
                     guard !state.closed else { return false }
                     state.connection = connection
                     state.channel = channel
+                    state.admin = admin
                     return true
                 }
                 if !keep { await connection.close() }
@@ -65,10 +69,21 @@ final class BrokerLink: Sendable {
         return try await channel.publish(body, exchange: exchange, routingKey: routingKey, properties: properties, mandatory: true)
     }
 
+    /// Whether a queue exists (a passive declare on the shared admin channel).
+    func queueExists(_ name: String) async -> Bool {
+        guard let admin = self.state.withLock({ $0.connection?.isConnected == true ? $0.admin : nil }) else { return false }
+        do {
+            _ = try await admin.declareQueue(name, passive: true)
+            return true
+        } catch {
+            return false
+        }
+    }
+
     func close() async {
         let connection = self.state.withLock { state -> AMQPConnection? in
             state.closed = true
-            defer { state.connection = nil; state.channel = nil }
+            defer { state.connection = nil; state.channel = nil; state.admin = nil }
             return state.connection
         }
         await connection?.close()

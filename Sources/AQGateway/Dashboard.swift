@@ -415,11 +415,11 @@ final class Dashboard: Sendable {
         token.unicodeScalars.allSatisfy { $0.value > 0x20 && $0.value < 0x7f && $0 != ";" && $0 != "," && $0 != "\"" && $0 != "\\" } ? token : ""
     }
 
+    /// `HH:mm:ssZ` (UTC) of a Unix time in milliseconds (no formatter made per table row).
     static func time(_ milliseconds: Int64) -> String {
-        let formatter = DateFormatter()
-        formatter.dateFormat = "HH:mm:ss"
-        formatter.timeZone = TimeZone(identifier: "UTC")
-        return formatter.string(from: Date(timeIntervalSince1970: Double(milliseconds) / 1000)) + "Z"
+        let seconds = (milliseconds / 1000) % 86_400
+        func two(_ n: Int64) -> String { n < 10 ? "0\(n)" : "\(n)" }
+        return "\(two(seconds / 3600)):\(two(seconds / 60 % 60)):\(two(seconds % 60))Z"
     }
 
     static func query(_ request: Request) -> [String: String] {

@@ -17,6 +17,8 @@ enum GatewayError {
         GatewayReply(status: status, body: self.body(code, message, field: field))
     }
 
+    static let unauthorized = reply(401, "unauthorized", "a valid bearer token is required (Authorization: Bearer <token>)")
+
     /// The field a parser's reason names, when it starts with one (`callbackUrl must be …`).
     static func field(in reason: String) -> String? {
         let known = ["callbackUrl", "payload", "webhookUrl", "failureWebhookUrl", "retries", "timeout", "taskId", "delay", "notBefore",
@@ -30,17 +32,22 @@ enum GatewayError {
 
 /// Counters for /metrics.
 final class GatewayMetrics: Sendable {
-    private let counts = Mutex<[String: Int]>([:])
+    private struct Key: Hashable {
+        var route: String
+        var status: Int
+    }
+
+    private let counts = Mutex<[Key: Int]>([:])
 
     func count(_ route: String, _ status: Int) {
-        self.counts.withLock { $0["\(route) \(status)", default: 0] += 1 }
+        self.counts.withLock { $0[Key(route: route, status: status), default: 0] += 1 }
     }
 
     func prometheus(ready: Bool) -> String {
         var out = "# HELP aq_gateway_requests_total API requests by route and status.\n# TYPE aq_gateway_requests_total counter\n"
-        for (key, value) in self.counts.withLock({ $0 }).sorted(by: { $0.key < $1.key }) {
-            let parts = key.split(separator: " ")
-            out += "aq_gateway_requests_total{route=\"\(parts[0])\",status=\"\(parts[1])\"} \(value)\n"
+        let counts = self.counts.withLock { $0 }.sorted { ($0.key.route, $0.key.status) < ($1.key.route, $1.key.status) }
+        for (key, value) in counts {
+            out += "aq_gateway_requests_total{route=\"\(key.route)\",status=\"\(key.status)\"} \(value)\n"
         }
         out += "# HELP aq_gateway_broker_connected 1 when the gateway's AMQP connection is up.\n# TYPE aq_gateway_broker_connected gauge\n"
         out += "aq_gateway_broker_connected \(ready ? 1 : 0)\n"
@@ -84,24 +91,12 @@ final class GatewayAPI: Sendable {
         var body: [UInt8]
     }
 
-    /// The token of a request, or the 401 to answer.
-    func authenticate(_ authorization: String?) -> Result<GatewayToken, GatewayReplyError> {
-        guard let token = self.verifier.verify(authorization: authorization) else {
-            return .failure(GatewayReplyError(GatewayError.reply(401, "unauthorized", "a valid bearer token is required (Authorization: Bearer <token>)")))
-        }
-        return .success(token)
+    /// The token a request's `Authorization` names; nil: answer ``GatewayError/unauthorized``.
+    func token(for authorization: String?) -> GatewayToken? {
+        self.verifier.verify(authorization: authorization)
     }
 
-    func create(_ kind: Kind, _ request: Request) async -> GatewayReply {
-        let token: GatewayToken
-        switch self.authenticate(request.authorization) {
-        case .failure(let error): return error.reply
-        case .success(let found): token = found
-        }
-        return await self.create(kind, request, token: token)
-    }
-
-    /// For a request whose token was checked already.
+    /// For a request whose token was checked already (before its body was read).
     func create(_ kind: Kind, _ request: Request, token: GatewayToken) async -> GatewayReply {
         let queue = request.queue ?? "default"
         guard let defaults = self.defaults[queue] else {
@@ -212,19 +207,6 @@ final class GatewayAPI: Sendable {
 extension GatewayAPI {
     /// Whether a batch's reply queue exists (it does while the batch is open).
     func batchIsOpen(_ id: String) async -> Bool {
-        guard let connection = self.broker.connection, connection.isConnected else { return false }
-        do {
-            let channel = try await connection.openChannel()
-            defer { Task { try? await channel.close() } }
-            _ = try await channel.declareQueue(self.spec.batchReplyQueueName(forBatch: id), passive: true)
-            return true
-        } catch {
-            return false
-        }
+        await self.broker.queueExists(self.spec.batchReplyQueueName(forBatch: id))
     }
-}
-
-struct GatewayReplyError: Error {
-    var reply: GatewayReply
-    init(_ reply: GatewayReply) { self.reply = reply }
 }

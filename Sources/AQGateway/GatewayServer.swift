@@ -70,11 +70,7 @@ public enum GatewayServer {
         // Progress: what the lifecycle events said (ends always; counts and steps with the
         // bridges' `events: all`); a batch not seen yet is open while its reply queue exists.
         router.get("/v1/batches/:id") { request, context -> Response in
-            let token: GatewayToken
-            switch api.authenticate(request.headers[.authorization]) {
-            case .failure(let error): return self.json(error.reply)
-            case .success(let found): token = found
-            }
+            guard let token = api.token(for: request.headers[.authorization]) else { return self.json(GatewayError.unauthorized) }
             let id = context.parameters.get("id") ?? ""
             // A token sees the batches of its own work queues; whether an unseen one is open,
             // only an operator token (its queue is unknown).
@@ -87,11 +83,7 @@ public enum GatewayServer {
             return self.json(GatewayError.reply(404, "not_found", "no batch '\(id.prefix(100))' is open, and none ended since this gateway started"))
         }
         router.get("/v1/chains/:id") { request, context -> Response in
-            let token: GatewayToken
-            switch api.authenticate(request.headers[.authorization]) {
-            case .failure(let error): return self.json(error.reply)
-            case .success(let found): token = found
-            }
+            guard let token = api.token(for: request.headers[.authorization]) else { return self.json(GatewayError.unauthorized) }
             let id = context.parameters.get("id") ?? ""
             guard let chain = monitor.chain(id), token.allows(queue: chain.queue) else {
                 return self.json(GatewayError.reply(404, "not_found", "no event of chain '\(id.prefix(100))' since this gateway started (progress needs the bridges' events: all)"))
@@ -125,11 +117,7 @@ public enum GatewayServer {
 
     static func create(_ kind: GatewayAPI.Kind, _ request: Request, _ api: GatewayAPI, maxBodyBytes: Int) async -> GatewayReply {
         // Who asks comes first: an unauthenticated client gets 401 before its body is read.
-        let token: GatewayToken
-        switch api.authenticate(request.headers[.authorization]) {
-        case .failure(let error): return error.reply
-        case .success(let found): token = found
-        }
+        guard let token = api.token(for: request.headers[.authorization]) else { return GatewayError.unauthorized }
         if let length = request.headers[.contentLength].flatMap(Int.init), length > maxBodyBytes {
             return GatewayError.reply(413, "too_large", "the body is \(length) bytes; the limit is \(maxBodyBytes)")
         }

@@ -285,6 +285,7 @@ extension GatewayTests {
         // HTML escaping is per Unicode scalar: a quote with a combining mark is still a quote.
         #expect(!Dashboard.esc("x\"\u{301} onmouseover=alert(1)").contains("\""))
         #expect(Dashboard.esc("<a href='x'>&</a>") == "&lt;a href=&#39;x&#39;&gt;&amp;&lt;/a&gt;")
+        #expect(Dashboard.time(0) == "00:00:00Z" && Dashboard.time(1_796_170_987_654) == "00:23:07Z")
         #expect(GatewayError.field(in: "callbackUrl must be a string") == "callbackUrl")
         #expect(GatewayError.field(in: "the body is not a JSON object") == nil)
     }
