@@ -88,7 +88,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "AQGatewayCommand",
-            dependencies: ["AQGateway", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["AQGateway", "AQBridge", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: swiftSettings
         ),
         // The Swift client for applications.

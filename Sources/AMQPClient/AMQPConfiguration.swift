@@ -57,8 +57,28 @@ public struct AMQPConfiguration: Sendable {
         }
     }
 
+    /// One broker address: a cluster node, for instance.
+    public struct Endpoint: Sendable, Hashable, CustomStringConvertible {
+        public var host: String
+        public var port: Int
+
+        public init(host: String, port: Int) {
+            self.host = host
+            self.port = port
+        }
+
+        public var description: String { self.host.contains(":") ? "[\(self.host)]:\(self.port)" : "\(self.host):\(self.port)" }
+    }
+
     public var host: String
     public var port: Int
+    /// More addresses of the same broker (the other nodes of a cluster). The client connects to
+    /// the first that answers, starting at ``host``; after a loss it tries the next one first,
+    /// so a dead node costs one attempt, not a wait.
+    public var alternateEndpoints: [Endpoint] = []
+
+    /// ``host``/``port`` first, then ``alternateEndpoints``.
+    public var endpoints: [Endpoint] { [Endpoint(host: self.host, port: self.port)] + self.alternateEndpoints }
     public var user: String
     public var password: String
     public var virtualHost: String
@@ -107,8 +127,53 @@ public struct AMQPConfiguration: Sendable {
     /// `channel_max`, `frame_max`, `connection_name`, and for TLS `cacertfile`, `certfile`,
     /// `keyfile`, `verify` (`verify_peer` or `verify_none`), `verify_hostname` (`true`/`false`).
     ///
+    /// A list of URLs — separated by spaces or commas, as in
+    /// `AQ_AMQP_URL="amqp://u:p@node1:5672/%2F amqp://u:p@node2:5672/%2F"` — names the nodes of
+    /// one cluster: the first gives every setting, the others their host and port (each must
+    /// name the same scheme, user, password and virtual host, or give none of them).
+    ///
     /// - Throws: ``AMQPError/Code/invalidURL`` naming what is wrong.
     public init(url: String) throws {
+        let urls = Self.splitList(url)
+        guard urls.count > 1 else {
+            try self.init(single: urls.first ?? url)
+            return
+        }
+        try self.init(single: urls[0])
+        var seen: Set<Endpoint> = [Endpoint(host: self.host, port: self.port)]
+        for other in urls.dropFirst() {
+            let parsed = try AMQPConfiguration(single: other)
+            let components = URLComponents(string: other)
+            let namesCredentials = components?.user != nil
+            let namesVhost = !(components?.percentEncodedPath.isEmpty ?? true)
+            guard (parsed.tls == nil) == (self.tls == nil),
+                  !namesCredentials || (parsed.user == self.user && parsed.password == self.password),
+                  !namesVhost || parsed.virtualHost == self.virtualHost else {
+                throw AMQPError(code: .invalidURL, message: "invalid AMQP URL list: '\(Self.redact(other))' names another scheme, user, password or virtual host than '\(Self.redact(urls[0]))'; a list names the nodes of one broker")
+            }
+            let endpoint = Endpoint(host: parsed.host, port: parsed.port)
+            if seen.insert(endpoint).inserted { self.alternateEndpoints.append(endpoint) }
+        }
+    }
+
+    /// Splits a list of URLs at whitespace, and at commas that start another `amqp(s)://` URL (a
+    /// comma inside a password stays).
+    static func splitList(_ text: String) -> [String] {
+        var out: [String] = []
+        for word in text.split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\t" }) {
+            var rest = Substring(word)
+            while let comma = rest.range(of: ",amqp://", options: .caseInsensitive) ?? rest.range(of: ",amqps://", options: .caseInsensitive) {
+                let piece = rest[..<comma.lowerBound]
+                if !piece.isEmpty { out.append(String(piece)) }
+                rest = rest[rest.index(after: comma.lowerBound)...]
+            }
+            let trimmed = rest.hasSuffix(",") ? rest.dropLast() : rest
+            if !trimmed.isEmpty { out.append(String(trimmed)) }
+        }
+        return out
+    }
+
+    private init(single url: String) throws {
         func invalid(_ why: String) -> AMQPError {
             AMQPError(code: .invalidURL, message: "invalid AMQP URL '\(Self.redact(url))': \(why)")
         }
@@ -178,7 +243,7 @@ public struct AMQPConfiguration: Sendable {
     public var redactedURL: String {
         let scheme = self.tls == nil ? "amqp" : "amqps"
         let vhost = self.virtualHost.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? self.virtualHost
-        return "\(scheme)://\(self.user):***@\(self.host):\(self.port)/\(vhost)"
+        return self.endpoints.map { "\(scheme)://\(self.user):***@\($0)/\(vhost)" }.joined(separator: " ")
     }
 
     /// Replaces the password in a URL string with `***`.
@@ -186,6 +251,8 @@ public struct AMQPConfiguration: Sendable {
     /// The credentials end at the *last* `@` before the query, so a password that itself holds
     /// `@` (or `/`) is hidden whole.
     public static func redact(_ url: String) -> String {
+        let list = Self.splitList(url)
+        if list.count > 1 { return list.map(Self.redact).joined(separator: " ") }
         guard let schemeEnd = url.range(of: "://") else { return url }
         let rest = url[schemeEnd.upperBound...]
         let searchEnd = rest.firstIndex(where: { $0 == "?" || $0 == "#" }) ?? rest.endIndex

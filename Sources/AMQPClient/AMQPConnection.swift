@@ -68,6 +68,9 @@ public final class AMQPConnection: Sendable {
     /// True while logged in (false while reconnecting or after close).
     public var isConnected: Bool { self.shared.status.withLock { $0.connected } }
 
+    /// The address (cluster node) the connection is on now, or was on last.
+    public var endpoint: AMQPConfiguration.Endpoint? { self.shared.status.withLock { $0.endpoint } }
+
     /// True while the broker blocks publishing on this connection (`connection.blocked`).
     public var isBlocked: Bool { self.shared.status.withLock { $0.blocked } }
 

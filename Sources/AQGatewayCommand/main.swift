@@ -1,3 +1,4 @@
+import AQBridge
 import AQGateway
 import ArgumentParser
 import Foundation
@@ -43,11 +44,9 @@ struct GatewayCommand: AsyncParsableCommand {
             if let managementUrl { configuration.managementURL = managementUrl }
             if !topology.isEmpty { configuration.topology = topology }
             let level = Logger.Level(rawValue: configuration.logLevel) ?? .info
-            LoggingSystem.bootstrap { label in
-                var handler = StreamLogHandler.standardError(label: label)
-                handler.logLevel = level
-                return handler
-            }
+            // The bridge's logfmt lines (one format for operators; and Hummingbird's request id,
+            // set on every request's logger, is a dictionary write here, not a re-rendering).
+            LoggingSystem.bootstrap { label in LogfmtHandler(label: label, level: level) }
             let logger = Logger(label: "aq-gateway")
             do {
                 try await GatewayServer.run(configuration: configuration, logger: logger)

@@ -19,6 +19,19 @@
 #include <amqp_ssl_socket.h>
 #endif
 
+#if defined(__linux__)
+#include <sys/prctl.h>
+#endif
+
+/* Names the calling thread for ps/top/perf (prctl is variadic; the kernel keeps 15 bytes). */
+static inline void aq_set_thread_name(const char *name) {
+#if defined(__linux__)
+    (void)prctl(PR_SET_NAME, (unsigned long)name, 0UL, 0UL, 0UL);
+#else
+    (void)name;
+#endif
+}
+
 /* amqp_login_with_properties is C-variadic, which Swift cannot call. This wrapper fixes the
  * SASL method to PLAIN. It can go when rabbitmq-c grows a non-variadic login. */
 static inline amqp_rpc_reply_t aq_amqp_login_plain(amqp_connection_state_t state,

@@ -4,6 +4,41 @@ import Synchronization
 import Testing
 
 @Suite(.timeLimit(.minutes(2))) struct RecoveryTests {
+    /// A list of addresses (a cluster's nodes): a dead one is passed over when connecting and
+    /// when recovering, and the connection says which one it is on.
+    @Test func aDeadAddressInTheListIsPassedOverAtConnectAndAtRecovery() async throws {
+        let real = try AMQPConfiguration(url: TestBroker.url)
+        let name = "aq-test-endpoints-\(UUID().uuidString.prefix(8))"
+        // Port 1 on loopback: nothing listens there; the connect is refused at once.
+        let list = "amqp://\(real.user):\(real.password)@127.0.0.1:1/%2F \(TestBroker.url)"
+        var configuration = try AMQPConfiguration(url: list)
+        configuration.connectionName = name
+        configuration.recovery.initialDelay = .milliseconds(50)
+        #expect(configuration.endpoints.count == 2)
+        let connection = try await AMQPConnection.connect(configuration: configuration)
+        #expect(connection.endpoint == .init(host: real.host, port: real.port))
+        let events = connection.events()
+        let pid = try #require(try TestBroker.connectionPid(named: name))
+        try TestBroker.rabbitmqctl("close_connection", pid, "test: node went away")
+        var sawDisconnect = false
+        for await event in events {
+            if case .disconnected = event { sawDisconnect = true }
+            if case .connected = event, sawDisconnect { break }
+        }
+        #expect(connection.isConnected)
+        #expect(connection.endpoint == .init(host: real.host, port: real.port))
+        await connection.close()
+
+        // No address answers: one error names every attempt.
+        do {
+            _ = try await AMQPConnection.connect(configuration: try AMQPConfiguration(url: "amqp://127.0.0.1:1 amqp://127.0.0.1:2"))
+            Issue.record("connected to nothing")
+        } catch let error as AMQPError {
+            #expect(error.message.contains("any of 2 brokers"), "\(error.message)")
+            #expect(error.message.contains("127.0.0.1:1") && error.message.contains("127.0.0.1:2"), "\(error.message)")
+        }
+    }
+
     @Test func closedByTheBrokerItReconnectsRedeclaresAndConsumptionContinues() async throws {
         let name = "aq-test-recovery-\(UUID().uuidString.prefix(8))"
         var configuration = try AMQPConfiguration(url: TestBroker.url)

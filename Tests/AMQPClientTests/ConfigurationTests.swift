@@ -52,6 +52,20 @@ import Testing
         }
     }
 
+    @Test func aListOfURLsNamesTheNodesOfOneBroker() throws {
+        let c = try AMQPConfiguration(url: "amqp://u:p,w@n1:5681/v?heartbeat=7 amqp://u:p,w@n2:5682/v,amqp://n3:5683 amqp://u:p,w@n1:5681/v")
+        #expect(c.host == "n1" && c.port == 5681)
+        #expect(c.password == "p,w", "a comma in a password is not a separator")
+        #expect(c.heartbeat == 7 && c.virtualHost == "v")
+        #expect(c.endpoints == [.init(host: "n1", port: 5681), .init(host: "n2", port: 5682), .init(host: "n3", port: 5683)], "a repeated address counts once")
+        #expect(c.redactedURL == "amqp://u:***@n1:5681/v amqp://u:***@n2:5682/v amqp://u:***@n3:5683/v")
+        #expect(AMQPConfiguration.redact("amqp://u:s1@n1/v amqp://u:s1@n2/v") == "amqp://u:***@n1/v amqp://u:***@n2/v")
+        #expect(try AMQPConfiguration(url: "amqp://h").endpoints == [.init(host: "h", port: 5672)])
+        for bad in ["amqp://u:p@n1/v amqp://other:p@n2/v", "amqp://u:p@n1/v amqp://u:p@n2/w", "amqp://u:p@n1/v amqps://u:p@n2/v"] {
+            #expect(throws: AMQPError.self, "\(bad)") { try AMQPConfiguration(url: bad) }
+        }
+    }
+
     @Test func redactsPasswords() throws {
         #expect(AMQPConfiguration.redact("amqp://u:secret@h:1/v") == "amqp://u:***@h:1/v")
         #expect(AMQPConfiguration.redact("amqp://h/v") == "amqp://h/v")

@@ -80,15 +80,29 @@ final class ConnectionDriver {
     static func start(configuration: AMQPConfiguration, shared: ConnectionShared) async throws {
         try await withCheckedThrowingContinuation { (startup: CheckedContinuation<Void, any Error>) in
             let thread = Thread {
+                // Named for ps/top/perf (Foundation's `name` does not reach the kernel on Linux).
+                aq_set_thread_name("aq-amqp-\(shared.id)")
                 let driver = ConnectionDriver(configuration: configuration, shared: shared)
-                do {
-                    try driver.openConnection()
-                    try driver.restoreAfterConnect()
-                } catch {
-                    driver.destroyConnection()
+                // Each address once, in order, until one lets us in.
+                var failures: [AMQPError] = []
+                for _ in configuration.endpoints.indices {
+                    do throws(AMQPError) {
+                        try driver.openConnection()
+                        try driver.restoreAfterConnect()
+                        failures.removeAll()
+                        break
+                    } catch {
+                        driver.destroyConnection()
+                        failures.append(error)
+                        driver.endpointIndex += 1
+                    }
+                }
+                if let last = failures.last {
                     _ = shared.mailbox.close()
                     shared.emit(.closed)
-                    startup.resume(throwing: error)
+                    startup.resume(throwing: failures.count == 1 ? last
+                        : AMQPError(code: last.code, message: "could not connect to any of \(failures.count) brokers: \(failures.map(\.message).joined(separator: "; "))",
+                                    libraryStatus: last.libraryStatus))
                     return
                 }
                 driver.phase = .connected
@@ -129,12 +143,24 @@ final class ConnectionDriver {
         self.shared.mailbox.take(into: &self.jobBuffer)
         guard !self.jobBuffer.isEmpty else { return }
         self.didRunJobs = true
+        // Several jobs (publishes from many requests, acks) write several frames each: corked,
+        // the kernel sends them as full segments when the turn ends instead of one segment (and
+        // one wake-up of the broker) per frame. One job gains nothing: rabbitmq-c already sends
+        // a publish's method and header frames with MSG_MORE.
+        let cork = self.jobBuffer.count > 1 && self.sockfd >= 0
+        if cork { self.setCork(true) }
         for job in self.jobBuffer {
             self.watch.turnStarted()  // each job is held to the stall limit on its own
             job(self)
         }
         self.jobBuffer.removeAll(keepingCapacity: true)
         self.flushAcks()
+        if cork { self.setCork(false) }
+    }
+
+    private func setCork(_ on: Bool) {
+        var value: Int32 = on ? 1 : 0
+        _ = setsockopt(self.sockfd, Int32(IPPROTO_TCP), TCP_CORK, &value, socklen_t(MemoryLayout<Int32>.size))
     }
 
     private var pollTimeoutMilliseconds: Int32 {
@@ -290,7 +316,8 @@ final class ConnectionDriver {
             throw AMQPError(code: .connectionFailed, message: "rabbitmq-c could not allocate a connection")
         }
         self.conn = conn
-        let endpoint = "\(config.host):\(config.port)"
+        let target = self.endpoint
+        let endpoint = target.description
         let socket: OpaquePointer?
         if let tls = config.tls {
             socket = amqp_ssl_socket_new(conn)
@@ -319,19 +346,19 @@ final class ConnectionDriver {
         }
         var timeout = Self.makeTimeval(config.connectTimeout)
         errno = 0
-        let status = amqp_socket_open_noblock(socket, config.host, Int32(config.port), &timeout)
+        let status = amqp_socket_open_noblock(socket, target.host, Int32(target.port), &timeout)
         guard status == AMQP_STATUS_OK.rawValue else {
             let osError = errno
             var why = Self.statusText(status)
             if status == AMQP_STATUS_SOCKET_ERROR.rawValue {
                 // rabbitmq-c connects non-blocking and does not keep the socket's error; ask the
                 // OS once more so the message says "Connection refused" or "No route to host".
-                let probed = Self.probeConnectError(host: config.host, port: config.port, timeout: config.connectTimeout)
+                let probed = Self.probeConnectError(host: target.host, port: target.port, timeout: config.connectTimeout)
                 if let probed { why = String(cString: strerror(probed)) } else if osError != 0, osError != EINPROGRESS {
                     why = String(cString: strerror(osError))
                 }
             } else if status == AMQP_STATUS_HOSTNAME_RESOLUTION_FAILED.rawValue {
-                why = "the host name '\(config.host)' could not be resolved"
+                why = "the host name '\(target.host)' could not be resolved"
             } else if status == AMQP_STATUS_TIMEOUT.rawValue {
                 why = "no answer within \(config.connectTimeout)"
             }
@@ -339,6 +366,7 @@ final class ConnectionDriver {
             throw AMQPError(code: code, message: "could not connect to \(endpoint): \(why)", libraryStatus: status)
         }
         self.sockfd = amqp_get_sockfd(conn)
+        self.shared.status.withLock { $0.endpoint = target }
         var handshake = Self.makeTimeval(config.connectTimeout)
         _ = amqp_set_handshake_timeout(conn, &handshake)
         var rpc = Self.makeTimeval(config.rpcTimeout)
@@ -542,6 +570,8 @@ final class ConnectionDriver {
         self.destroyConnection()
         self.failInFlight(error)
         self.shared.emit(.disconnected(error))
+        // The node that went away is likely down: try the next address first.
+        self.endpointIndex += 1
         if self.configuration.recovery.enabled {
             self.phase = .reconnecting(attempt: 1, next: .now + self.jittered(self.configuration.recovery.delay(forAttempt: 1)))
         } else {
@@ -567,6 +597,15 @@ final class ConnectionDriver {
         }
     }
 
+    /// Which of the configuration's addresses the next connect uses (it moves on after a
+    /// failed attempt and after a loss).
+    var endpointIndex = 0
+
+    var endpoint: AMQPConfiguration.Endpoint {
+        let all = self.configuration.endpoints
+        return all[self.endpointIndex % all.count]
+    }
+
     private func reconnectStep() {
         guard case .reconnecting(let attempt, let next) = self.phase else { return }
         let now = ContinuousClock.now
@@ -583,12 +622,16 @@ final class ConnectionDriver {
             self.phase = .connected
             try self.restoreAfterConnect()
             self.flushAcks()
-            self.logger.info("amqp connection recovered", metadata: ["amqp.connection.id": "\(self.shared.id)", "attempt": "\(attempt)"])
+            self.logger.info("amqp connection recovered", metadata: ["amqp.connection.id": "\(self.shared.id)", "attempt": "\(attempt)", "broker": "\(self.endpoint)"])
             self.shared.emit(.connected)
         } catch {
             if self.isConnected { self.connectionLost(error) }
             self.destroyConnection()
-            let delay = self.jittered(self.configuration.recovery.delay(forAttempt: attempt + 1))
+            self.endpointIndex += 1
+            // A round of every address without luck waits longer; within a round, the next
+            // address is tried at the first delay.
+            let round = attempt / self.configuration.endpoints.count + 1
+            let delay = self.jittered(self.configuration.recovery.delay(forAttempt: self.configuration.endpoints.count > 1 ? round : attempt + 1))
             self.logger.info("amqp reconnect failed", metadata: ["amqp.connection.id": "\(self.shared.id)", "attempt": "\(attempt)", "error": "\(error)", "retry_in": "\(delay)"])
             self.phase = .reconnecting(attempt: attempt + 1, next: .now + delay)
         }

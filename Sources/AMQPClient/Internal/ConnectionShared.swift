@@ -9,6 +9,8 @@ final class ConnectionShared: Sendable {
         var closed = false
         var lastError: AMQPError?
         var connectCount = 0
+        /// The address of the broker (node) the connection is on, or was on last.
+        var endpoint: AMQPConfiguration.Endpoint?
         var listeners: [Int: AsyncStream<AMQPConnectionEvent>.Continuation] = [:]
         var nextListener = 0
     }
