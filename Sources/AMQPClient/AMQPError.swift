@@ -140,3 +140,19 @@ extension AMQPError {
         AMQPError(code: .notConnected, message: "the connection to the broker is down and being re-established")
     }
 }
+
+extension AMQPError {
+    /// A queue that exists but cannot be reached now — RabbitMQ's 404 for an "absent" queue:
+    /// its node is down ("home node … is down or inaccessible"), its process stopped (a node
+    /// shutting down: "process is stopped by supervisor"), crashed ("has crashed and failed to
+    /// restart") or slow ("… due to timeout"), or a quorum queue's leader moving ("may be
+    /// stopping or being demoted"). Unlike a plain 404 ("no queue"), it is not gone.
+    public var isQueueUnavailable: Bool {
+        guard self.replyCode == .notFound else { return false }
+        let text = self.replyText ?? self.message
+        return Self.absentQueueTexts.contains { text.contains($0) }
+    }
+
+    static let absentQueueTexts = ["is down or inaccessible", "process is stopped by supervisor", "has crashed and failed to restart",
+                                   "failed to perform operation on", "may be stopping or being demoted", "timed out while declaring"]
+}

@@ -146,12 +146,11 @@ extension BridgeEngine {
             }
             join = existing?.manifest.join ?? .allSettled
         case (_, .unknown(let error)):
-            return self.requeue(run, "could not read the state of batch \(id): \(error)")
+            // Not handed straight back (it would come again at once, and the work queue's
+            // delivery limit would dead-letter it): the batch's node may be down (a cluster)
+            // for a while. It waits in a retry tier without spending an attempt.
+            return self.park(run, reason: "could not read the state of batch \(id): \(error)")
         }
-        // The children hold their own bytes: the message's body is let go.
-        self.inFlightBytes -= run.bytes
-        run.bytes = 0
-        run.delivery = run.delivery.withoutBody()
         self.launchBatch(run, message, join: join, creator: creator, continuation: nil)
     }
 
@@ -167,7 +166,7 @@ extension BridgeEngine {
         do throws(AMQPError) {
             stateCount = try self.declareBatchQueues(queues, id: id)
         } catch {
-            return self.requeue(run, "could not declare the queues of batch \(id): \(error)")
+            return self.retryLater(run, "could not declare the queues of batch \(id)", error)
         }
         var outstanding = 1
         var failure: AMQPError?
@@ -176,7 +175,7 @@ extension BridgeEngine {
             outstanding -= 1
             guard outstanding == 0, self.isActive(run) else { return }
             if let failure {
-                return self.requeue(run, "could not create batch \(id): \(failure)")
+                return self.retryLater(run, "could not create batch \(id)", failure)
             }
             if case .create = message.kind { self.count(.batchesCreated) }
             self.ack(run)
@@ -257,7 +256,8 @@ extension BridgeEngine {
             for delivery in read { self.context.nack(delivery, requeue: true) }
             return .open(best)
         } catch {
-            return error.replyCode == .notFound ? .gone : .unknown(error)
+            // A queue whose node is down (a cluster) is not gone: it returns with its node.
+            return error.replyCode == .notFound && !error.isQueueUnavailable ? .gone : .unknown(error)
         }
     }
 
@@ -277,15 +277,33 @@ extension BridgeEngine {
     }
 
     /// Publishes to the batch's reply queue (through the batch exchange). `done` gets true when
-    /// a queue took it, false when the batch is gone (nothing to report to).
+    /// a queue took it, false when the batch is gone (nothing to report to), and a failure that
+    /// ``AMQPError/isQueueUnavailable`` when the queue exists but its node is down (a cluster):
+    /// a returned message is only "gone" once a look at the queue (next turn) says so.
     func publishToBatch(_ id: String, kind: String, body: [UInt8], _ done: @escaping (Result<Bool, AMQPError>) -> Void) {
         self.context.publish(channel: self.publishChannel, exchange: self.settings.spec.batchExchange, routingKey: id,
-                             properties: self.batchProperties(kind: kind, id: id), body: body, mandatory: true) { result in
+                             properties: self.batchProperties(kind: kind, id: id), body: body, mandatory: true) { [unowned self] result in
             switch result {
-            case .success(.returned): done(.success(false))
+            case .success(.returned):
+                self.batchWork.append { [unowned self] in done(self.whyReturned(batch: id)) }
             case .success: done(.success(true))
             case .failure(let error): done(.failure(error))
             }
+        }
+    }
+
+    /// Why a message to a batch came back: its reply queue is gone (`false`: the batch ended), or
+    /// it is there but could not take it (its node is down, or was a moment ago).
+    private func whyReturned(batch id: String) -> Result<Bool, AMQPError> {
+        let replies = BatchQueues(spec: self.settings.spec, id: id).replies
+        do throws(AMQPError) {
+            try self.context.declareQueue(channel: self.adminChannel, name: replies, passive: true)
+            // There again: it was unreachable when the message came back (its node restarting).
+            return .failure(AMQPError(code: .channelClosedByServer, message: "batch \(id)'s reply queue returned the message",
+                                      replyCode: .notFound, replyText: "the queue exists but its node is down or inaccessible"))
+        } catch {
+            if error.replyCode == .notFound && !error.isQueueUnavailable { return .success(false) }
+            return .failure(error)
         }
     }
 
@@ -314,8 +332,9 @@ extension BridgeEngine {
             try self.context.declareQueue(channel: self.adminChannel, name: queues.replies, passive: true)
             return true
         } catch {
-            // 404: gone. Anything else: run the child rather than skip it on a doubt.
-            return error.replyCode != .notFound
+            // 404: gone (unless its node is down: it comes back with it). Anything else: run the
+            // child rather than skip it on a doubt.
+            return error.replyCode != .notFound || error.isQueueUnavailable
         }
     }
 
@@ -339,6 +358,10 @@ extension BridgeEngine {
             case .failure(let error) where error.code == .invalidArgument:
                 self.logger.warning("a batch outcome could not be published", metadata: ["batch": "\(batch.id)", "error": "\(error)"])
                 then()
+            case .failure(let error) where error.isQueueUnavailable:
+                // The batch's node is down (a cluster): the child waits in a retry tier, without
+                // spending an attempt, and reports when it runs again after the node is back.
+                self.park(run, reason: "batch \(batch.id)'s queues are unavailable: \(error.message)")
             case .failure(let error):
                 self.requeue(run, "could not report to batch \(batch.id): \(error)")
             }
@@ -366,6 +389,20 @@ extension BridgeEngine {
     private func publishOutcomes(_ id: String, _ buffer: OutcomeBuffer) {
         self.publishToBatch(id, kind: "outcome", body: buffer.body) { result in
             for done in buffer.waiting { done(result) }
+        }
+    }
+
+    /// Deletes the queues of ended batches that could not be deleted at their end.
+    func retryBatchQueueDeletions(now: ContinuousClock.Instant) {
+        guard now - self.lastBatchQueueDeletion >= .seconds(2) else { return }
+        self.lastBatchQueueDeletion = now
+        for (queue, attempts) in self.batchQueuesToDelete {
+            do throws(AMQPError) {
+                try self.context.deleteQueue(channel: self.adminChannel, name: queue)
+                self.batchQueuesToDelete[queue] = nil
+            } catch {
+                self.batchQueuesToDelete[queue] = attempts >= 150 ? nil : attempts + 1
+            }
         }
     }
 
@@ -610,7 +647,10 @@ extension BridgeEngine {
             }
             for queue in [batch.queues.replies, batch.queues.results, batch.queues.state] {
                 do throws(AMQPError) { try self.context.deleteQueue(channel: self.adminChannel, name: queue) } catch {
-                    self.logger.warning("could not delete a batch queue (its expiry policy removes it)", metadata: ["queue": "\(queue)", "error": "\(error)"])
+                    // Its node may be down (a cluster): tried again every 2 s for 5 minutes;
+                    // after that (or if this bridge dies), the expiry policy removes it.
+                    self.logger.warning("could not delete a batch queue yet", metadata: ["queue": "\(queue)", "error": "\(error)"])
+                    self.batchQueuesToDelete[queue] = 0
                 }
             }
             if self.batches[batch.id] === batch { self.batches[batch.id] = nil }

@@ -73,6 +73,9 @@ final class BridgeEngine: AMQPConnectionExtension {
         var chain: ChainRun?
         /// Bytes this run holds in memory (its body, a result waiting for the webhook).
         var bytes: Int
+        /// Its body was let go (a batch's children hold their own bytes): it can be handed back
+        /// to the broker (nack) but not copied (park).
+        var bodyReleased = false
         /// In flight: not yet acked, handed back or abandoned.
         var active = false
         /// When the bridge received it (for the events' durations).
@@ -146,6 +149,9 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// never from inside a delivery or confirm callback, where a nested RPC would read frames
     /// that belong to the one being dispatched.
     var batchWork: [() -> Void] = []
+    /// Queues of ended batches still to delete (their node was down), with attempts so far.
+    var batchQueuesToDelete: [String: Int] = [:]
+    var lastBatchQueueDeletion = ContinuousClock.now
     /// Batch outcomes of this turn, per batch (see ``bufferOutcome(_:_:_:)``).
     var outcomeBuffers: [String: OutcomeBuffer] = [:]
     var consumers: [(channel: UInt16, tag: String)] = []
@@ -230,6 +236,7 @@ final class BridgeEngine: AMQPConnectionExtension {
             }
         }
         if !self.outcomeBuffers.isEmpty { self.flushOutcomes() }
+        if !self.batchQueuesToDelete.isEmpty { self.retryBatchQueueDeletions(now: .now) }
         if !self.batchWork.isEmpty {
             let work = self.batchWork
             self.batchWork.removeAll()
@@ -299,8 +306,27 @@ final class BridgeEngine: AMQPConnectionExtension {
         self.end(run)
     }
 
-    /// Hands the delivery back (it will be delivered again), e.g. when a publish failed.
+    /// A broker error on the way (a publish failed or was nacked, a queue could not be read):
+    /// see ``requeue(_:_:)``.
+    func retryLater(_ run: Run, _ why: String, _ error: AMQPError) {
+        self.requeue(run, "\(why): \(error)")
+    }
+
+    /// The task could not go on now (a publish failed, a batch's queues could not be read): it
+    /// waits in a retry tier without spending an attempt (``park(_:reason:)``) and runs again.
+    /// Not handed straight back: it would come again at once, and while the cause lasts —
+    /// seconds, on a cluster whose node is down or whose quorum queue elects a leader — it would
+    /// run into the work queue's delivery limit and be dead-lettered. Handed back (nack) only
+    /// when it cannot be parked (its body was let go, no retry tiers).
     func requeue(_ run: Run, _ why: String) {
+        if !run.bodyReleased, self.parkTier != nil, self.context.isCurrent(run.delivery) {
+            return self.park(run, reason: why)
+        }
+        self.handBack(run, why)
+    }
+
+    /// Hands the delivery back to the broker (it will be delivered again at once).
+    func handBack(_ run: Run, _ why: String) {
         if self.context.isCurrent(run.delivery) { self.context.nack(run.delivery, requeue: true) }
         self.count(.tasksRequeued)
         self.logger.warning("task handed back to the broker", metadata: ["queue": "\(run.queue.name)", "reason": "\(why)"])
@@ -577,7 +603,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// long line, or the bridge holds too many bytes. It returns after the park tier's delay.
     func park(_ run: Run, reason: String) {
         guard self.context.isCurrent(run.delivery) else { return self.end(run) }
-        guard let tier = self.parkTier else { return self.requeue(run, "cannot park without retry tiers") }
+        guard !run.bodyReleased else { return self.handBack(run, reason) }
+        guard let tier = self.parkTier else { return self.handBack(run, "cannot park without retry tiers (\(reason))") }
         let parked = Int32(clamping: (run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0) + 1)
         var ours: AMQPTable = [
             "retry-tier": .string(self.settings.spec.retryTierHeader(for: tier)),
@@ -597,11 +624,12 @@ final class BridgeEngine: AMQPConnectionExtension {
         self.logger.debug("task parked", metadata: ["queue": "\(run.queue.name)", "tier": "\(tier)", "reason": "\(reason)"])
         self.publishThenAck(run, exchange: self.settings.spec.retryExchange, properties: properties, body: run.delivery.body,
                             counting: .tasksParked, "the parked task") { [unowned self] error in
-            self.requeue(run, "could not park: \(error)")
+            self.handBack(run, "could not park: \(error)")
         }
         // The copy is on the wire; whatever happens next (ack, or nack on failure) needs no body.
         if run.active {
             run.delivery = run.delivery.withoutBody()
+            run.bodyReleased = true
             self.inFlightBytes -= run.bytes
             run.bytes = 0
         }
@@ -1062,7 +1090,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     func handBack() -> Int {
         _ = self.admission.drainWaiting()
         let runs = Array(self.runs.values)
-        for run in runs { self.requeue(run, "shutdown") }
+        for run in runs { self.handBack(run, "shutdown") }
         return runs.count
     }
 }

@@ -69,6 +69,9 @@ struct BridgeCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // A peer that closes its socket while we write to it is an error to handle, not a
+        // reason to die: without this, SIGPIPE ends the process silently (no log, no backtrace).
+        signal(SIGPIPE, SIG_IGN)
         var configuration = BridgeConfiguration()
         do {
             if let config = self.config { try configuration.apply(file: config) }

@@ -31,6 +31,8 @@ struct GatewayCommand: AsyncParsableCommand {
         var topology: [String] = []
 
         func run() async throws {
+            // A closed peer socket is an error to handle, not a silent death (see aq-bridge).
+            signal(SIGPIPE, SIG_IGN)
             var configuration = GatewayConfiguration()
             do {
                 if let config { try configuration.apply(file: config) }

@@ -66,6 +66,22 @@ import Testing
         }
     }
 
+    /// RabbitMQ's 404s for a queue that exists but cannot be reached now (rabbit_amqqueue's
+    /// "absent" reasons), against a queue that is gone.
+    @Test func anAbsentQueueIsToldFromAMissingOne() {
+        func notFound(_ text: String) -> AMQPError {
+            AMQPError(code: .channelClosedByServer, message: "the broker closed the channel: \(text)", replyCode: .notFound, replyText: text)
+        }
+        for absent in ["NOT_FOUND - home node 'rabbit@n1' of durable queue 'q' in vhost '/' is down or inaccessible",
+                       "NOT_FOUND - queue 'q' in vhost '/' process is stopped by supervisor",
+                       "NOT_FOUND - queue 'q' in vhost '/' has crashed and failed to restart",
+                       "NOT_FOUND - failed to perform operation on queue 'q' in vhost '/' due to timeout"] {
+            #expect(notFound(absent).isQueueUnavailable, "\(absent)")
+        }
+        #expect(!notFound("NOT_FOUND - no queue 'q' in vhost '/'").isQueueUnavailable)
+        #expect(!AMQPError(code: .channelClosedByServer, message: "is down or inaccessible", replyCode: .accessRefused).isQueueUnavailable)
+    }
+
     @Test func redactsPasswords() throws {
         #expect(AMQPConfiguration.redact("amqp://u:secret@h:1/v") == "amqp://u:***@h:1/v")
         #expect(AMQPConfiguration.redact("amqp://h/v") == "amqp://h/v")

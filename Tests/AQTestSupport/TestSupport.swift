@@ -77,6 +77,32 @@ public enum TestEnvironment {
         return (process.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
     }
 
+    /// Runs a program to its end with `posix_spawn` and `waitpid`, its output appended to `log`:
+    /// for scripts that leave daemons behind (`scripts/cluster restart`), whose exit Foundation's
+    /// `Process.waitUntilExit` was seen to miss (the script a zombie, the wait endless).
+    public static func spawnAndWait(_ executable: String, _ arguments: [String], log: String = "/dev/null") async throws -> Int32 {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        let argv: [UnsafeMutablePointer<CChar>?] = ([executable] + arguments).map { strdup($0) } + [nil]
+        defer { for pointer in argv { free(pointer) } }
+        var pid: pid_t = 0
+        let spawned = posix_spawn(&pid, executable, &actions, nil, argv, environ)
+        guard spawned == 0 else { throw Failure(description: "cannot run \(executable): \(String(cString: strerror(spawned)))") }
+        let child = pid
+        return await withCheckedContinuation { (continuation: CheckedContinuation<Int32, Never>) in
+            Thread.detachNewThread {
+                var status: Int32 = 0
+                while waitpid(child, &status, 0) < 0, errno == EINTR {}
+                // WIFEXITED / WEXITSTATUS, which Swift does not import.
+                continuation.resume(returning: status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f))
+            }
+        }
+    }
+
     /// rabbitmqctl against the test broker (`AQ_TEST_RABBITMQCTL`, default `scripts/broker ctl`).
     @discardableResult
     public static func rabbitmqctl(_ arguments: String...) throws -> String {

@@ -83,6 +83,12 @@ final class ChannelState {
     /// Bumped whenever the channel is reopened: delivery tags from an older epoch are dead.
     var epoch: UInt64 = 0
     var confirmMode = false
+    /// Since when every confirm on this channel has been a nack (nil after an ack). RabbitMQ
+    /// 3.10 nacks every publish of a channel that first reached a quorum queue while the queue
+    /// elected a new leader (its old leader's node had just died) — for as long as the channel
+    /// lives, whatever the new leader does. The driver reopens such a channel.
+    var nackedSince: ContinuousClock.Instant?
+    var recycleRequested = false
     /// In transaction mode (`tx.select`): publishes and acks take effect at `tx.commit`.
     var transactional = false
     /// Why the open transaction cannot commit: a publish of it never reached the broker, or the

@@ -149,6 +149,7 @@ extension ConnectionDriver {
             let ack = decoded.assumingMemoryBound(to: amqp_basic_ack_t.self).pointee
             var confirmed: [PendingPublish] = []
             channel.tracker.resolve(tag: ack.delivery_tag, multiple: ack.multiple != 0) { _, pending in confirmed.append(pending) }
+            channel.nackedSince = nil
             // Completed once the tracker is no longer being changed: a completion may publish
             // again on this channel (a reply, then a dead letter, say).
             for pending in confirmed {
@@ -160,6 +161,13 @@ extension ConnectionDriver {
             let nack = decoded.assumingMemoryBound(to: amqp_basic_nack_t.self).pointee
             var refused: [PendingPublish] = []
             channel.tracker.resolve(tag: nack.delivery_tag, multiple: nack.multiple != 0) { _, pending in refused.append(pending) }
+            let now = ContinuousClock.now
+            if let since = channel.nackedSince {
+                // Only nacks for a while: reopened at the end of this turn (see `nackedSince`).
+                if now - since >= Self.nackStreakLimit, !channel.transactional { channel.recycleRequested = true }
+            } else {
+                channel.nackedSince = now
+            }
             for pending in refused {
                 pending.completion.complete(.failure(AMQPError(
                     code: .publishNacked,

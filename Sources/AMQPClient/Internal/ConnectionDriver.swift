@@ -188,6 +188,7 @@ final class ConnectionDriver {
         if mustRead { (frames, bodyBytes) = self.readAvailable(conn) }
         self.handOverDeliveries()
         self.flushAcks()  // acks that thread-hosted handlers queued while the frames were read
+        if frames > 0 { self.recycleNackingChannels() }
         guard self.isConnected else { return }
         let busy = self.runExtensions()
         guard self.isConnected else { return }
@@ -490,6 +491,36 @@ final class ConnectionDriver {
         }
         _ = amqp_channel_close(conn, scratch, Int32(AMQP_REPLY_SUCCESS))
         try self.check(amqp_get_rpc_reply(conn), channel: scratch, doing: "closing the topology recovery channel")
+    }
+
+    /// How long a channel may answer every publish with a nack before it is reopened.
+    static let nackStreakLimit: Duration = .seconds(3)
+
+    /// Reopens the channels whose publishes have only been nacked for ``nackStreakLimit``: what
+    /// is in flight on them fails as "outcome unknown" (publish it again), new publishes go to
+    /// the fresh channel, which the broker routes to the quorum queue's current leader.
+    private func recycleNackingChannels() {
+        guard let conn = self.conn else { return }
+        for channel in self.channels.values where channel.recycleRequested {
+            channel.recycleRequested = false
+            channel.nackedSince = nil
+            guard channel.isOpen else { continue }
+            self.logger.warning("amqp channel reopened: the broker nacked every publish on it for \(Self.nackStreakLimit) (RabbitMQ does so on a channel that met a quorum queue's leader election)",
+                                metadata: ["amqp.channel.id": "\(channel.id)"])
+            _ = amqp_channel_close(conn, channel.id, Int32(AMQP_REPLY_SUCCESS))
+            let reply = amqp_get_rpc_reply(conn)
+            guard self.isConnected else { return }
+            let error = AMQPError(code: .channelClosedByServer, message: "channel \(channel.id) was reopened after its publishes were nacked for \(Self.nackStreakLimit)")
+            if reply.reply_type == AMQP_RESPONSE_NORMAL {
+                self.channelClosed(channel.id, error, reopen: true, stash: false)
+            } else {
+                do throws(AMQPError) {
+                    try self.check(reply, channel: channel.id, doing: "closing a channel to reopen it")
+                } catch {
+                    self.logger.warning("could not close the amqp channel to reopen it", metadata: ["amqp.channel.id": "\(channel.id)", "error": "\(error)"])
+                }
+            }
+        }
     }
 
     /// Opens a channel again with its confirm mode, prefetch and consumers.
