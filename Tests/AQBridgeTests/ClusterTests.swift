@@ -94,7 +94,9 @@ import Testing
         let process = Process()
         process.executableURL = TestEnvironment.builtProgram("aq-bridge")
         process.arguments = ["--prefetch", "300", "--listen", "", "--log-level", "info", "--shutdown-grace", "10"]
-        process.environment = ["AQ_AMQP_URL": list, "AQ_TOPOLOGY": topology.path, "PATH": "/usr/bin:/bin"]
+        // A crash prints its backtrace into the log.
+        process.environment = ["AQ_AMQP_URL": list, "AQ_TOPOLOGY": topology.path, "PATH": "/usr/bin:/bin",
+                               "SWIFT_BACKTRACE": "enable=yes,interactive=no,color=no"]
         process.standardOutput = FileHandle.nullDevice
         // Each bridge's log in the run's folder (printed when a test fails there).
         let log = topology.appendingPathComponent("bridge-\(UUID().uuidString.prefix(6)).log")

@@ -97,6 +97,7 @@ final class ConnectionDriver {
                         driver.endpointIndex += 1
                     }
                 }
+                driver.releaseRetiredConnections()
                 if let last = failures.last {
                     _ = shared.mailbox.close()
                     shared.emit(.closed)
@@ -122,7 +123,9 @@ final class ConnectionDriver {
     private func runLoop() {
         StuckThreadWatchdog.shared.register(self.watch)
         defer { StuckThreadWatchdog.shared.unregister(self.watch) }
+        defer { self.releaseRetiredConnections() }
         while true {
+            if !self.retiredConnections.isEmpty { self.releaseRetiredConnections() }
             self.watch.turnStarted()
             self.runJobs()
             switch self.phase {
@@ -578,11 +581,19 @@ final class ConnectionDriver {
         // Before rabbitmq-c closes the descriptor: the watchdog must never shut down a number
         // the system has handed out again.
         self.watch.disarm()
-        if let conn = self.conn {
-            amqp_destroy_connection(conn)
-        }
+        // Freed at the top of the next turn, not here: a connection is often found broken in
+        // the middle of an operation (an ack, a basic.get, a publish) whose callers up the stack
+        // still hold the state and use it once more on their way out. Until then it is only a
+        // dead socket (its descriptor stays ours, so the number is not handed out again).
+        if let conn = self.conn { self.retiredConnections.append(conn) }
         self.conn = nil
         self.sockfd = -1
+    }
+
+    /// Frees the connection states ``destroyConnection()`` retired (no operation is running).
+    func releaseRetiredConnections() {
+        for conn in self.retiredConnections { amqp_destroy_connection(conn) }
+        self.retiredConnections.removeAll()
     }
 
     /// The connection broke: fail what was in flight, then reconnect (or close for good).
@@ -627,6 +638,9 @@ final class ConnectionDriver {
             for completion in failed { completion.complete(.failure(error.outcomeUnknown())) }
         }
     }
+
+    /// Connection states that broke, freed at the top of the next turn (``destroyConnection()``).
+    private var retiredConnections: [amqp_connection_state_t] = []
 
     /// Which of the configuration's addresses the next connect uses (it moves on after a
     /// failed attempt and after a loss).
