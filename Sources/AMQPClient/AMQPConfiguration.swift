@@ -159,6 +159,14 @@ public struct AMQPConfiguration: Sendable {
     /// Splits a list of URLs at whitespace, and at commas that start another `amqp(s)://` URL (a
     /// comma inside a password stays).
     static func splitList(_ text: String) -> [String] {
+        let pieces = self.splitPieces(text)
+        // Only a list when every piece is a URL: `amqp://u:my pass@h` is one (bad) URL whose
+        // password must stay hidden whole, not two pieces.
+        let isURL = { (piece: String) in piece.lowercased().hasPrefix("amqp://") || piece.lowercased().hasPrefix("amqps://") }
+        return pieces.allSatisfy(isURL) ? pieces : [text]
+    }
+
+    private static func splitPieces(_ text: String) -> [String] {
         var out: [String] = []
         for word in text.split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\t" }) {
             var rest = Substring(word)

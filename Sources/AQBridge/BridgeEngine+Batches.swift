@@ -94,6 +94,8 @@ extension BridgeEngine {
     /// publisher that speaks for several clients (aq-gateway: its tokens) the `aq-tenant` it
     /// names. Parts and re-creates of a batch are taken only from its creator.
     static func creator(of run: Run) -> String? {
+        // A copy the bridge parked says whose it was.
+        if run.trusted, let creator = run.delivery.properties.headers?["aq-creator"]?.stringValue, !creator.isEmpty { return creator }
         guard let user = run.delivery.properties.userId else { return nil }
         if run.trusted, let tenant = run.delivery.properties.headers?["aq-tenant"]?.stringValue, !tenant.isEmpty {
             return user + "/" + tenant
@@ -146,10 +148,9 @@ extension BridgeEngine {
             }
             join = existing?.manifest.join ?? .allSettled
         case (_, .unknown(let error)):
-            // Not handed straight back (it would come again at once, and the work queue's
-            // delivery limit would dead-letter it): the batch's node may be down (a cluster)
-            // for a while. It waits in a retry tier without spending an attempt.
-            return self.park(run, reason: "could not read the state of batch \(id): \(error)")
+            // Parked, not handed straight back (see `requeue`): the batch's node may be down
+            // (a cluster) for a while.
+            return self.requeue(run, "could not read the state of batch \(id): \(error)")
         }
         self.launchBatch(run, message, join: join, creator: creator, continuation: nil)
     }
@@ -265,6 +266,8 @@ extension BridgeEngine {
     /// the batch id), state and results queues; returns how many messages the state queue holds.
     private func declareBatchQueues(_ queues: BatchQueues, id: String) throws(AMQPError) -> UInt32 {
         let spec = self.settings.spec
+        // A batch of this id again (a chain step replayed): not the ended one's queues to delete.
+        for name in [queues.replies, queues.results, queues.state] { self.batchQueuesToDelete[name] = nil }
         try self.context.declareQueue(channel: self.adminChannel, name: queues.replies, arguments: ["x-single-active-consumer": .bool(true)])
         try self.context.bindQueue(channel: self.adminChannel, queue: queues.replies, exchange: spec.batchExchange, routingKey: id)
         try self.context.declareQueue(channel: self.adminChannel, name: queues.results)
@@ -361,7 +364,7 @@ extension BridgeEngine {
             case .failure(let error) where error.isQueueUnavailable:
                 // The batch's node is down (a cluster): the child waits in a retry tier, without
                 // spending an attempt, and reports when it runs again after the node is back.
-                self.park(run, reason: "batch \(batch.id)'s queues are unavailable: \(error.message)")
+                self.requeue(run, "batch \(batch.id)'s queues are unavailable: \(error.message)")
             case .failure(let error):
                 self.requeue(run, "could not report to batch \(batch.id): \(error)")
             }

@@ -215,7 +215,7 @@ extension BridgeEngine {
         let launched = BatchMessage(kind: .create(manifest), children: batch.children)
         switch self.batchState(batch.batchId) {
         case .unknown(let error):
-            return self.park(run, reason: "could not read the state of batch \(batch.batchId): \(error)")
+            return self.requeue(run, "could not read the state of batch \(batch.batchId): \(error)")
         case .open(let existing?) where existing.manifest.continuation == nil:
             // Someone else's batch has this step's id: the step cannot run as itself.
             let reason = "batch id '\(batch.batchId.prefix(80))' is in use by a batch that is not this chain's step"

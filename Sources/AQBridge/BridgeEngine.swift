@@ -76,6 +76,9 @@ final class BridgeEngine: AMQPConnectionExtension {
         /// Its body was let go (a batch's children hold their own bytes): it can be handed back
         /// to the broker (nack) but not copied (park).
         var bodyReleased = false
+        /// A task, chain message or batch message: a parked copy of it is the same message
+        /// (webhook jobs, batch timers and unrouted messages carry headers a copy would lose).
+        var parkable = false
         /// In flight: not yet acked, handed back or abandoned.
         var active = false
         /// When the bridge received it (for the events' durations).
@@ -319,11 +322,16 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// run into the work queue's delivery limit and be dead-lettered. Handed back (nack) only
     /// when it cannot be parked (its body was let go, no retry tiers).
     func requeue(_ run: Run, _ why: String) {
-        if !run.bodyReleased, self.parkTier != nil, self.context.isCurrent(run.delivery) {
+        if run.parkable, !run.bodyReleased, self.parkTier != nil, self.context.isCurrent(run.delivery),
+           (run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0) < Self.maxParksForErrors {
             return self.park(run, reason: why)
         }
         self.handBack(run, why)
     }
+
+    /// After this many parks (a minute or more of a lasting broker error), a task is handed back
+    /// again: the work queue's delivery limit then bounds what a cause that never clears costs.
+    static let maxParksForErrors: Int64 = 12
 
     /// Hands the delivery back to the broker (it will be delivered again at once).
     func handBack(_ run: Run, _ why: String) {
@@ -362,8 +370,10 @@ final class BridgeEngine: AMQPConnectionExtension {
         self.count(.tasksReceived)
         switch TaskParser.parse(delivery.body, messageId: properties.messageId, defaults: queue.defaults) {
         case .failure(let malformed) where malformed.isBatch:
+            run.parkable = true
             self.batchWork.append { [unowned self] in self.batchMessage(run) }
         case .failure(let malformed) where malformed.isChain:
+            run.parkable = true
             self.chainMessage(run)
         case .failure(let malformed):
             self.rejectMalformed(run, "task", malformed.reason, webhook: malformed.notify)
@@ -372,6 +382,7 @@ final class BridgeEngine: AMQPConnectionExtension {
                 return self.rejectMalformed(run, "task", problem, taskId: task.id, webhook: task.webhook(forFailure: true), reply: false)
             }
             run.task = task
+            run.parkable = true
             self.emit(.taskReceived, queue: queue.name, taskId: task.id, attempt: run.attempt)
             if let batch = run.batch, batch.join == .all {
                 // A child of a fail-fast batch runs only while its batch is open.
@@ -602,7 +613,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// Sends the task back to the broker for a while without spending an attempt: its host has a
     /// long line, or the bridge holds too many bytes. It returns after the park tier's delay.
     func park(_ run: Run, reason: String) {
-        guard self.context.isCurrent(run.delivery) else { return self.end(run) }
+        guard run.active, self.context.isCurrent(run.delivery) else { return self.end(run) }
         guard !run.bodyReleased else { return self.handBack(run, reason) }
         guard let tier = self.parkTier else { return self.handBack(run, "cannot park without retry tiers (\(reason))") }
         let parked = Int32(clamping: (run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0) + 1)
@@ -618,6 +629,10 @@ final class BridgeEngine: AMQPConnectionExtension {
             ours["aq-not-before"] = .int64(due)
         } else if run.task == nil, run.trusted, let due = run.delivery.properties.headers?["aq-not-before"]?.intValue {
             ours["aq-not-before"] = .int64(due)
+        }
+        if run.task == nil, run.chain == nil, let creator = Self.creator(of: run) {
+            // A batch message: its copy is the bridge's, but its batch stays its creator's.
+            ours["aq-creator"] = .string(creator)
         }
         var properties = self.copy(of: run, messageId: run.task?.id ?? run.delivery.properties.messageId, adding: ours)
         if properties.timestamp == nil { properties.timestamp = UInt64(Self.unixMilliseconds() / 1000) }

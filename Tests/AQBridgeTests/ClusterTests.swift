@@ -100,7 +100,7 @@ import Testing
         process.standardOutput = FileHandle.nullDevice
         // Each bridge's log in the run's folder (printed when a test fails there).
         let log = topology.appendingPathComponent("bridge-\(UUID().uuidString.prefix(6)).log")
-        FileManager.default.createFile(atPath: log.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
         process.standardError = try FileHandle(forWritingTo: log)
         try process.run()
         return process

@@ -101,6 +101,7 @@ extension ConnectionDriver {
         guard let channel = self.channels[id] else { return }
         self.logger.debug("amqp channel closed by broker", metadata: ["amqp.channel.id": "\(id)", "error": "\(error)"])
         channel.isOpen = false
+        channel.nackedSince = nil
         var failed: [PublishCompletion] = []
         channel.tracker.reset { _, pending in failed.append(pending.completion) }
         let hadPending = !failed.isEmpty
@@ -162,7 +163,9 @@ extension ConnectionDriver {
             var refused: [PendingPublish] = []
             channel.tracker.resolve(tag: nack.delivery_tag, multiple: nack.multiple != 0) { _, pending in refused.append(pending) }
             let now = ContinuousClock.now
-            if let since = channel.nackedSince {
+            if refused.isEmpty {
+                // A nack for nothing outstanding (it came before a reopen): not a streak.
+            } else if let since = channel.nackedSince {
                 // Only nacks for a while: reopened at the end of this turn (see `nackedSince`).
                 if now - since >= Self.nackStreakLimit, !channel.transactional { channel.recycleRequested = true }
             } else {

@@ -152,13 +152,24 @@ final class ConnectionDriver {
         // a publish's method and header frames with MSG_MORE.
         let cork = self.jobBuffer.count > 1 && self.sockfd >= 0
         if cork { self.setCork(true) }
+        self.corked = cork
         for job in self.jobBuffer {
             self.watch.turnStarted()  // each job is held to the stall limit on its own
             job(self)
         }
         self.jobBuffer.removeAll(keepingCapacity: true)
         self.flushAcks()
-        if cork { self.setCork(false) }
+        self.uncork()
+    }
+
+    /// Whether the socket is corked now (this turn's jobs; see `runJobs`).
+    private var corked = false
+
+    /// Sends what the cork holds: at the end of a turn, and before a job that waits for an answer.
+    func uncork() {
+        guard self.corked else { return }
+        self.corked = false
+        self.setCork(false)
     }
 
     private func setCork(_ on: Bool) {
@@ -513,6 +524,16 @@ final class ConnectionDriver {
             _ = amqp_channel_close(conn, channel.id, Int32(AMQP_REPLY_SUCCESS))
             let reply = amqp_get_rpc_reply(conn)
             guard self.isConnected else { return }
+            // The confirms (acks, nacks, returns) that came before close-ok wait in rabbitmq-c:
+            // settled against this channel's tracker now, before the reopened channel's new
+            // numbering could take them for its own.
+            var zero = timeval(tv_sec: 0, tv_usec: 0)
+            while self.isConnected, amqp_frames_enqueued(conn) != 0 {
+                var frame = amqp_frame_t()
+                guard amqp_simple_wait_frame_noblock(conn, &frame, &zero) == AMQP_STATUS_OK.rawValue else { break }
+                self.dispatch(frame, conn: conn)
+            }
+            guard self.isConnected else { return }
             let error = AMQPError(code: .channelClosedByServer, message: "channel \(channel.id) was reopened after its publishes were nacked for \(Self.nackStreakLimit)")
             if reply.reply_type == AMQP_RESPONSE_NORMAL {
                 self.channelClosed(channel.id, error, reopen: true, stash: false)
@@ -670,9 +691,11 @@ final class ConnectionDriver {
             self.logger.info("amqp connection recovered", metadata: ["amqp.connection.id": "\(self.shared.id)", "attempt": "\(attempt)", "broker": "\(self.endpoint)"])
             self.shared.emit(.connected)
         } catch {
-            if self.isConnected { self.connectionLost(error) }
+            // connectionLost moves on to the next address itself.
+            let wasConnected = self.isConnected
+            if wasConnected { self.connectionLost(error) }
             self.destroyConnection()
-            self.endpointIndex += 1
+            if !wasConnected { self.endpointIndex += 1 }
             // A round of every address without luck waits longer; within a round, the next
             // address is tried at the first delay.
             let round = attempt / self.configuration.endpoints.count + 1

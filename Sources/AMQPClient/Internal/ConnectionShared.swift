@@ -32,6 +32,8 @@ final class ConnectionShared: Sendable {
     func perform<T: Sendable>(_ body: @escaping @Sendable (ConnectionDriver) throws(AMQPError) -> T) async throws -> T {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
             let submitted = self.mailbox.submit { driver in
+                // A round trip must not wait behind a corked socket (up to 200 ms).
+                driver.uncork()
                 do {
                     continuation.resume(returning: try body(driver))
                 } catch {
