@@ -95,7 +95,7 @@ extension BridgeEngine {
     /// names. Parts and re-creates of a batch are taken only from its creator.
     static func creator(of run: Run) -> String? {
         // A copy the bridge parked says whose it was.
-        if run.trusted, let creator = run.delivery.properties.headers?["aq-creator"]?.stringValue, !creator.isEmpty { return creator }
+        if run.trusted, let creator = run.delivery.properties.headers?["aq-creator"]?.stringValue { return creator.isEmpty ? nil : creator }
         guard let user = run.delivery.properties.userId else { return nil }
         if run.trusted, let tenant = run.delivery.properties.headers?["aq-tenant"]?.stringValue, !tenant.isEmpty {
             return user + "/" + tenant

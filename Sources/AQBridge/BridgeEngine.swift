@@ -630,9 +630,10 @@ final class BridgeEngine: AMQPConnectionExtension {
         } else if run.task == nil, run.trusted, let due = run.delivery.properties.headers?["aq-not-before"]?.intValue {
             ours["aq-not-before"] = .int64(due)
         }
-        if run.task == nil, run.chain == nil, let creator = Self.creator(of: run) {
-            // A batch message: its copy is the bridge's, but its batch stays its creator's.
-            ours["aq-creator"] = .string(creator)
+        if run.task == nil, run.chain == nil {
+            // A batch message: its copy is the bridge's, but its batch stays its creator's
+            // (empty: a publisher that set no user_id).
+            ours["aq-creator"] = .string(Self.creator(of: run) ?? "")
         }
         var properties = self.copy(of: run, messageId: run.task?.id ?? run.delivery.properties.messageId, adding: ours)
         if properties.timestamp == nil { properties.timestamp = UInt64(Self.unixMilliseconds() / 1000) }
