@@ -24,7 +24,9 @@ final class GatewayProcess: @unchecked Sendable {
         return "app:\(hash(Self.token)):default|reports,reporter:\(hash(Self.other)):reports,ops:\(hash(Self.operatorToken)):*"
     }
 
-    init(amqpURL: String, topology: String, environment: [String: String] = [:], arguments: [String] = []) throws {
+    /// `waitForBroker`: return once `/readyz` says the gateway reached the broker (it listens
+    /// before its AMQP connection is made; a request in between gets 503, rightly).
+    init(amqpURL: String, topology: String, environment: [String: String] = [:], arguments: [String] = [], waitForBroker: Bool = true) throws {
         let process = Process()
         process.executableURL = TestEnvironment.builtProgram("aq-gateway")
         process.arguments = ["--listen", "127.0.0.1:0", "--amqp", amqpURL, "--topology", topology, "--management-url", TestEnvironment.managementURL] + arguments
@@ -53,6 +55,15 @@ final class GatewayProcess: @unchecked Sendable {
         self.port = port
         // Keep draining its log so it never blocks on a full pipe.
         err.fileHandleForReading.readabilityHandler = { handle in _ = handle.availableData }
+        guard waitForBroker else { return }
+        let curl = URL(fileURLWithPath: "/usr/bin/curl")
+        while (try? TestEnvironment.run(curl, ["-fsS", "-o", "/dev/null", "http://127.0.0.1:\(port)/readyz"]).status) != 0 {
+            guard Date() < deadline, process.isRunning else {
+                process.terminate()
+                throw TestFailure("aq-gateway did not reach the broker: \(seen)")
+            }
+            Thread.sleep(forTimeInterval: 0.02)
+        }
     }
 
     /// SIGTERM, as a service manager stops it; its exit status (0: a graceful stop).
@@ -187,7 +198,7 @@ struct TestFailure: Error, CustomStringConvertible {
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
         try BridgeHarness.topologyYAML.write(to: dir.appendingPathComponent("asyncqueue.yaml"), atomically: true, encoding: .utf8)
-        let gateway = try GatewayProcess(amqpURL: "amqp://guest:guest@127.0.0.1:9/%2F", topology: dir.path)
+        let gateway = try GatewayProcess(amqpURL: "amqp://guest:guest@127.0.0.1:9/%2F", topology: dir.path, waitForBroker: false)
         defer { gateway.stop() }
         let down = try await gateway.post("/v1/tasks", #"{"callbackUrl":"http://127.0.0.1:9/x"}"#)
         #expect(down.status == 503 && down.json["error"] as? String == "broker_unavailable", "\(down.json)")
