@@ -79,6 +79,9 @@ final class BridgeEngine: AMQPConnectionExtension {
         /// A task, chain message or batch message: a parked copy of it is the same message
         /// (webhook jobs, batch timers and unrouted messages carry headers a copy would lose).
         var parkable = false
+        /// A park was tried: if it fails, the delivery is handed back (a failed park must not
+        /// park again — with the channel down, that recursed until the stack overflowed).
+        var parkTried = false
         /// In flight: not yet acked, handed back or abandoned.
         var active = false
         /// When the bridge received it (for the events' durations).
@@ -322,7 +325,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// run into the work queue's delivery limit and be dead-lettered. Handed back (nack) only
     /// when it cannot be parked (its body was let go, no retry tiers).
     func requeue(_ run: Run, _ why: String) {
-        if run.parkable, !run.bodyReleased, self.parkTier != nil, self.context.isCurrent(run.delivery),
+        if run.parkable, !run.parkTried, !run.bodyReleased, self.parkTier != nil, self.context.isCurrent(run.delivery),
            (run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0) < Self.maxParksForErrors {
             return self.park(run, reason: why)
         }
@@ -614,7 +617,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// long line, or the bridge holds too many bytes. It returns after the park tier's delay.
     func park(_ run: Run, reason: String) {
         guard run.active, self.context.isCurrent(run.delivery) else { return self.end(run) }
-        guard !run.bodyReleased else { return self.handBack(run, reason) }
+        guard !run.bodyReleased, !run.parkTried else { return self.handBack(run, reason) }
+        run.parkTried = true
         guard let tier = self.parkTier else { return self.handBack(run, "cannot park without retry tiers (\(reason))") }
         let parked = Int32(clamping: (run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0) + 1)
         var ours: AMQPTable = [
