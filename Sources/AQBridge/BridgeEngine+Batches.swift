@@ -637,6 +637,14 @@ extension BridgeEngine {
             batch.finishing = false
             return self.dropBatch(batch, "could not read its results: \(error)")
         }
+        if segments.count < checkpoint.segments {
+            // Fewer than the checkpoint counts: another bridge holds the rest, finishing the
+            // batch too (a handover across a node's restart). Its report is the one; if it dies
+            // before sending it, the segments come back and the timer makes this batch end again.
+            giveBack()
+            batch.finishing = false
+            return self.dropBatch(batch, "read \(segments.count) of its \(checkpoint.segments) result segments: another bridge is finishing it")
+        }
         let status = checkpoint.status ?? .completed
         let url = status == .completed ? manifest.webhookURL : (manifest.failureWebhookURL ?? manifest.webhookURL)
         let cleanUp = { [unowned self] in
