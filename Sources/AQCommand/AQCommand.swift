@@ -134,6 +134,12 @@ extension AQCommand.Topology {
                 if !self.deleteExtra && !plan.extra.isEmpty {
                     print("\(plan.extra.count) object(s) on the broker are not in the files (see `aq topology plan`; --delete-extra removes them).")
                 }
+                // On a cluster: what is wrong now that the queues exist (leaders, replicas, nodes).
+                if changes > 0, let view = try? await target.management.clusterView(vhost: target.vhost) {
+                    for warning in spec.clusterChecks(desired: spec.expand(), view: view) { printError(warning.description) }
+                } else {
+                    for warning in plan.clusterWarnings { printError(warning.description) }
+                }
             } catch {
                 printError("\(error)")
                 throw ExitCode.failure

@@ -63,8 +63,9 @@ public struct GatewayConfiguration: Sendable {
     public var listen = "127.0.0.1:8080"
     /// The broker (`AQ_AMQP_URL`).
     public var amqpURL = "amqp://guest:guest@127.0.0.1:5672/%2F"
-    /// RabbitMQ's management API, for the dashboard's queue numbers (`AQ_MANAGEMENT_URL`).
-    public var managementURL = "http://127.0.0.1:15672"
+    /// The management API (the dashboard's queue numbers): one URL or a list; nil: port 15672 of
+    /// every AMQP address.
+    public var managementURL: String?
     /// Topology files or directories (`AQ_TOPOLOGY`): the work queues and exchanges.
     public var topology: [String] = ["topology"]
     /// The accepted tokens (`AQ_GATEWAY_TOKENS`: `name:sha256hex:queue|queue` or `…:*`, comma- or

@@ -150,6 +150,17 @@ public struct DeadLetterReader {
                 _ = try await reader.get(queue)
                 try await reader.close()
             }
+            // A quorum queue takes back a closed channel's letters asynchronously too: wait (at
+            // most 5 s) until they are ready again, so the next command (a `replay` right after a
+            // `list`) sees every letter.
+            if scan.read > 0 {
+                let expected = scan.total - remover.removed.values.reduce(0, +)
+                let checker = try await connection.openChannel()
+                let deadline = ContinuousClock.now + .seconds(5)
+                while Int(try await checker.declareQueue(queue, passive: true).messageCount) < expected, ContinuousClock.now < deadline {
+                    try await Task.sleep(for: .milliseconds(10))
+                }
+            }
             await connection.close()
             return scan
         } catch {

@@ -3,15 +3,31 @@ import Foundation
 
 /// The parts of RabbitMQ's management HTTP API the topology tool needs: definitions, policies,
 /// permissions. (AMQP 0-9-1 cannot list bindings or policies, or read a queue's arguments.)
+///
+/// On a cluster it is given every node's API: a call goes to the first node that answers (a node
+/// that cannot be reached is passed over; an answer, even an error, is final).
 public struct ManagementClient: Sendable {
-    public var baseURL: String
+    /// The nodes' API addresses, in the order they are tried.
+    public var baseURLs: [String]
     public var user: String
     public var password: String
 
+    /// The first address.
+    public var baseURL: String { self.baseURLs.first ?? "" }
+
     public init(baseURL: String, user: String, password: String) {
-        self.baseURL = baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL
+        self.init(baseURLs: [baseURL], user: user, password: password)
+    }
+
+    public init(baseURLs: [String], user: String, password: String) {
+        self.baseURLs = baseURLs.map { $0.hasSuffix("/") ? String($0.dropLast()) : $0 }
         self.user = user
         self.password = password
+    }
+
+    /// Splits `AQ_MANAGEMENT_URL`: one URL, or several separated by spaces or commas.
+    public static func splitURLs(_ text: String) -> [String] {
+        text.split(whereSeparator: { $0 == " " || $0 == "," || $0 == "\n" || $0 == "\t" }).map(String.init)
     }
 
     public struct Failure: Error, Sendable, CustomStringConvertible {
@@ -25,22 +41,31 @@ public struct ManagementClient: Sendable {
     }
 
     private func call(_ method: String, _ path: String, body: JSONValue? = nil, okStatuses: Set<Int> = [200, 201, 204]) async throws -> HTTPResponse {
-        let url = self.baseURL + path
         var data: [UInt8]?
         if let body {
             let encoder = JSONEncoder()
             data = Array(try encoder.encode(body))
         }
-        let response: HTTPResponse
-        do {
-            response = try await BlockingHTTP.request(
-                method: method, url: url, headers: ["Content-Type: application/json", "Accept: application/json"], body: data,
-                username: self.user, password: self.password)
-        } catch let error as HTTPError {
-            throw Failure(description: "cannot reach the RabbitMQ management API at \(self.baseURL) (is the rabbitmq_management plugin enabled? set --management-url): \(error.message)")
+        var response: HTTPResponse?
+        var failures: [String] = []
+        var answeredBy = self.baseURL
+        for base in self.baseURLs {
+            do {
+                response = try await BlockingHTTP.request(
+                    method: method, url: base + path, headers: ["Content-Type: application/json", "Accept: application/json"], body: data,
+                    username: self.user, password: self.password)
+                answeredBy = base
+                break
+            } catch let error as HTTPError {
+                failures.append(self.baseURLs.count > 1 ? "\(base): \(error.message)" : error.message)
+            }
+        }
+        guard let response else {
+            let target = self.baseURLs.count > 1 ? "at any of \(self.baseURLs.joined(separator: ", "))" : "at \(self.baseURL)"
+            throw Failure(description: "cannot reach the RabbitMQ management API \(target) (is the rabbitmq_management plugin enabled? set --management-url): \(failures.joined(separator: "; "))")
         }
         if response.status == 401 && !okStatuses.contains(401) {
-            throw Failure(description: "the management API at \(self.baseURL) refused user '\(self.user)' (401): wrong password, or the user lacks the 'management' tag")
+            throw Failure(description: "the management API at \(answeredBy) refused user '\(self.user)' (401): wrong password, or the user lacks the 'management' tag")
         }
         guard okStatuses.contains(response.status) else {
             throw Failure(description: "\(method) \(path) on the management API answered \(response.status): \(response.bodyString.prefix(300))")
@@ -100,6 +125,32 @@ public struct ManagementClient: Sendable {
         }
         definitions.policies = try decoder.decode([Definitions.Policy].self, from: Data(policies.body))
         return definitions
+    }
+
+    /// The cluster's nodes and where the queues of `vhost` live; nil when the user may not list
+    /// nodes (that needs the `monitoring` or `administrator` tag).
+    public func clusterView(vhost: String) async throws -> ClusterView? {
+        let nodes = try await self.call("GET", "/api/nodes?columns=name,running", okStatuses: [200, 401, 403])
+        guard nodes.status == 200 else { return nil }
+        let decoder = JSONDecoder()
+        guard case .array(let nodeList) = try decoder.decode(JSONValue.self, from: Data(nodes.body)) else { return nil }
+        let queues = try await self.call("GET", "/api/queues/\(Self.escape(vhost))?columns=name,type,node,leader,members,online")
+        guard case .array(let queueList) = try decoder.decode(JSONValue.self, from: Data(queues.body)) else { return nil }
+        func strings(_ value: JSONValue?) -> [String] {
+            guard case .array(let items)? = value else { return [] }
+            return items.compactMap(\.stringValue)
+        }
+        return ClusterView(
+            nodes: nodeList.compactMap { item in
+                guard let object = item.objectValue, let name = object["name"]?.stringValue else { return nil }
+                return ClusterView.Node(name: name, running: object["running"] == .bool(true))
+            },
+            queues: queueList.compactMap { item in
+                guard let object = item.objectValue, let name = object["name"]?.stringValue else { return nil }
+                return ClusterView.Queue(name: name, type: object["type"]?.stringValue ?? "classic",
+                                         node: object["leader"]?.stringValue ?? object["node"]?.stringValue,
+                                         members: strings(object["members"]), online: strings(object["online"]))
+            })
     }
 
     public func putPolicy(_ policy: Topology.Policy, vhost: String) async throws {

@@ -6,10 +6,16 @@ public struct BrokerTarget: Sendable {
     public var amqp: AMQPConfiguration
     public var management: ManagementClient
 
+    /// `managementURL` may name several nodes (spaces or commas). Without it, port 15672 of
+    /// every AMQP address is used (`http`), in the order of the AMQP list.
     public init(amqpURL: String, managementURL: String?) throws {
         self.amqp = try AMQPConfiguration(url: amqpURL)
-        let base = managementURL ?? "http://\(self.amqp.host.contains(":") ? "[\(self.amqp.host)]" : self.amqp.host):15672"
-        self.management = ManagementClient(baseURL: base, user: self.amqp.user, password: self.amqp.password)
+        var bases = managementURL.map(ManagementClient.splitURLs) ?? []
+        if bases.isEmpty {
+            var seen = Set<String>()
+            bases = self.amqp.endpoints.map { "http://\($0.host.contains(":") ? "[\($0.host)]" : $0.host):15672" }.filter { seen.insert($0).inserted }
+        }
+        self.management = ManagementClient(baseURLs: bases, user: self.amqp.user, password: self.amqp.password)
     }
 
     public var vhost: String { self.amqp.virtualHost }
@@ -26,7 +32,13 @@ public enum TopologyApplier {
         guard let live = try await target.management.definitions(vhost: target.vhost) else {
             throw ApplyFailure(description: "virtual host '\(target.vhost)' does not exist on the broker (create it with `rabbitmqctl add_vhost`)")
         }
-        return TopologyPlan.compute(desired: spec.expand(), live: live.topology, runtimeQueuePrefix: spec.batchQueuePrefix)
+        let desired = spec.expand()
+        var plan = TopologyPlan.compute(desired: desired, live: live.topology, runtimeQueuePrefix: spec.batchQueuePrefix)
+        if let view = try await target.management.clusterView(vhost: target.vhost) {
+            plan.clusterNodes = view.nodes.count
+            plan.clusterWarnings = spec.clusterChecks(desired: desired, view: view)
+        }
+        return plan
     }
 
     /// Makes the broker match the files. Validates and checks everything (conflicts, permissions)
@@ -63,6 +75,13 @@ public enum TopologyApplier {
                 log("+ exchange \(exchange.name)")
                 done += 1
             }
+            // Policies before queues: a queue takes its policy's settings at declaration (on a
+            // cluster, `queue-leader-locator` picks its leader's node then).
+            for policy in plan.policiesToPut {
+                try await target.management.putPolicy(policy, vhost: target.vhost)
+                log("~ policy \(policy.name)")
+                done += 1
+            }
             for queue in plan.queuesToCreate {
                 try await channel.declareQueue(queue.name, durable: queue.durable, autoDelete: queue.autoDelete, arguments: queue.arguments.amqpTable)
                 log("+ queue \(queue.name)")
@@ -71,11 +90,6 @@ public enum TopologyApplier {
             for binding in plan.bindingsToCreate {
                 try await Self.bind(binding, on: channel, unbind: false)
                 log("+ binding \(binding.source) → \(binding.destination) '\(binding.routingKey)'")
-                done += 1
-            }
-            for policy in plan.policiesToPut {
-                try await target.management.putPolicy(policy, vhost: target.vhost)
-                log("~ policy \(policy.name)")
                 done += 1
             }
             if deleteExtra {

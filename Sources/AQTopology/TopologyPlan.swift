@@ -19,6 +19,10 @@ public struct TopologyPlan: Sendable, CustomStringConvertible {
     public var extra: [Item] = []
     /// Per-batch reply queues that exist right now (created at run time; never extra).
     public var runtimeQueues = 0
+    /// What is wrong for a cluster (``TopologySpec/clusterChecks(desired:view:)``); empty on one node.
+    public var clusterWarnings: [TopologyWarning] = []
+    /// Nodes in the cluster; nil when the user may not list them.
+    public var clusterNodes: Int?
 
     // For apply.
     var exchangesToCreate: [Topology.Exchange] = []
@@ -135,6 +139,12 @@ public struct TopologyPlan: Sendable, CustomStringConvertible {
         section("Different — cannot change in place, apply refuses", "!", self.conflicts)
         section("Extra — on the broker, not in the files (apply --delete-extra removes)", "-", self.extra)
         if self.runtimeQueues > 0 { lines.append("Run-time per-batch reply queues: \(self.runtimeQueues) (left alone)") }
+        if let nodes = self.clusterNodes, nodes > 1 {
+            lines.append("Cluster of \(nodes) nodes: \(self.clusterWarnings.isEmpty ? "no warnings." : "\(self.clusterWarnings.count) warning(s):")")
+            lines += self.clusterWarnings.map { "  \($0)" }
+        } else if self.clusterNodes == nil {
+            lines.append("Cluster checks skipped: this user may not list the broker's nodes (needs the 'monitoring' tag).")
+        }
         if self.isInSync { lines.append(self.extra.isEmpty ? "Nothing to do: the broker matches the files." : "Nothing to apply: the broker has everything the files define.") }
         return lines.joined(separator: "\n")
     }

@@ -2,6 +2,9 @@
 ///
 /// ``expand()`` turns it into concrete exchanges, queues, bindings and policies:
 ///
+/// Every quorum queue's policy sets `queue-leader-locator: balanced`: on a cluster, `apply` (which
+/// puts the policies before it declares the queues) spreads their leaders over the nodes.
+///
 /// - the task exchange (`aq.tasks`, direct): the routing key names the work queue;
 /// - work queues `<prefix><name>` (quorum, at-least-once dead-lettering to the DLX); their
 ///   delivery limit and length are a policy per queue, so operators can change them in place;
@@ -114,7 +117,7 @@ public struct TopologySpec: Sendable, Equatable {
         // What the bridge rejects there (a message it cannot read) goes to the dead letters too.
         t.policies.append(.init(name: "aq.unrouted", pattern: regex(self.unroutedQueue), applyTo: "queues", priority: 10,
                                 definition: ["dead-letter-exchange": .string(self.deadLetterExchange), "dead-letter-strategy": "at-least-once",
-                                             "overflow": "reject-publish"]))
+                                             "overflow": "reject-publish", "queue-leader-locator": "balanced"]))
         t.exchanges.append(.init(name: self.chainExchange, type: "topic"))
         t.exchanges.append(.init(name: self.eventsExchange, type: "topic"))
         for queue in self.workQueues {
@@ -129,6 +132,7 @@ public struct TopologySpec: Sendable, Equatable {
                 "dead-letter-exchange": .string(self.deadLetterExchange),
                 "dead-letter-strategy": "at-least-once",
                 "overflow": "reject-publish",
+                "queue-leader-locator": "balanced",
             ]
             if let max = queue.maxLength { definition["max-length"] = .int(Int64(max)) }
             t.policies.append(.init(name: "aq.work.\(queue.name)", pattern: regex(name), applyTo: "queues", priority: 10,
@@ -149,17 +153,19 @@ public struct TopologySpec: Sendable, Equatable {
             t.bindings.append(.init(source: self.retryExchange, destination: name,
                                     arguments: ["x-match": "all", "retry-tier": .string(self.retryTierHeader(for: tier))]))
         }
+        if !self.retryTiers.isEmpty {
+            t.policies.append(.init(name: "aq.retry", pattern: "^" + NSRegularExpressionEscape.escape(self.retryQueuePrefix), applyTo: "queues",
+                                    priority: 10, definition: ["queue-leader-locator": "balanced"]))
+        }
 
         // Dead letters.
         t.exchanges.append(.init(name: self.deadLetterExchange, type: "fanout"))
         t.queues.append(.init(name: self.deadLetterQueue, arguments: ["x-queue-type": "quorum"]))
         t.bindings.append(.init(source: self.deadLetterExchange, destination: self.deadLetterQueue))
-        var dlq: [String: JSONValue] = [:]
+        var dlq: [String: JSONValue] = ["queue-leader-locator": "balanced"]
         if let expiry = self.deadLetterExpiry { dlq["message-ttl"] = .int(expiry.milliseconds) }
         if let max = self.deadLetterMaxLength { dlq["max-length"] = .int(Int64(max)) }
-        if !dlq.isEmpty {
-            t.policies.append(.init(name: "aq.dead", pattern: regex(self.deadLetterQueue), applyTo: "queues", priority: 10, definition: dlq))
-        }
+        t.policies.append(.init(name: "aq.dead", pattern: regex(self.deadLetterQueue), applyTo: "queues", priority: 10, definition: dlq))
 
         // Fan-in: per-batch reply queues are declared at run time and bind to this exchange.
         t.exchanges.append(.init(name: self.batchExchange, type: "direct"))

@@ -167,7 +167,13 @@ import Testing
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         try Self.topology.write(to: dir.appendingPathComponent("asyncqueue.yaml"), atomically: true, encoding: .utf8)
         let spec = try TopologyLoader.load(paths: [dir.path])
-        try await TopologyApplier.apply(spec, on: try BrokerTarget(amqpURL: cluster.list(vhost: vhost), managementURL: cluster.management[0]))
+        let target = try BrokerTarget(amqpURL: cluster.list(vhost: vhost), managementURL: cluster.management.joined(separator: " "))
+        try await TopologyApplier.apply(spec, on: target)
+        // The policies' `queue-leader-locator: balanced` spread the quorum queues' leaders, and
+        // every queue has a replica on every node: `aq topology plan` has nothing to say.
+        let plan = try await TopologyApplier.plan(spec, on: target)
+        #expect(plan.clusterNodes == cluster.urls.count)
+        #expect(plan.clusterWarnings.isEmpty, "\(plan.clusterWarnings)")
         let bridges = try (0..<3).map { try self.launchBridge(list: cluster.list(vhost: vhost, startingAt: $0), topology: dir) }
         var configuration = try AMQPConfiguration(url: cluster.list(vhost: vhost))
         configuration.recovery.initialDelay = .milliseconds(50)
@@ -289,6 +295,12 @@ import Testing
                 try await Task.sleep(for: .milliseconds(20))
             }
             try await self.waitFor("the probe", timeout: .seconds(60)) { sink.seen.probes.withLock { $0["probe-1"] != nil } }
+            // `aq topology plan` on the management APIs, the dead node's first: it passes over it
+            // and says the node is down.
+            let spec = try TopologyLoader.load(paths: [run.dir.path])
+            let management = ([cluster.management[leader - 1]] + cluster.management.enumerated().filter { $0.offset != leader - 1 }.map(\.element))
+            let plan = try await TopologyApplier.plan(spec, on: try BrokerTarget(amqpURL: cluster.list(vhost: run.vhost), managementURL: management.joined(separator: ",")))
+            #expect(plan.clusterWarnings.contains { $0.message.hasPrefix("node(s) not running: ") }, "\(plan.clusterWarnings)")
             let flowingAgain = (sink.seen.probes.withLock { $0["probe-1"] } ?? .now) - killedAt
             try await self.waitFor("half of the tasks", timeout: .seconds(120)) { sink.seen.tasks.withLock { $0.count } >= tasks / 2 }
             kill(run.bridges[1].processIdentifier, SIGKILL)

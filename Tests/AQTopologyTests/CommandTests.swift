@@ -57,7 +57,7 @@ import Testing
         let json = try JSONSerialization.jsonObject(with: Data(result.out.utf8)) as? [String: Any]
         let queues = json?["queues"] as? [[String: Any]] ?? []
         #expect(queues.contains { $0["name"] as? String == "aq.work.default" && $0["vhost"] as? String == "shop" })
-        #expect((json?["policies"] as? [Any])?.count == 6)
+        #expect((json?["policies"] as? [Any])?.count == 7)
     }
 
     @Test func planAgainstAnUnreachableBrokerFailsClearly() throws {

@@ -54,8 +54,16 @@ import Testing
         #expect(t.queue(named: "aq.work.default")?.arguments == ["x-queue-type": "quorum"])
         #expect(t.policy(named: "aq.work.default")?.definition == [
             "delivery-limit": 4, "max-length": 1000, "dead-letter-exchange": "aq.dlx",
-            "dead-letter-strategy": "at-least-once", "overflow": "reject-publish",
+            "dead-letter-strategy": "at-least-once", "overflow": "reject-publish", "queue-leader-locator": "balanced",
         ])
+        // Every quorum queue's policy spreads leaders over a cluster's nodes.
+        for name in ["aq.unrouted", "aq.retry.1s", "aq.dead"] {
+            let policies = t.policies.filter { policy in
+                (try? Regex(policy.pattern).wholeMatch(in: name)) != nil || (try? Regex(policy.pattern).prefixMatch(in: name)) != nil
+            }
+            #expect(policies.count == 1, "\(name): \(policies.map(\.name))")
+            #expect(policies.first?.definition["queue-leader-locator"] == "balanced", "\(name)")
+        }
         // Retry tiers: one fixed-TTL queue each, back through the default exchange.
         #expect(t.queue(named: "aq.retry.1m")?.arguments["x-message-ttl"] == 60000)
         #expect(t.queue(named: "aq.retry.1m")?.arguments["x-dead-letter-exchange"] == "")
