@@ -16,6 +16,7 @@ let package = Package(
         .executable(name: "aq-gateway", targets: ["AQGatewayCommand"]),
         .library(name: "AsyncQueue", targets: ["AsyncQueue"]),
         .executable(name: "aq-amqp-bench", targets: ["AMQPBenchmark"]),
+        .executable(name: "aq-bench", targets: ["BridgeBenchmark"]),
         .executable(name: "aq-sign-bench", targets: ["SigningBenchmark"]),
         .executable(name: "aq-examples", targets: ["aq-examples"]),
     ],
@@ -117,6 +118,14 @@ let package = Package(
         .executableTarget(
             name: "AMQPBenchmark",
             dependencies: ["AMQPClient"],
+            swiftSettings: swiftSettings
+        ),
+
+        // `aq-bench`: one run of a bridge against our own publisher and HTTP sink (scripts/bench-bridge).
+        .executableTarget(
+            name: "BridgeBenchmark",
+            dependencies: ["AMQPClient", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                           .product(name: "NIOHTTP1", package: "swift-nio")],
             swiftSettings: swiftSettings
         ),
 

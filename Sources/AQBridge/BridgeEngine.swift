@@ -170,8 +170,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     private var sharedHeaderLists: [String: SharedHeaders] = [:]
     /// URL → host number, so a URL seen before costs one lookup (bounded; emptied when full),
     /// and the numbers' `scheme://host:port` names, for logs.
-    private var hostKeys: [String: Int] = [:]
-    private var hostNumbers: [String: Int] = [:]
+    private var hostNumbers: [URLText.Authority: Int] = [:]
     private var hostNames: [String?] = []
     private var freeHostNumbers: [Int] = []
     /// The tier a parked task waits in: the shortest of at least 5 s.
@@ -445,31 +444,29 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     /// The host a request to `url` counts against (see ``Admission``).
     func hostKey(_ url: String) -> Int {
-        if let key = self.hostKeys[url] { return key }
-        if self.hostKeys.count >= 4096 { self.forgetHosts() }
-        let origin = URLText.authority(url)?.origin ?? "invalid"
+        // Keyed by the parsed authority, not the URL: URLs differ task by task (ids in paths
+        // and queries), their hosts rarely; a host of 15 bytes or less needs no allocation.
+        let authority = URLText.authority(url) ?? URLText.Authority(scheme: "", host: "invalid", port: 0)
+        if let known = self.hostNumbers[authority] { return known }
+        if self.hostNumbers.count >= 4096 { self.forgetHosts() }
         let key: Int
-        if let known = self.hostNumbers[origin] {
-            key = known
-        } else if let free = self.freeHostNumbers.popLast() {
+        let name = authority.scheme.isEmpty ? "invalid" : authority.origin
+        if let free = self.freeHostNumbers.popLast() {
             key = free
-            self.hostNames[key] = origin
-            self.hostNumbers[origin] = key
+            self.hostNames[key] = name
         } else {
             key = self.hostNames.count
-            self.hostNames.append(origin)
-            self.hostNumbers[origin] = key
+            self.hostNames.append(name)
         }
-        self.hostKeys[url] = key
+        self.hostNumbers[authority] = key
         return key
     }
 
     /// Whatever URLs tasks name, the maps stay bounded: the numbers of hosts with nothing in
     /// flight or waiting are freed for reuse.
     private func forgetHosts() {
-        self.hostKeys.removeAll(keepingCapacity: true)
-        for (origin, key) in self.hostNumbers where !self.admission.isInUse(host: key) {
-            self.hostNumbers[origin] = nil
+        for (authority, key) in self.hostNumbers where !self.admission.isInUse(host: key) {
+            self.hostNumbers[authority] = nil
             self.hostNames[key] = nil
             self.freeHostNumbers.append(key)
         }

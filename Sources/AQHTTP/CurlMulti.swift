@@ -291,23 +291,19 @@ public final class CurlMulti {
     }
 
     /// A URL's host and what the policy says of its name, remembered per URL (bounded).
-    private var hostChecks: [String: (host: String, refusal: HTTPError?)] = [:]
+    private var hostChecks: [String: HTTPError?] = [:]
 
     private func hostCheck(_ url: String) -> (host: String, refusal: HTTPError?) {
-        if let known = self.hostChecks[url] { return known }
-        let authority = URLText.authority(url)
-        var refusal: HTTPError?
-        if let policy = self.policy {
-            if let authority {
-                refusal = policy.refusal(host: authority.host, address: nil).map { HTTPError(kind: .refused, message: $0) }
-            } else {
-                refusal = HTTPError(kind: .invalidURL, message: "not an http or https URL with a host")
-            }
+        // The policy looks at the host only: remembered per host (URLs differ task by task).
+        guard let authority = URLText.authority(url) else {
+            return ("", self.policy == nil ? nil : HTTPError(kind: .invalidURL, message: "not an http or https URL with a host"))
         }
-        let result = (authority?.host ?? "", refusal)
+        guard let policy = self.policy else { return (authority.host, nil) }
+        if let known = self.hostChecks[authority.host] { return (authority.host, known) }
+        let refusal = policy.refusal(host: authority.host, address: nil).map { HTTPError(kind: .refused, message: $0) }
         if self.hostChecks.count >= 4096 { self.hostChecks.removeAll(keepingCapacity: true) }
-        self.hostChecks[url] = result
-        return result
+        self.hostChecks[authority.host] = refusal
+        return (authority.host, refusal)
     }
 
     /// The trimmed value when the header line starts with `name` (lowercase, with the colon),

@@ -7,7 +7,15 @@ public enum URLText {
         public var host: String
         public var port: Int
         /// `scheme://host:port`: what a per-host limit counts by.
-        public var origin: String { "\(self.scheme)://\(self.host.contains(":") ? "[\(self.host)]" : self.host):\(self.port)" }
+        public var origin: String {
+            // (`utf8.contains`: `String.contains(String)` goes through Foundation's NSString search.)
+            "\(self.scheme)://\(self.host.utf8.contains(UInt8(ascii: ":")) ? "[\(self.host)]" : self.host):\(self.port)"
+        }
+        public init(scheme: String, host: String, port: Int) {
+            self.scheme = scheme
+            self.host = host
+            self.port = port
+        }
     }
 
     /// The authority of an `http://` or `https://` URL, or nil.
