@@ -528,12 +528,16 @@ final class BridgeEngine: AMQPConnectionExtension {
             return
         }
         let started = ContinuousClock.now
-        var headers = ["AsyncQueue-Task-Id: \(request.taskId)", "AsyncQueue-Attempt: \(request.attempt)", "webhook-id: \(request.id)"]
+        var headers: [String] = []
+        headers.reserveCapacity(6)
+        headers.append("AsyncQueue-Task-Id: \(request.taskId)")
+        headers.append("AsyncQueue-Attempt: \(request.attempt)")
+        headers.append("webhook-id: \(request.id)")
         if let traceparent = request.run.traceparent { headers.append("traceparent: \(traceparent)") }
         if self.signing.isEnabled {
             let timestamp = Int(Date().timeIntervalSince1970)
             headers.append("webhook-timestamp: \(timestamp)")
-            headers.append("webhook-signature: \(self.signing.signature(id: request.id, timestamp: timestamp, body: request.body))")
+            headers.append(self.signing.headerLine(id: request.id, timestamp: timestamp, body: request.body))
         }
         let http = HTTPRequest(url: request.url, headers: headers, body: request.body, timeout: request.timeout,
                                maxResponseBytes: request.maxResponseBytes, sharedHeaders: self.sharedHeaders(request.run.queue.name))

@@ -26,6 +26,12 @@ final class HMACKey {
 
     deinit { EVP_MAC_CTX_free(self.context) }
 
+    /// The MAC of `prefix` followed by `body` into `out` (32 bytes), without joining them.
+    func mac(_ prefix: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer, into out: UnsafeMutablePointer<UInt8>) {
+        let ok = aq_hmac_sha256(self.context, prefix.baseAddress, prefix.count, body.baseAddress, body.count, out)
+        precondition(ok == 1, "OpenSSL's HMAC-SHA256 failed")
+    }
+
     /// The MAC of `prefix` followed by `body`, without joining them.
     func mac(_ prefix: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: 32)
@@ -115,16 +121,73 @@ public final class SigningContext {
     }
 
     public func signature(id: String, timestamp: Int, body: ArraySlice<UInt8>) -> String {
-        var prefix = "\(id).\(timestamp)."
-        return prefix.withUTF8 { head in
-            body.withUnsafeBytes { tail in
-                var out = ""
-                for (index, key) in self.keys.enumerated() {
-                    if index > 0 { out += " " }
-                    out += "v1," + Data(key.mac(UnsafeRawBufferPointer(head), tail)).base64EncodedString()
+        self.write(id: id, timestamp: timestamp, body: body, after: "")
+    }
+
+    /// The whole header line, `webhook-signature: v1,<base64> …`, built in one allocation (the
+    /// signed content `<id>.<timestamp>.<body>` is hashed in place; this runs for every request).
+    public func headerLine(id: String, timestamp: Int, body: ArraySlice<UInt8>) -> String {
+        self.write(id: id, timestamp: timestamp, body: body, after: "webhook-signature: ")
+    }
+
+    private static let base64: StaticString = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+    private func write(id: String, timestamp: Int, body: ArraySlice<UInt8>, after lead: StaticString) -> String {
+        var id = id
+        return id.withUTF8 { idBytes in
+            // `<id>.<timestamp>.` on the stack.
+            withUnsafeTemporaryAllocation(of: UInt8.self, capacity: idBytes.count + 24) { prefix in
+                var n = 0
+                for byte in idBytes { prefix[n] = byte; n += 1 }
+                prefix[n] = UInt8(ascii: "."); n += 1
+                var value = timestamp.magnitude  // (20 digits at most, and a sign)
+                if timestamp < 0 { prefix[n] = UInt8(ascii: "-"); n += 1 }
+                let start = n
+                repeat {
+                    prefix[n] = UInt8(ascii: "0") + UInt8(value % 10); n += 1
+                    value /= 10
+                } while value > 0
+                var i = start, j = n - 1
+                while i < j { prefix.swapAt(i, j); i += 1; j -= 1 }
+                prefix[n] = UInt8(ascii: "."); n += 1
+                let head = UnsafeRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(prefix)[0..<n])
+                return body.withUnsafeBytes { tail in
+                    withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 32) { mac in
+                        let capacity = lead.utf8CodeUnitCount + self.keys.count * 48
+                        return String(unsafeUninitializedCapacity: capacity) { out in
+                            var o = 0
+                            for k in 0..<lead.utf8CodeUnitCount { out[o] = lead.utf8Start[k]; o += 1 }
+                            for (index, key) in self.keys.enumerated() {
+                                if index > 0 { out[o] = UInt8(ascii: " "); o += 1 }
+                                out[o] = UInt8(ascii: "v"); out[o + 1] = UInt8(ascii: "1"); out[o + 2] = UInt8(ascii: ","); o += 3
+                                if let digest = mac.baseAddress { key.mac(head, tail, into: digest) }
+                                o = Self.encodeBase64(UnsafeBufferPointer(mac), into: out, at: o)
+                            }
+                            return o
+                        }
+                    }
                 }
-                return out
             }
         }
+    }
+
+    /// Standard base64 with padding of `bytes` into `out` from `at`; returns the new end.
+    private static func encodeBase64(_ bytes: UnsafeBufferPointer<UInt8>, into out: UnsafeMutableBufferPointer<UInt8>, at start: Int) -> Int {
+        let table = Self.base64.utf8Start
+        var o = start, i = 0
+        while i + 3 <= bytes.count {
+            let v = UInt32(bytes[i]) << 16 | UInt32(bytes[i + 1]) << 8 | UInt32(bytes[i + 2])
+            out[o] = table[Int(v >> 18 & 63)]; out[o + 1] = table[Int(v >> 12 & 63)]
+            out[o + 2] = table[Int(v >> 6 & 63)]; out[o + 3] = table[Int(v & 63)]
+            o += 4; i += 3
+        }
+        let rest = bytes.count - i
+        if rest > 0 {
+            let v = UInt32(bytes[i]) << 16 | (rest == 2 ? UInt32(bytes[i + 1]) << 8 : 0)
+            out[o] = table[Int(v >> 18 & 63)]; out[o + 1] = table[Int(v >> 12 & 63)]
+            out[o + 2] = rest == 2 ? table[Int(v >> 6 & 63)] : UInt8(ascii: "="); out[o + 3] = UInt8(ascii: "=")
+            o += 4
+        }
+        return o
     }
 }

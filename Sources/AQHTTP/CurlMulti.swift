@@ -11,9 +11,10 @@ import Glibc
 public final class SharedHeaders: @unchecked Sendable {
     let list: UnsafeMutablePointer<curl_slist>?
 
+    /// `lines`, and `Expect:` (no "100-continue" round trip for larger bodies).
     public init(_ lines: [String]) {
         var list: UnsafeMutablePointer<curl_slist>?
-        for line in lines { list = curl_slist_append(list, line) }
+        for line in lines + ["Expect:"] { list = curl_slist_append(list, line) }
         self.list = list
     }
 
@@ -79,9 +80,9 @@ public final class CurlMulti {
     final class Transfer {
         let easy: UnsafeMutableRawPointer
         var request: HTTPRequest
-        /// This request's own header nodes; the last one points into `request.sharedHeaders`.
-        var headerList: UnsafeMutablePointer<curl_slist>?
-        var lastOwnHeader: UnsafeMutablePointer<curl_slist>?
+        /// This request's own header lines as `curl_slist` nodes, in one block of ours (see
+        /// ``CurlMulti/headerBlock(_:extra:shared:)``); the last node points into the shared list.
+        var headerBlock: UnsafeMutableRawPointer?
         var response: [UInt8] = []
         var retryAfter: String?
         var noRetry: String?
@@ -185,18 +186,13 @@ public final class CurlMulti {
         let transfer = Transfer(easy: easy, request: request)
         transfer.completion = completion
         transfer.host = host
-        for header in request.headers { transfer.headerList = curl_slist_append(transfer.headerList, header) }
-        // No "Expect: 100-continue" round trip for larger bodies.
-        transfer.headerList = curl_slist_append(transfer.headerList, "Expect:")
-        if let shared = request.sharedHeaders?.list {
-            var last = transfer.headerList
-            while let next = last?.pointee.next { last = next }
-            last?.pointee.next = shared
-            transfer.lastOwnHeader = last
-        }
+        // No "Expect: 100-continue" round trip for larger bodies (shared lists have it).
+        let (block, sent) = Self.headerBlock(request.headers, extra: request.sharedHeaders == nil ? "Expect:" : nil,
+                                             shared: request.sharedHeaders?.list)
+        transfer.headerBlock = block
         let context = Unmanaged.passRetained(transfer).toOpaque()
         _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_PRIVATE, context)
-        _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_URL, request.url)
+        _ = request.url.withCString { aq_curl_easy_setopt_ptr(easy, CURLOPT_URL, $0) }
         if fresh {
             _ = aq_curl_easy_setopt_long(easy, CURLOPT_NOSIGNAL, 1)
             _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_PROTOCOLS_STR, "http,https")
@@ -241,7 +237,7 @@ public final class CurlMulti {
         _ = aq_curl_easy_setopt_long(easy, CURLOPT_TIMEOUT_MS, Self.milliseconds(request.timeout))
         _ = aq_curl_easy_setopt_long(easy, CURLOPT_CONNECTTIMEOUT_MS, min(Self.milliseconds(request.timeout), 10_000))
         _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_CUSTOMREQUEST, request.method == "POST" ? nil : request.method)
-        _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_HTTPHEADER, transfer.headerList)
+        _ = aq_curl_easy_setopt_ptr(easy, CURLOPT_HTTPHEADER, sent)
         if request.method == "GET" {
             _ = aq_curl_easy_setopt_long(easy, CURLOPT_HTTPGET, 1)
         } else {
@@ -325,10 +321,37 @@ public final class CurlMulti {
 
     /// Frees the request's own header nodes, never the shared tail.
     static func freeOwnHeaders(_ transfer: Transfer) {
-        transfer.lastOwnHeader?.pointee.next = nil
-        curl_slist_free_all(transfer.headerList)
-        transfer.headerList = nil
-        transfer.lastOwnHeader = nil
+        transfer.headerBlock?.deallocate()
+        transfer.headerBlock = nil
+    }
+
+    /// `lines` (then `extra`) as a `curl_slist` whose last node points to `shared`: the nodes and
+    /// the lines' bytes in one allocation, instead of two per line with `curl_slist_append`
+    /// (libcurl only reads the list; it is freed with ``freeOwnHeaders(_:)`` once the transfer
+    /// ends). Returns the block (nil when there are no own lines) and the list's head.
+    static func headerBlock(_ lines: [String], extra: StaticString?, shared: UnsafeMutablePointer<curl_slist>?)
+        -> (block: UnsafeMutableRawPointer?, list: UnsafeMutablePointer<curl_slist>?)
+    {
+        let count = lines.count + (extra == nil ? 0 : 1)
+        guard count > 0 else { return (nil, shared) }
+        var textBytes = extra.map { $0.utf8CodeUnitCount + 1 } ?? 0
+        for line in lines { textBytes += line.utf8.count + 1 }
+        let nodeBytes = count * MemoryLayout<curl_slist>.stride
+        let block = UnsafeMutableRawPointer.allocate(byteCount: nodeBytes + textBytes, alignment: MemoryLayout<curl_slist>.alignment)
+        let nodes = block.bindMemory(to: curl_slist.self, capacity: count)
+        var text = (block + nodeBytes).bindMemory(to: CChar.self, capacity: textBytes)
+        var index = 0
+        func add(_ bytes: UnsafeBufferPointer<UInt8>) {
+            let line = text
+            for byte in bytes { text.pointee = CChar(bitPattern: byte); text += 1 }
+            text.pointee = 0
+            text += 1
+            (nodes + index).initialize(to: curl_slist(data: line, next: index + 1 < count ? nodes + index + 1 : shared))
+            index += 1
+        }
+        for var line in lines { line.withUTF8 { add($0) } }
+        if let extra { extra.withUTF8Buffer { add($0) } }
+        return (block, nodes)
     }
 
     static func milliseconds(_ d: Duration) -> Int {

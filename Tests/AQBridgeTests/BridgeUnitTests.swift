@@ -191,6 +191,16 @@ import Testing
         let rotated = try WebhookSigner(secrets: ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_" + Data("another-secret-key".utf8).base64EncodedString()])
         #expect(rotated.signature(id: "m", timestamp: 1, body: []).split(separator: " ").count == 2)
         #expect(rotated.makeContext().signature(id: "m", timestamp: 1, body: []) == rotated.signature(id: "m", timestamp: 1, body: []))
+        // The bridge's header line (hashed in place, base64 by hand) against the plain signer.
+        #expect(context.headerLine(id: "msg_p5jXN8AQM9LWM0D4loKWxJek", timestamp: 1614265330, body: body[...])
+            == "webhook-signature: v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=")
+        let fast = rotated.makeContext()
+        for timestamp in [0, 7, -5, 1_764_000_000, Int.max, Int.min] {
+            for id in ["", "x", String(repeating: "é", count: 300)] {
+                #expect(fast.headerLine(id: id, timestamp: timestamp, body: body[...])
+                    == "webhook-signature: " + rotated.signature(id: id, timestamp: timestamp, body: body), "\(id.prefix(3)) \(timestamp)")
+            }
+        }
         #expect(throws: WebhookSigner.InvalidSecret.self) { try WebhookSigner(secrets: ["whsec_!!!"]) }
         #expect(throws: WebhookSigner.InvalidSecret.self) { try WebhookSigner(secrets: ["short"]) }
     }
