@@ -80,7 +80,7 @@ extension TopologySpec {
             }
         }
         if quorumCount > 2, leaders.count == 1, let only = leaders.keys.first {
-            warn("the leaders of all \(quorumCount) quorum queues are on \(only): that node does the work of every queue while the others only replicate; `rabbitmq-queues rebalance quorum` spreads them")
+            warn("the leaders of all \(quorumCount) quorum queues of these files are on \(only): that node does the work of every one of them while the others only replicate (RabbitMQ's `balanced` placement counts every virtual host's leaders, so a new virtual host's queues can all land on the least loaded node); `rabbitmq-queues rebalance quorum` spreads them")
         }
 
         let waiting = view.queues.filter { $0.name.hasPrefix(self.batchQueuePrefix) && $0.node.map(down.contains) == true }
