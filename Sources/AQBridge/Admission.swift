@@ -245,30 +245,51 @@ struct Admission<Item, Host: Hashable> {
         }
     }
 
-    /// A FIFO that pops from the front in O(1) amortised, and from the back.
+    /// A FIFO on a ring of slots: pops from the front in O(1) (the item moves out: no copy and
+    /// no compaction), and from the back.
     private struct Line {
-        private var items: [Waiting] = []
+        private var slots: [Waiting?] = []
         private var head = 0
-        var isEmpty: Bool { self.head >= self.items.count }
-        mutating func append(_ item: Waiting) { self.items.append(item) }
+        private var count = 0
+        var isEmpty: Bool { self.count == 0 }
+
+        mutating func append(_ item: Waiting) {
+            if self.count == self.slots.count { self.grow() }
+            self.slots[(self.head + self.count) % self.slots.count] = item
+            self.count += 1
+        }
+
         mutating func popFirst() -> Waiting? {
-            guard self.head < self.items.count else { return nil }
-            let item = self.items[self.head]
-            self.head += 1
-            if self.head > 64, self.head * 2 > self.items.count {
-                self.items.removeFirst(self.head)
-                self.head = 0
-            }
+            guard self.count > 0 else { return nil }
+            let item = self.slots[self.head].take()
+            self.head = (self.head + 1) % self.slots.count
+            self.count -= 1
             return item
         }
-        /// The last item matching `predicate`, removed.
+
+        /// The last item matching `predicate`, removed (the ones behind it move up a slot).
         mutating func popLast(where predicate: (Waiting) -> Bool) -> Waiting? {
-            var index = self.items.count - 1
-            while index >= self.head {
-                if predicate(self.items[index]) { return self.items.remove(at: index) }
-                index -= 1
+            var offset = self.count - 1
+            while offset >= 0 {
+                let index = (self.head + offset) % self.slots.count
+                if let item = self.slots[index], predicate(item) {
+                    for next in offset..<(self.count - 1) {
+                        self.slots[(self.head + next) % self.slots.count] = self.slots[(self.head + next + 1) % self.slots.count].take()
+                    }
+                    self.slots[(self.head + self.count - 1) % self.slots.count] = nil
+                    self.count -= 1
+                    return item
+                }
+                offset -= 1
             }
             return nil
+        }
+
+        private mutating func grow() {
+            var bigger = [Waiting?](repeating: nil, count: max(16, self.slots.count * 2))
+            for offset in 0..<self.count { bigger[offset] = self.slots[(self.head + offset) % self.slots.count].take() }
+            self.slots = bigger
+            self.head = 0
         }
     }
 }

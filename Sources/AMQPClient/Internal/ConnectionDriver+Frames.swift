@@ -255,7 +255,7 @@ extension ConnectionDriver {
         } else {
             properties = .success(AMQPProperties())
         }
-        self.contentStep(id, self.incoming[id]?.header(properties: properties, bodySize: header.body_size))
+        self.contentStep(id, self.withIncoming(id) { $0.header(properties: properties, bodySize: header.body_size) })
     }
 
     private func contentBody(_ frame: amqp_frame_t) {
@@ -265,7 +265,15 @@ extension ConnectionDriver {
         }
         let fragment = frame.payload.body_fragment
         let bytes = UnsafeRawBufferPointer(start: fragment.bytes, count: fragment.bytes == nil ? 0 : fragment.len)
-        self.contentStep(id, self.incoming[id]?.body(bytes))
+        self.contentStep(id, self.withIncoming(id) { $0.body(bytes) })
+    }
+
+    /// Runs `body` on channel `id`'s content in place; nil when it has none. (`incoming[id]?.f()`
+    /// goes through Dictionary's optional-yielding modify accessor, whose coroutine frame is
+    /// heap-allocated for a value this size: a malloc per frame.)
+    private func withIncoming<R>(_ id: UInt16, _ body: (inout IncomingContent) -> R) -> R? {
+        guard let index = self.incoming.index(forKey: id) else { return nil }
+        return body(&self.incoming.values[index])
     }
 
     private func contentStep(_ id: UInt16, _ step: IncomingContent.Step?) {
