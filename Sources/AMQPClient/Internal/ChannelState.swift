@@ -110,12 +110,26 @@ final class ChannelState {
     var settledThrough: UInt64 = 0
     /// Settled tags above `settledThrough`.
     var settledAbove = Set<UInt64>()
+    /// Acked tags not sent yet: they completed while an older delivery was still in progress.
+    /// Held (up to ``heldAckLimit``, for at most ``heldAckTime``) so that the ack of the older
+    /// one settles them all with one `multiple` frame — one frame, and one settlement command in
+    /// a quorum queue, instead of one per delivery.
+    var heldAcks: [UInt64] = []
+    var heldSince: ContinuousClock.Instant?
+
+    /// How long an ack may be held back waiting for the older deliveries.
+    static let heldAckTime: Duration = .milliseconds(20)
+    /// How many acks may be held back: a quarter of the prefetch (held deliveries count
+    /// against it), 64 without one.
+    var heldAckLimit: Int { self.prefetch.map { max(1, Int($0.count) / 4) } ?? 64 }
 
     init(id: UInt16) { self.id = id }
 
     /// Forgets delivery bookkeeping: the channel was reopened and tags start at 1 again.
     func resetDeliveries() {
         self.pendingAcks.removeAll()
+        self.heldAcks.removeAll()
+        self.heldSince = nil
         self.settledThrough = 0
         self.settledAbove.removeAll()
     }
@@ -139,23 +153,44 @@ final class ChannelState {
     /// Turns the queued acks into frames to send: one `multiple` ack for the run of tags that
     /// settles everything up to it, single acks for the rest. The broker sees the same outcome
     /// as one ack per delivery, for fewer frames (the broker's CPU is the scarce resource).
-    func takeAckBatch() -> (multipleThrough: UInt64?, singles: [UInt64]) {
-        guard !self.pendingAcks.isEmpty else { return (nil, []) }
+    ///
+    /// Acks above the settled run are held back (see ``heldAcks``) unless `releaseHeld`, the
+    /// channel is transactional (acks belong to the commit), more than ``heldAckLimit`` wait, or
+    /// the oldest has waited ``heldAckTime``.
+    func takeAckBatch(releaseHeld: Bool = false, now: ContinuousClock.Instant = .now) -> (multipleThrough: UInt64?, singles: [UInt64]) {
+        guard !self.pendingAcks.isEmpty || !self.heldAcks.isEmpty else { return (nil, []) }
         var tags = self.pendingAcks.sorted()
         self.pendingAcks.removeAll(keepingCapacity: true)
         tags = tags.reduce(into: [UInt64]()) { if $0.last != $1 { $0.append($1) } }
         let before = self.settledThrough
         for tag in tags { self.markSettled(tag) }
+        // (A tag at or below `before` was settled already: acking it again would close the channel.)
+        tags = tags.filter { $0 > before }
+        // Held tags were never sent: they join this batch, wherever the settled run now ends.
+        if !self.heldAcks.isEmpty {
+            tags = (tags + self.heldAcks).sorted()
+            self.heldAcks.removeAll(keepingCapacity: true)
+        }
         // The multiple-ack names the highest tag of this batch inside the settled run: the broker
         // refuses a multiple-ack whose own tag is not outstanding (RabbitMQ 3.10 collect_acks), and
         // every outstanding tag at or below it is in this batch.
-        let covered = tags.filter { $0 > before && $0 <= self.settledThrough }
-        let singles = tags.filter { $0 > self.settledThrough }
+        let covered = tags.filter { $0 <= self.settledThrough }
+        var singles = tags.filter { $0 > self.settledThrough }
+        let since = self.heldSince ?? now
+        self.heldSince = nil
+        if !singles.isEmpty, !releaseHeld, !self.transactional, singles.count <= self.heldAckLimit, now - since < Self.heldAckTime {
+            self.heldAcks = singles
+            self.heldSince = since
+            singles = []
+        }
         if covered.count > 1, let through = covered.last {
             return (through, singles)
         }
         return (nil, covered + singles)
     }
+
+    /// When the held acks must go out at the latest (nil: none held).
+    var heldDeadline: ContinuousClock.Instant? { self.heldSince.map { $0 + Self.heldAckTime } }
 }
 
 /// The topology declared through a connection, replayed after it reconnects.

@@ -299,7 +299,7 @@ extension ConnectionDriver {
             guard let channel = self.channels[id], let consumer = channel.consumers[consumerTag] else {
                 // A delivery for a consumer we already cancelled: hand it back.
                 if let channel = self.channels[id] {
-                    self.flushAcks(channel)
+                    self.flushAcks(channel, releaseHeld: true)
                     channel.markSettled(deliveryTag)
                 }
                 _ = amqp_basic_reject(conn, id, deliveryTag, 1)

@@ -44,7 +44,7 @@ extension ConnectionDriver {
     }
 
     func closeChannel(_ id: UInt16) throws(AMQPError) {
-        if let channel = self.channels[id] { self.flushAcks(channel) }
+        if let channel = self.channels[id] { self.flushAcks(channel, releaseHeld: true) }
         guard let channel = self.channels.removeValue(forKey: id) else { return }
         var failed: [PublishCompletion] = []
         channel.tracker.reset { _, pending in failed.append(pending.completion) }
@@ -97,7 +97,7 @@ extension ConnectionDriver {
         let (conn, channel) = try self.requireChannel(id)
         guard channel.transactional else { throw .invalidArgument("channel \(id) is not in transaction mode") }
         // The acks the transaction holds go first: they are coalesced until a turn ends.
-        self.flushAcks(channel)
+        self.flushAcks(channel, releaseHeld: true)
         var commit = amqp_tx_commit_t(dummy: 0)
         // Returns for the transaction's mandatory publishes arrive before commit-ok.
         do throws(AMQPError) {
@@ -464,7 +464,7 @@ extension ConnectionDriver {
             channel.pendingAcks.append(tag)
             return
         }
-        self.flushAcks(channel)
+        self.flushAcks(channel, releaseHeld: true)
         guard self.isConnected else { return }
         let status: Int32
         switch kind {
@@ -489,9 +489,11 @@ extension ConnectionDriver {
         }
     }
 
-    func flushAcks(_ channel: ChannelState) {
-        guard !channel.pendingAcks.isEmpty else { return }
-        let (through, singles) = channel.takeAckBatch()
+    /// `releaseHeld`: held-back acks go too (before a close, a cancel, a commit, a nack).
+    func flushAcks(_ channel: ChannelState, releaseHeld: Bool = false) {
+        guard !channel.pendingAcks.isEmpty || (releaseHeld && !channel.heldAcks.isEmpty) else { return }
+        let (through, singles) = channel.takeAckBatch(releaseHeld: releaseHeld)
+        if channel.heldSince != nil, !self.channelsHoldingAcks.contains(channel.id) { self.channelsHoldingAcks.append(channel.id) }
         guard self.isConnected, let conn = self.conn, channel.isOpen else { return }
         var status = AMQP_STATUS_OK.rawValue
         if let through { status = amqp_basic_ack(conn, channel.id, through, 1) }
@@ -501,5 +503,25 @@ extension ConnectionDriver {
         if status != AMQP_STATUS_OK.rawValue {
             self.connectionLost(Self.libraryError(status, doing: "acknowledging deliveries"))
         }
+    }
+
+    /// Sends held-back acks whose time is up (or all of them with `all`). Returns when the next
+    /// held ack is due, if any.
+    @discardableResult
+    func releaseHeldAcks(all: Bool = false, now: ContinuousClock.Instant = .now) -> ContinuousClock.Instant? {
+        guard !self.channelsHoldingAcks.isEmpty else { return nil }
+        var next: ContinuousClock.Instant?
+        let ids = self.channelsHoldingAcks
+        self.channelsHoldingAcks.removeAll(keepingCapacity: true)
+        for id in ids {
+            guard let channel = self.channels[id], let deadline = channel.heldDeadline else { continue }
+            if all || deadline <= now {
+                self.flushAcks(channel, releaseHeld: true)
+            } else {
+                self.channelsHoldingAcks.append(id)
+                next = next.map { min($0, deadline) } ?? deadline
+            }
+        }
+        return next
     }
 }

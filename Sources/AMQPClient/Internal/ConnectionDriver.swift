@@ -46,6 +46,8 @@ final class ConnectionDriver {
     private var extensionRanges: [Range<Int>] = []
     /// Channels with acks queued in this turn.
     var channelsWithPendingAcks: [UInt16] = []
+    /// Channels holding acks back (see `ChannelState.heldAcks`).
+    var channelsHoldingAcks: [UInt16] = []
     /// Reused for every publish, so building properties costs no malloc.
     let publishArena = CArena(capacity: 16 * 1024)
     private var closeWaiters: [CheckedContinuation<Void, Never>] = []
@@ -206,6 +208,8 @@ final class ConnectionDriver {
         guard self.isConnected else { return }
         let busy = self.runExtensions()
         guard self.isConnected else { return }
+        // Held-back acks whose time is up go now (see `ChannelState.heldAcks`).
+        let heldDue = self.releaseHeldAcks(now: now)
         amqp_maybe_release_buffers(conn)
         if busy || frames >= 1024 || bodyBytes >= Self.maxBodyBytesPerTurn || amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0 {
             // More to do at once: no sleep. The extensions' descriptors are still polled (without
@@ -216,7 +220,13 @@ final class ConnectionDriver {
             self.socketReadable = true
             return
         }
-        self.wait(socket: self.sockfd, milliseconds: min(self.pollTimeoutMilliseconds, 50))
+        // Held-back acks whose time is up go now; the sleep ends when the next ones are due.
+        var timeout = min(self.pollTimeoutMilliseconds, 50)
+        if let due = heldDue {
+            let left = due - ContinuousClock.now
+            timeout = min(timeout, max(1, Int32(clamping: left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000 + 1)))
+        }
+        self.wait(socket: self.sockfd, milliseconds: timeout)
     }
 
     /// One turn of every extension, then the acks they queued.
@@ -716,6 +726,7 @@ final class ConnectionDriver {
         if case .closed = self.phase { return }
         self.handOverDeliveries()
         self.flushAcks()
+        self.releaseHeldAcks(all: true)
         if let conn = self.conn, self.isConnected {
             var short = timeval(tv_sec: 2, tv_usec: 0)
             _ = amqp_set_rpc_timeout(conn, &short)
