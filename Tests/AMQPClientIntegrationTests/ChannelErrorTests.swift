@@ -84,6 +84,32 @@ import Testing
         await connection.close()
     }
 
+    @Test func acksHeldBackBehindAnUnfinishedDeliveryAreSentBeforeTheChannelCloses() async throws {
+        let connection = try await TestBroker.connect()
+        let publisher = try await connection.openChannel()
+        try await publisher.enableConfirms()
+        let queue = TestBroker.uniqueName()
+        try await publisher.declareQueue(queue, exclusive: true)
+        for body in ["1", "2", "3"] { try await publisher.publish(body, routingKey: queue) }
+        let consumer = try await connection.openChannel()
+        try await consumer.setPrefetch(10)
+        var received: [AMQPDelivery] = []
+        for try await delivery in try await consumer.consume(queue) {
+            received.append(delivery)
+            if received.count == 3 { break }
+        }
+        // 2 and 3 are done while 1 is not: their acks are held back (waiting for 1's) ...
+        try received[1].ack()
+        try received[2].ack()
+        // ... and go out before the close, which requeues only 1.
+        try await consumer.close()
+        let left = try #require(try await publisher.get(queue))
+        #expect(left.bodyString == "1")
+        try left.ack()
+        #expect(try await publisher.get(queue) == nil)
+        await connection.close()
+    }
+
     @Test func ackingAStaleTagDoesNotKillTheChannel() async throws {
         let connection = try await TestBroker.connect()
         let channel = try await connection.openChannel()

@@ -121,7 +121,10 @@ final class ChannelState {
     static let heldAckTime: Duration = .milliseconds(20)
     /// How many acks may be held back: a quarter of the prefetch (held deliveries count
     /// against it), 64 without one.
-    var heldAckLimit: Int { self.prefetch.map { max(1, Int($0.count) / 4) } ?? 64 }
+    var heldAckLimit: Int {
+        guard let count = self.prefetch?.count, count > 0 else { return 64 }  // (0: no limit)
+        return max(1, Int(count) / 4)
+    }
 
     init(id: UInt16) { self.id = id }
 

@@ -70,6 +70,8 @@ extension ConnectionDriver {
     func selectTransactions(_ id: UInt16) throws(AMQPError) {
         let (conn, channel) = try self.requireChannel(id)
         guard !channel.transactional else { return }
+        // Acks held back before go now, outside the transaction (a rolled-back one would lose them).
+        self.flushAcks(channel, releaseHeld: true)
         guard !channel.confirmMode else { throw .invalidArgument("channel \(id) is in confirm mode: AMQP allows no transactions on it") }
         var select = amqp_tx_select_t(dummy: 0)
         try self.rpcDispatching(conn, id, AMQP_TX_SELECT_METHOD, &select, reply: AMQP_TX_SELECT_OK_METHOD, doing: "tx.select")

@@ -531,6 +531,9 @@ final class ConnectionDriver {
             guard channel.isOpen else { continue }
             self.logger.warning("amqp channel reopened: the broker nacked every publish on it for \(Self.nackStreakLimit) (RabbitMQ does so on a channel that met a quorum queue's leader election)",
                                 metadata: ["amqp.channel.id": "\(channel.id)"])
+            // Acks held back on it go first: the close would requeue those deliveries.
+            self.flushAcks(channel, releaseHeld: true)
+            guard self.isConnected else { return }
             _ = amqp_channel_close(conn, channel.id, Int32(AMQP_REPLY_SUCCESS))
             let reply = amqp_get_rpc_reply(conn)
             guard self.isConnected else { return }
