@@ -262,7 +262,7 @@ final class ConnectionDriver {
             self.socketReadable = true
             self.lastReceive = .now
         }
-        self.shared.mailbox.endSleep()
+        self.shared.mailbox.endSleep(woken: self.pollBuffer[0].revents != 0)
         for (item, range) in zip(self.extensions, self.extensionRanges) where !range.isEmpty {
             item.handle(self.pollBuffer[range])
         }

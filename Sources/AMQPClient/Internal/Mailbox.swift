@@ -86,9 +86,13 @@ final class Mailbox: Sendable {
         }
     }
 
-    /// Called after `poll` returns: clears the sleeping mark and drains the wake-up pipe.
-    func endSleep() {
+    /// Called after `poll` returns: clears the sleeping mark and drains the wake-up pipe when
+    /// poll saw it readable (`woken`). (A wake written after poll returned stays in the pipe: the
+    /// next poll returns at once and drains it. Reading an empty pipe on every wake-up cost a
+    /// failing system call per turn.)
+    func endSleep(woken: Bool) {
         self.state.withLock { $0.sleeping = false }
+        guard woken else { return }
         var buffer = (UInt64(0), UInt64(0))
         while withUnsafeMutableBytes(of: &buffer, { read(self.wakeReadFD, $0.baseAddress, $0.count) }) > 0 {}
     }
