@@ -170,7 +170,8 @@ extension DeadLetterCommandTests {
         #expect(try await bridge.depth("aq.dead") == UInt32(count))
         let purge = try self.aq(bridge, ["purge", "--reason", "malformed", "--yes"])
         #expect(purge.out.contains("deleted 5500 of 11000"), "\(purge.out)\(purge.err)")
-        #expect(try await bridge.depth("aq.dead") == 5500)
+        let left = try await bridge.depth("aq.dead")
+        #expect(left == 5500, "\(left) letters left")
         await bridge.stop()
     }
 }

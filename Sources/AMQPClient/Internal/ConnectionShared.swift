@@ -32,7 +32,11 @@ final class ConnectionShared: Sendable {
     func perform<T: Sendable>(_ body: @escaping @Sendable (ConnectionDriver) throws(AMQPError) -> T) async throws -> T {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
             let submitted = self.mailbox.submit { driver in
-                // A round trip must not wait behind a corked socket (up to 200 ms).
+                // A round trip must not wait behind a corked socket (up to 200 ms), and must come
+                // after every ack given before it (a held-back ack sent after a basic.get, say, is
+                // no longer ordered before it: RabbitMQ may drop it if the channel closes next).
+                driver.flushAcks()
+                driver.releaseHeldAcks(all: true)
                 driver.uncork()
                 do {
                     continuation.resume(returning: try body(driver))
