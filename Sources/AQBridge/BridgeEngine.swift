@@ -168,8 +168,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     private(set) var peakInFlightBytes = 0
     /// `Content-Type` and `AsyncQueue-Queue`, built once per queue.
     private var sharedHeaderLists: [String: SharedHeaders] = [:]
-    /// URL → host number, so a URL seen before costs one lookup (bounded; emptied when full),
-    /// and the numbers' `scheme://host:port` names, for logs.
+    /// Authority (scheme, host, port) → host number (bounded: numbers of idle hosts are freed
+    /// at 4096), and the numbers' `scheme://host:port` names, for logs.
     private var hostNumbers: [URLText.Authority: Int] = [:]
     private var hostNames: [String?] = []
     private var freeHostNumbers: [Int] = []

@@ -31,16 +31,6 @@ final class HMACKey {
         let ok = aq_hmac_sha256(self.context, prefix.baseAddress, prefix.count, body.baseAddress, body.count, out)
         precondition(ok == 1, "OpenSSL's HMAC-SHA256 failed")
     }
-
-    /// The MAC of `prefix` followed by `body`, without joining them.
-    func mac(_ prefix: UnsafeRawBufferPointer, _ body: UnsafeRawBufferPointer) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: 32)
-        let ok = out.withUnsafeMutableBufferPointer {
-            aq_hmac_sha256(self.context, prefix.baseAddress, prefix.count, body.baseAddress, body.count, $0.baseAddress)
-        }
-        precondition(ok == 1, "OpenSSL's HMAC-SHA256 failed")
-        return out
-    }
 }
 
 /// HMAC-SHA256 (RFC 2104), from OpenSSL's libcrypto.
@@ -140,15 +130,8 @@ public final class SigningContext {
                 var n = 0
                 for byte in idBytes { prefix[n] = byte; n += 1 }
                 prefix[n] = UInt8(ascii: "."); n += 1
-                var value = timestamp.magnitude  // (20 digits at most, and a sign)
-                if timestamp < 0 { prefix[n] = UInt8(ascii: "-"); n += 1 }
-                let start = n
-                repeat {
-                    prefix[n] = UInt8(ascii: "0") + UInt8(value % 10); n += 1
-                    value /= 10
-                } while value > 0
-                var i = start, j = n - 1
-                while i < j { prefix.swapAt(i, j); i += 1; j -= 1 }
+                // (A Unix time in seconds is 10 digits: a small string, no allocation.)
+                for byte in String(timestamp).utf8 { prefix[n] = byte; n += 1 }
                 prefix[n] = UInt8(ascii: "."); n += 1
                 let head = UnsafeRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(prefix)[0..<n])
                 return body.withUnsafeBytes { tail in

@@ -286,7 +286,7 @@ public final class CurlMulti {
         }
     }
 
-    /// A URL's host and what the policy says of its name, remembered per URL (bounded).
+    /// What the policy says of a host's name, remembered per host (bounded).
     private var hostChecks: [String: HTTPError?] = [:]
 
     private func hostCheck(_ url: String) -> (host: String, refusal: HTTPError?) {

@@ -13,7 +13,7 @@ public struct BrokerTarget: Sendable {
         var bases = managementURL.map(ManagementClient.splitURLs) ?? []
         if bases.isEmpty {
             var seen = Set<String>()
-            bases = self.amqp.endpoints.map { "http://\($0.host.contains(":") ? "[\($0.host)]" : $0.host):15672" }.filter { seen.insert($0).inserted }
+            bases = self.amqp.endpoints.map { "http://\(AMQPConfiguration.Endpoint(host: $0.host, port: 15672))" }.filter { seen.insert($0).inserted }
         }
         self.management = ManagementClient(baseURLs: bases, user: self.amqp.user, password: self.amqp.password)
     }

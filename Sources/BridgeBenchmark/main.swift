@@ -211,7 +211,7 @@ struct Bridge {
         return Bridge(pid: pid)
     }
 
-    /// Nil once it has ended.
+    /// False once it has ended (and then it has been reaped).
     var isRunning: Bool {
         var status: Int32 = 0
         return waitpid(self.pid, &status, WNOHANG) == 0

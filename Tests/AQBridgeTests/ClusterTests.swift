@@ -169,11 +169,12 @@ import Testing
         let spec = try TopologyLoader.load(paths: [dir.path])
         let target = try BrokerTarget(amqpURL: cluster.list(vhost: vhost), managementURL: cluster.management.joined(separator: " "))
         try await TopologyApplier.apply(spec, on: target)
-        // The policies' `queue-leader-locator: balanced` spread the quorum queues' leaders, and
-        // every queue has a replica on every node: `aq topology plan` has nothing to say.
+        // Every queue has a replica on every node and every node runs: `aq topology plan` has
+        // nothing to say about them. (Where the leaders went depends on the other virtual hosts
+        // of the cluster — `balanced` counts them all — so a one-node-leaders warning may come.)
         let plan = try await TopologyApplier.plan(spec, on: target)
         #expect(plan.clusterNodes == cluster.urls.count)
-        #expect(plan.clusterWarnings.isEmpty, "\(plan.clusterWarnings)")
+        #expect(plan.clusterWarnings.filter { !$0.message.contains("the leaders of all") }.isEmpty, "\(plan.clusterWarnings)")
         let bridges = try (0..<3).map { try self.launchBridge(list: cluster.list(vhost: vhost, startingAt: $0), topology: dir) }
         var configuration = try AMQPConfiguration(url: cluster.list(vhost: vhost))
         configuration.recovery.initialDelay = .milliseconds(50)

@@ -208,7 +208,8 @@ final class ConnectionDriver {
         guard self.isConnected else { return }
         let busy = self.runExtensions()
         guard self.isConnected else { return }
-        // Held-back acks whose time is up go now (see `ChannelState.heldAcks`).
+        // Held-back acks whose time is up go now (see `ChannelState.heldAcks`); the sleep below
+        // ends when the next ones are due.
         let heldDue = self.releaseHeldAcks(now: now)
         amqp_maybe_release_buffers(conn)
         if busy || frames >= 1024 || bodyBytes >= Self.maxBodyBytesPerTurn || amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0 {
@@ -220,13 +221,16 @@ final class ConnectionDriver {
             self.socketReadable = true
             return
         }
-        // Held-back acks whose time is up go now; the sleep ends when the next ones are due.
         var timeout = min(self.pollTimeoutMilliseconds, 50)
-        if let due = heldDue {
-            let left = due - ContinuousClock.now
-            timeout = min(timeout, max(1, Int32(clamping: left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000 + 1)))
-        }
+        if let due = heldDue { timeout = min(timeout, max(1, Self.milliseconds(until: due))) }
         self.wait(socket: self.sockfd, milliseconds: timeout)
+    }
+
+    /// Whole milliseconds from now until `deadline`, rounded up (0 when it has passed).
+    static func milliseconds(until deadline: ContinuousClock.Instant) -> Int32 {
+        let left = deadline - ContinuousClock.now
+        guard left > .zero else { return 0 }
+        return Int32(clamping: left.components.seconds * 1000 + (left.components.attoseconds + 999_999_999_999_999) / 1_000_000_000_000_000)
     }
 
     /// One turn of every extension, then the acks they queued.
@@ -689,9 +693,7 @@ final class ConnectionDriver {
         guard case .reconnecting(let attempt, let next) = self.phase else { return }
         let now = ContinuousClock.now
         if now < next {
-            let wait = next - now
-            let milliseconds = wait.components.seconds * 1000 + wait.components.attoseconds / 1_000_000_000_000_000
-            self.idle(milliseconds: Int32(clamping: milliseconds))
+            self.idle(milliseconds: Self.milliseconds(until: next))
             return
         }
         do {
