@@ -1,8 +1,8 @@
 // aq-bench: one run of a bridge (aq-bridge, or any program that consumes AsyncQueue tasks, such as
 // the C limit bridge) against our own publisher and HTTP sink, in one process, on one clock.
 //
-//   aq-bench --url URL --queue Q -n TASKS --mode preload|live|rate [--rate R] [--bridge-log FILE]
-//            [--timeout S] [--label L] -- COMMAND [ARGS...]
+//   aq-bench --url URL --queue Q -n TASKS --mode preload|live|rate|serial [--work tasks|batch|chain]
+//            [--steps S] [--rate R] [--bridge-log FILE] [--timeout S] [--label L] -- COMMAND [ARGS...]
 //
 // The sink (SwiftNIO, one event loop, 127.0.0.1, any free port) answers `POST /cb/<i>` with
 // `{"ok":true,"n":1}` and `POST /hook/<i>` with `{"ok":true}`, and records when each arrived. Task i
@@ -16,6 +16,15 @@
 //   allow; the clock runs from the first publish to the last webhook.
 // - rate: start COMMAND, wait for its consumer, publish R tasks per second; added latency per
 //   task: publish confirmed → callback received, and callback answered → webhook received.
+//
+// The work (--work) is what TASKS callbacks belong to:
+// - tasks (default): TASKS tasks as above, request-reply (callback + webhook each).
+// - batch: one batch of TASKS children (`/cb/<i>`, no per-child webhook; parts of 5,000 children),
+//   its report to `POST /report`; done when the report arrives, which must count TASKS completed.
+// - chain: TASKS/S chains of S steps (--steps, default 3); step k of chain c calls `/cb/<c*S+k>`,
+//   the chain's final webhook is `/hook/<c>`; done at the last final webhook. With --mode serial
+//   the chains run one at a time and the hand-off between two steps (a step's callback received →
+//   the next step's callback received) is reported: p50 / p99.
 //
 // COMMAND gets AQ_AMQP_URL and AQ_QUEUE in its environment ({amqp_url} and {queue} in its
 // arguments are replaced), runs in a process group of its own, and is stopped with SIGTERM (then
@@ -45,11 +54,14 @@ struct BenchError: Error, CustomStringConvertible {
 }
 
 struct Options {
-    enum Mode: String { case preload, live, rate }
+    enum Mode: String { case preload, live, rate, serial }
+    enum Work: String { case tasks, batch, chain }
     var url = ProcessInfo.processInfo.environment["AQ_AMQP_URL"] ?? "amqp://guest:guest@127.0.0.1:5672/%2F"
     var queue = "aq.work.default"
     var tasks = 20_000
     var mode = Mode.preload
+    var work = Work.tasks
+    var steps = 3
     var rate = 1000.0
     var window = 1000
     var timeout = 600.0
@@ -75,8 +87,13 @@ struct Options {
             case "-n", "--tasks": self.tasks = Int(try number(argument))
             case "--mode", "-m":
                 let text = try value(argument)
-                guard let mode = Mode(rawValue: text) else { throw BenchError("--mode is preload, live or rate, not '\(text)'") }
+                guard let mode = Mode(rawValue: text) else { throw BenchError("--mode is preload, live, rate or serial, not '\(text)'") }
                 self.mode = mode
+            case "--work", "-w":
+                let text = try value(argument)
+                guard let work = Work(rawValue: text) else { throw BenchError("--work is tasks, batch or chain, not '\(text)'") }
+                self.work = work
+            case "--steps", "-s": self.steps = Int(try number(argument))
             case "--rate": self.rate = try number(argument)
             case "--window": self.window = Int(try number(argument))
             case "--timeout": self.timeout = try number(argument)
@@ -85,12 +102,30 @@ struct Options {
             case "--":
                 while let word = iterator.next() { self.command.append(word) }
             case "-h", "--help":
-                print("usage: aq-bench [--url URL] [--queue Q] [-n TASKS] [--mode preload|live|rate] [--rate R] [--window W] [--timeout S] [--label L] [--bridge-log FILE] -- COMMAND [ARGS...]")
+                print("usage: aq-bench [--url URL] [--queue Q] [-n TASKS] [--mode preload|live|rate|serial] [--work tasks|batch|chain] [--steps S] [--rate R] [--window W] [--timeout S] [--label L] [--bridge-log FILE] -- COMMAND [ARGS...]")
                 exit(0)
             default: throw BenchError("unknown argument '\(argument)' (try --help; the bridge command goes after --)")
             }
         }
         guard !self.command.isEmpty else { throw BenchError("no bridge command (after --)") }
+        switch (self.work, self.mode) {
+        case (.tasks, .serial), (.batch, .serial), (.batch, .rate), (.chain, .rate):
+            throw BenchError("--mode \(self.mode.rawValue) does not go with --work \(self.work.rawValue)")
+        default: break
+        }
+        if self.work == .chain {
+            guard self.steps >= 1, self.steps <= 100, self.tasks >= self.steps else { throw BenchError("--steps is 1 to 100, at most -n") }
+            self.tasks -= self.tasks % self.steps
+        }
+    }
+
+    /// How many final webhooks end the run (chains, or tasks); 0 for a batch (its report ends it).
+    var hooks: Int {
+        switch self.work {
+        case .tasks: return self.tasks
+        case .chain: return self.tasks / self.steps
+        case .batch: return 0
+        }
     }
 }
 
@@ -107,6 +142,9 @@ final class Recorder: @unchecked Sendable {
     let hookCount = Atomic<Int>(0)
     let callbackCount = Atomic<Int>(0)
     let strays = Atomic<Int>(0)
+    /// When the batch report arrived (0: not yet), and how many children it counts completed.
+    let reportTime = Atomic<UInt64>(0)
+    let reportCompleted = Atomic<Int>(-1)
 
     init(capacity: Int) {
         self.callbacks = .allocate(capacity: capacity)
@@ -120,8 +158,19 @@ final class Recorder: @unchecked Sendable {
         self.hooks.deallocate()
     }
 
+    /// On the event loop: the batch report, once.
+    func recordReport(_ body: ByteBuffer, at time: UInt64) {
+        guard self.reportTime.load(ordering: .relaxed) == 0 else { return }
+        let object = body.getBytes(at: body.readerIndex, length: body.readableBytes)
+            .flatMap { try? JSONSerialization.jsonObject(with: Data($0)) as? [String: Any] }
+        let completed = (object?["counts"] as? [String: Any])?["completed"] as? Int ?? -2
+        self.reportCompleted.store(completed, ordering: .relaxed)
+        self.reportTime.store(time, ordering: .releasing)
+    }
+
     /// On the event loop.
     func record(_ uri: String, at time: UInt64) -> Bool {
+        if uri == "/report" { return true }
         let isCallback = uri.hasPrefix("/cb/"), isHook = uri.hasPrefix("/hook/")
         guard isCallback || isHook, let index = Int(uri.dropFirst(isCallback ? 4 : 6)), index >= 0, index < self.hooks.count else {
             self.strays.add(1, ordering: .relaxed)
@@ -147,6 +196,8 @@ final class SinkHandler: ChannelInboundHandler {
     let recorder: Recorder
     var answer: (HTTPResponseStatus, StaticString) = (.ok, "")
     var keepAlive = true
+    var report: ByteBuffer?
+    var reportArrived: UInt64 = 0
 
     init(recorder: Recorder) { self.recorder = recorder }
 
@@ -155,14 +206,22 @@ final class SinkHandler: ChannelInboundHandler {
         case .head(let head):
             let time = nanos()
             self.keepAlive = head.isKeepAlive
+            if head.uri == "/report" {
+                self.report = context.channel.allocator.buffer(capacity: 4096)
+                self.reportArrived = time
+            }
             if self.recorder.record(head.uri, at: time) {
                 self.answer = (.ok, head.uri.hasPrefix("/cb/") ? #"{"ok":true,"n":1}"# : #"{"ok":true}"#)
             } else {
                 self.answer = (.notFound, #"{"error":"not found"}"#)
             }
-        case .body:
-            break
+        case .body(var part):
+            self.report?.writeBuffer(&part)
         case .end:
+            if let report = self.report {
+                self.recorder.recordReport(report, at: self.reportArrived)
+                self.report = nil
+            }
             let body = self.answer.1
             var headers = HTTPHeaders()
             headers.add(name: "Content-Type", value: "application/json")
@@ -261,12 +320,39 @@ func properties(_ i: Int) -> AMQPProperties {
     AMQPProperties(contentType: "application/json", deliveryMode: .persistent, messageId: "task-\(i)")
 }
 
-/// Every task, at most `window` unconfirmed. Returns tasks/s.
-func publishAll(_ channel: AMQPChannel, _ o: Options, sink: String) async throws -> Double {
+/// The messages of the run's work, in publishing order (built before the clock starts).
+func messages(_ o: Options, sink: String, runID: String) -> [(body: [UInt8], properties: AMQPProperties)] {
+    switch o.work {
+    case .tasks:
+        return (0..<o.tasks).map { (body($0, sink: sink), properties($0)) }
+    case .batch:
+        let id = "bench-\(runID)", part = 5000
+        return stride(from: 0, to: o.tasks, by: part).map { offset in
+            var text = offset == 0
+                ? #"{"batch":{"id":"\#(id)","size":\#(o.tasks),"webhookUrl":"\#(sink)/report"},"tasks":["#
+                : #"{"batchPart":{"id":"\#(id)","offset":\#(offset)},"tasks":["#
+            for i in offset..<min(o.tasks, offset + part) {
+                if i > offset { text += "," }
+                text += #"{"callbackUrl":"\#(sink)/cb/\#(i)","payload":{"i":\#(i),"msg":"hello"}}"#
+            }
+            text += "]}"
+            return (Array(text.utf8), AMQPProperties(contentType: "application/json", deliveryMode: .persistent))
+        }
+    case .chain:
+        return (0..<o.hooks).map { c in
+            let steps = (0..<o.steps).map { #"{"callbackUrl":"\#(sink)/cb/\#(c * o.steps + $0)"}"# }.joined(separator: ",")
+            let text = #"{"chain":{"id":"bench-\#(runID)-\#(c)","webhookUrl":"\#(sink)/hook/\#(c)"},"payload":{"c":\#(c),"msg":"hello"},"steps":[\#(steps)]}"#
+            return (Array(text.utf8), AMQPProperties(contentType: "application/json", deliveryMode: .persistent, messageId: "bench-\(runID)-\(c)"))
+        }
+    }
+}
+
+/// Every message, at most `window` unconfirmed. Returns messages/s.
+func publishAll(_ channel: AMQPChannel, _ o: Options, _ messages: [(body: [UInt8], properties: AMQPProperties)]) async throws -> Double {
     var inFlight: [AMQPPublishConfirm] = []
     var head = 0
     let start = nanos()
-    for i in 0..<o.tasks {
+    for message in messages {
         if inFlight.count - head >= o.window {
             guard try await inFlight[head].result() == .confirmed else { throw BenchError("a publish was not confirmed") }
             head += 1
@@ -275,12 +361,12 @@ func publishAll(_ channel: AMQPChannel, _ o: Options, sink: String) async throws
                 head = 0
             }
         }
-        inFlight.append(channel.beginPublish(body(i, sink: sink), routingKey: o.queue, properties: properties(i)))
+        inFlight.append(channel.beginPublish(message.body, routingKey: o.queue, properties: message.properties))
     }
     for confirm in inFlight[head...] {
         guard try await confirm.result() == .confirmed else { throw BenchError("a publish was not confirmed") }
     }
-    return Double(o.tasks) / (Double(nanos() - start) / 1e9)
+    return Double(messages.count) / (Double(nanos() - start) / 1e9)
 }
 
 /// `rate` tasks per second; returns when each was confirmed.
@@ -329,6 +415,7 @@ func json(_ fields: [(String, Any)]) -> String {
 func run(_ o: Options) async throws -> String {
     // The sink.
     let recorder = Recorder(capacity: o.tasks)
+    let runID = String(UInt64.random(in: 0...UInt64.max), radix: 36)
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     let server = try await ServerBootstrap(group: group)
         .serverChannelOption(.backlog, value: 1024)
@@ -367,14 +454,36 @@ func run(_ o: Options) async throws -> String {
     }
     switch o.mode {
     case .preload:
-        publishRate = try await publishAll(channel, o, sink: sink)
+        let work = messages(o, sink: sink, runID: runID)
+        publishRate = try await publishAll(channel, o, work)
         start = nanos()
         bridge = try Bridge.spawn(command, environment: environment, log: o.bridgeLog)
     case .live:
+        let work = messages(o, sink: sink, runID: runID)
         bridge = try Bridge.spawn(command, environment: environment, log: o.bridgeLog)
         try await waitForConsumer(bridge)
         start = nanos()
-        publishRate = try await publishAll(channel, o, sink: sink)
+        publishRate = try await publishAll(channel, o, work)
+    case .serial:
+        let work = messages(o, sink: sink, runID: runID)
+        bridge = try Bridge.spawn(command, environment: environment, log: o.bridgeLog)
+        try await waitForConsumer(bridge)
+        start = nanos()
+        for (c, message) in work.enumerated() {
+            guard try await channel.beginPublish(message.body, routingKey: o.queue, properties: message.properties).result() == .confirmed else {
+                throw BenchError("a publish was not confirmed")
+            }
+            let deadline = nanos() + 60_000_000_000
+            while recorder.hookCount.load(ordering: .acquiring) <= c {
+                guard bridge.isRunning else { throw BenchError("the bridge ended after \(c) chains (see \(o.bridgeLog))") }
+                guard nanos() < deadline else {
+                    await bridge.stop()
+                    throw BenchError("chain \(c) did not end within 60 s")
+                }
+                try await Task.sleep(for: .microseconds(200))
+            }
+        }
+        publishRate = Double(work.count) / (Double(nanos() - start) / 1e9)
     case .rate:
         bridge = try Bridge.spawn(command, environment: environment, log: o.bridgeLog)
         try await waitForConsumer(bridge)
@@ -383,24 +492,38 @@ func run(_ o: Options) async throws -> String {
         publishRate = Double(o.tasks) / (Double(nanos() - start) / 1e9)
     }
 
-    // Until every webhook arrived.
+    // Until every final webhook (or the batch's report) arrived.
+    func done() -> Bool {
+        o.work == .batch ? recorder.reportTime.load(ordering: .acquiring) != 0 : recorder.hookCount.load(ordering: .acquiring) >= o.hooks
+    }
     let deadline = start + UInt64(o.timeout * 1e9)
     var lastCount = 0, lastProgress = nanos()
-    while recorder.hookCount.load(ordering: .acquiring) < o.tasks {
-        let count = recorder.hookCount.load(ordering: .relaxed)
+    while !done() {
+        let count = recorder.callbackCount.load(ordering: .relaxed) + recorder.hookCount.load(ordering: .relaxed)
         if count != lastCount { (lastCount, lastProgress) = (count, nanos()) }
+        let callbacks = recorder.callbackCount.load(ordering: .relaxed)
         guard bridge.isRunning else {
-            throw BenchError("the bridge ended after \(count) of \(o.tasks) webhooks (see \(o.bridgeLog))")
+            throw BenchError("the bridge ended after \(callbacks) of \(o.tasks) callbacks (see \(o.bridgeLog))")
         }
         guard nanos() < deadline, nanos() - lastProgress < 60_000_000_000 else {
             await bridge.stop()
-            throw BenchError("\(count) of \(o.tasks) webhooks within the time allowed")
+            throw BenchError("\(callbacks) of \(o.tasks) callbacks and \(recorder.hookCount.load(ordering: .relaxed)) webhooks within the time allowed")
         }
         try await Task.sleep(for: .milliseconds(1))
     }
     let cpu = bridge.cpuSeconds() ?? .nan
     let rss = bridge.peakRSS() ?? .nan
-    let end = recorder.hooks.max() ?? nanos()
+    let lastCallback = recorder.callbacks.max() ?? 0
+    let end = o.work == .batch ? recorder.reportTime.load(ordering: .acquiring) : (recorder.hooks.max() ?? nanos())
+    let callbacks = recorder.callbackCount.load(ordering: .relaxed)
+    if o.work == .batch, recorder.reportCompleted.load(ordering: .relaxed) != o.tasks {
+        await bridge.stop()
+        throw BenchError("the batch report counts \(recorder.reportCompleted.load(ordering: .relaxed)) completed children, not \(o.tasks)")
+    }
+    guard callbacks == o.tasks else {
+        await bridge.stop()
+        throw BenchError("\(callbacks) distinct callbacks for \(o.tasks) tasks at the end")
+    }
     await bridge.stop()
     let left = try await channel.declareQueue(o.queue, passive: true).messageCount
     await connection.close()
@@ -408,7 +531,7 @@ func run(_ o: Options) async throws -> String {
     try await group.shutdownGracefully()
 
     var fields: [(String, Any)] = [
-        ("label", o.label), ("mode", o.mode.rawValue), ("tasks", o.tasks),
+        ("label", o.label), ("mode", o.mode.rawValue), ("work", o.work.rawValue), ("tasks", o.tasks),
         ("tasks_per_s", Double(o.tasks) / (Double(end - start) / 1e9)),
         ("publish_per_s", publishRate),
         ("cpu_us_per_task", cpu * 1e6 / Double(o.tasks)),
@@ -416,6 +539,18 @@ func run(_ o: Options) async throws -> String {
         ("left_in_queue", Int(left)),
         ("stray_requests", recorder.strays.load(ordering: .relaxed)),
     ]
+    if o.work == .chain { fields.append(("steps", o.steps)) }
+    if o.work == .batch { fields.append(("report_after_last_callback_ms", Double(Int64(bitPattern: end &- lastCallback)) / 1e6)) }
+    if o.mode == .serial {
+        var handoffs: [Double] = []
+        for c in 0..<o.hooks {
+            for k in 1..<o.steps {
+                let before = recorder.callbacks[c * o.steps + k - 1], after = recorder.callbacks[c * o.steps + k]
+                if before > 0, after > before { handoffs.append(Double(after - before)) }
+            }
+        }
+        fields.append(("handoff_ms", percentiles(handoffs)))
+    }
     if o.mode == .rate {
         var toCallback: [Double] = [], toHook: [Double] = []
         toCallback.reserveCapacity(o.tasks)
