@@ -48,7 +48,8 @@ extension BridgeEngine {
 
     /// Publishes `event` if the settings ask for it. `fields` is more of the body, each
     /// `,"key":value` already JSON.
-    func emit(_ event: LifecycleEvent, queue: String, taskId: String?, attempt: Int? = nil, run: Run? = nil, fields: String = "") {
+    /// `fields` is built only when the event goes out (most events on the happy path do not).
+    func emit(_ event: LifecycleEvent, queue: String, taskId: String?, attempt: Int? = nil, run: Run? = nil, fields: @autoclosure () -> String = "") {
         guard let channel = self.eventsChannel, self.settings.events == .all || event.isFailureLevel else { return }
         var body = "{\"event\":\"\(event.rawValue)\",\"at\":\(Self.unixMilliseconds()),\"queue\":\(JSONScan.quote(queue))"
         if let taskId { body += ",\"taskId\":\(JSONScan.quote(taskId))" }
@@ -58,7 +59,7 @@ extension BridgeEngine {
             body += ",\"durationMs\":\(elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000)"
             if let traceparent = run.traceparent { body += ",\"traceparent\":\"\(traceparent)\"" }
         }
-        body += fields
+        body += fields()
         body += "}"
         self.context.publish(channel: channel, exchange: self.settings.spec.eventsExchange, routingKey: "\(event.rawValue).\(queue)",
                              properties: AMQPProperties(contentType: "application/json", deliveryMode: .transient, type: event.rawValue,

@@ -39,12 +39,18 @@ public struct ChainMessage: Sendable {
     /// payload and the previous step's result (null for the first).
     /// A batch step's child gets its `index` and its own `payload` in the same envelope.
     public func callbackBody(step: Int, child: (index: Int, payload: ArraySlice<UInt8>)? = nil) -> [UInt8] {
-        var out = Array("{\"chainId\":\(JSONScan.quote(self.id)),\"step\":\(step)".utf8)
-        if let child { out += Array(",\"index\":\(child.index)".utf8) }
-        out += Array(",\"payload\":".utf8)
-        out += child?.payload ?? self.payload
-        out += Array(",\"previousResult\":".utf8)
-        out += self.results.last ?? Array("null".utf8)[...]
+        let payload = child?.payload ?? self.payload
+        let previous = self.results.last ?? Array("null".utf8)[...]
+        var out: [UInt8] = []
+        out.reserveCapacity(self.id.utf8.count + payload.count + previous.count + 96)
+        out += "{\"chainId\":".utf8
+        out += JSONScan.quote(self.id).utf8
+        out += ",\"step\":\(step)".utf8
+        if let child { out += ",\"index\":\(child.index)".utf8 }
+        out += ",\"payload\":".utf8
+        out += payload
+        out += ",\"previousResult\":".utf8
+        out += previous
         out.append(UInt8(ascii: "}"))
         return out
     }
@@ -75,27 +81,49 @@ public struct ChainMessage: Sendable {
 
     /// A JSON array of JSON values.
     static func list(_ items: [ArraySlice<UInt8>]) -> [UInt8] {
-        var out: [UInt8] = [UInt8(ascii: "[")]
+        var out: [UInt8] = []
+        out.reserveCapacity(Self.listBytes(items))
+        Self.appendList(items, to: &out)
+        return out
+    }
+
+    static func listBytes(_ items: [ArraySlice<UInt8>]) -> Int { items.reduce(2) { $0 + $1.count + 1 } }
+
+    static func appendList(_ items: [ArraySlice<UInt8>], to out: inout [UInt8]) {
+        out.append(UInt8(ascii: "["))
         for (i, item) in items.enumerated() {
             if i > 0 { out.append(UInt8(ascii: ",")) }
             out += item
         }
         out.append(UInt8(ascii: "]"))
-        return out
     }
 
     /// The message for step `step` after the earlier ones did `history` and gave `results`.
     public func stepMessage(step: Int, history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>]) -> [UInt8] {
-        let list = Self.list
-        var chain = "{\"id\":\(JSONScan.quote(self.id))"
-        for (key, url) in [("webhookUrl", self.webhookURL), ("failureWebhookUrl", self.failureWebhookURL), ("stepWebhookUrl", self.stepWebhookURL)] {
-            if let url { chain += ",\"\(key)\":\(JSONScan.quote(url))" }
+        var out: [UInt8] = []
+        let urls = [("webhookUrl", self.webhookURL), ("failureWebhookUrl", self.failureWebhookURL), ("stepWebhookUrl", self.stepWebhookURL)]
+        out.reserveCapacity(160 + self.id.utf8.count + urls.reduce(0) { $0 + ($1.1?.utf8.count ?? 0) } + (self.queue?.utf8.count ?? 0)
+                            + self.payload.count + Self.listBytes(self.steps) + Self.listBytes(history) + Self.listBytes(results))
+        out += "{\"chain\":{\"id\":".utf8
+        out += JSONScan.quote(self.id).utf8
+        for (key, url) in urls {
+            if let url {
+                out += ",\"\(key)\":".utf8
+                out += JSONScan.quote(url).utf8
+            }
         }
-        if let queue = self.queue { chain += ",\"queue\":\(JSONScan.quote(queue))" }
-        chain += "}"
-        var out = Array("{\"chain\":\(chain)".utf8) + Array(",\"payload\":".utf8) + self.payload
-        out += Array(",\"steps\":".utf8) + list(self.steps) + Array(",\"step\":\(step),\"history\":".utf8) + list(history)
-        out += Array(",\"results\":".utf8) + list(results)
+        if let queue = self.queue {
+            out += ",\"queue\":".utf8
+            out += JSONScan.quote(queue).utf8
+        }
+        out += "},\"payload\":".utf8
+        out += self.payload
+        out += ",\"steps\":".utf8
+        Self.appendList(self.steps, to: &out)
+        out += ",\"step\":\(step),\"history\":".utf8
+        Self.appendList(history, to: &out)
+        out += ",\"results\":".utf8
+        Self.appendList(results, to: &out)
         out.append(UInt8(ascii: "}"))
         return out
     }
@@ -131,10 +159,11 @@ public enum ChainParser {
             if notify == nil, key != "stepWebhookUrl" { notify = url }
         }
         func bad(_ reason: String) -> Result<ChainMessage, MalformedTask> { .failure(MalformedTask(reason: reason, notify: notify)) }
-        if let unknown = top.keys.sorted().first(where: { !Self.topKeys.contains($0) }) {
+        // (Sorted only when there is one, so the message names the same key every time.)
+        if top.keys.contains(where: { !Self.topKeys.contains($0) }), let unknown = top.keys.sorted().first(where: { !Self.topKeys.contains($0) }) {
             return bad("unknown key '\(unknown.prefix(64))' in a chain message (chain, payload, steps are allowed)")
         }
-        if let unknown = members.keys.sorted().first(where: { !Self.optionKeys.contains($0) }) {
+        if members.keys.contains(where: { !Self.optionKeys.contains($0) }), let unknown = members.keys.sorted().first(where: { !Self.optionKeys.contains($0) }) {
             return bad("unknown chain option '\(unknown.prefix(64))' (known: \(Self.optionKeys.sorted().joined(separator: ", ")))")
         }
         var home: String?

@@ -28,6 +28,18 @@ import Testing
         #expect(!JSONScan.isValid(Array("<html>".utf8)))
         #expect(!JSONScan.isValid([]))
         #expect(JSONScan.quote("a\"b\\c\nd\u{01}é") == #""a\"b\\c\nd\u0001é""#)
+        #expect(JSONScan.quote("") == #""""#)
+        #expect(JSONScan.quote("https://x.test/cb?id=7") == #""https://x.test/cb?id=7""#)
+        #expect(JSONScan.quote("日本é\u{7F}") == "\"日本é\u{7F}\"")
+        #expect(JSONScan.quote("\u{1F}\t\r") == #""\u001f\t\r""#)
+        // Whatever the text, the quoted form reads back as that text.
+        var generator = SystemRandomNumberGenerator()
+        let alphabet: [Character] = ["a", "\"", "\\", "\n", "\u{00}", "\u{1B}", "é", "😀", "/", " "]
+        for _ in 0..<200 {
+            let text = String((0..<Int.random(in: 0...12, using: &generator)).map { _ in alphabet.randomElement(using: &generator) ?? "a" })
+            let decoded = try? JSONSerialization.jsonObject(with: Data(JSONScan.quote(text).utf8), options: .fragmentsAllowed) as? String
+            #expect(decoded == text)
+        }
         #expect(BridgeEngine.resultJSON([]) == Array("null".utf8))
         #expect(BridgeEngine.resultJSON(Array(" \n".utf8)) == Array("null".utf8))
         #expect(BridgeEngine.resultJSON(Array(#"{"a":1}"#.utf8)) == Array(#"{"a":1}"#.utf8))
