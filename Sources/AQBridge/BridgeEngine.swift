@@ -528,16 +528,17 @@ final class BridgeEngine: AMQPConnectionExtension {
             return
         }
         let started = ContinuousClock.now
-        var headers: [String] = []
-        headers.reserveCapacity(6)
-        headers.append("AsyncQueue-Task-Id: \(request.taskId)")
-        headers.append("AsyncQueue-Attempt: \(request.attempt)")
-        headers.append("webhook-id: \(request.id)")
-        if let traceparent = request.run.traceparent { headers.append("traceparent: \(traceparent)") }
+        // The lines written as bytes into one buffer: one allocation for them all.
+        let traceparent = request.run.traceparent
+        var headers = HeaderLines(capacity: 256 + request.taskId.utf8.count + request.id.utf8.count + (traceparent?.utf8.count ?? 0))
+        headers.append { $0 += "AsyncQueue-Task-Id: ".utf8; $0 += request.taskId.utf8 }
+        headers.append { $0 += "AsyncQueue-Attempt: ".utf8; HeaderLines.appendDecimal(request.attempt, to: &$0) }
+        headers.append { $0 += "webhook-id: ".utf8; $0 += request.id.utf8 }
+        if let traceparent { headers.append { $0 += "traceparent: ".utf8; $0 += traceparent.utf8 } }
         if self.signing.isEnabled {
             let timestamp = Int(Date().timeIntervalSince1970)
-            headers.append("webhook-timestamp: \(timestamp)")
-            headers.append(self.signing.headerLine(id: request.id, timestamp: timestamp, body: request.body))
+            headers.append { $0 += "webhook-timestamp: ".utf8; HeaderLines.appendDecimal(timestamp, to: &$0) }
+            headers.append { self.signing.appendHeaderLine(id: request.id, timestamp: timestamp, body: request.body, to: &$0) }
         }
         let http = HTTPRequest(url: request.url, headers: headers, body: request.body, timeout: request.timeout,
                                maxResponseBytes: request.maxResponseBytes, sharedHeaders: self.sharedHeaders(request.run.queue.name))

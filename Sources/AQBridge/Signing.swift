@@ -115,14 +115,37 @@ public final class SigningContext {
     }
 
     /// The whole header line, `webhook-signature: v1,<base64> …`, built in one allocation (the
-    /// signed content `<id>.<timestamp>.<body>` is hashed in place; this runs for every request).
+    /// signed content `<id>.<timestamp>.<body>` is hashed in place).
     public func headerLine(id: String, timestamp: Int, body: ArraySlice<UInt8>) -> String {
         self.write(id: id, timestamp: timestamp, body: body, after: "webhook-signature: ")
     }
 
+    /// Appends the header line (without an end) to `out`: no allocation of its own when `out`
+    /// has room (this runs for every request).
+    public func appendHeaderLine(id: String, timestamp: Int, body: ArraySlice<UInt8>, to out: inout [UInt8]) {
+        let lead: StaticString = "webhook-signature: "
+        let capacity = self.capacity(after: lead)
+        let start = out.count
+        out.append(contentsOf: repeatElement(0, count: capacity))
+        let written = out.withUnsafeMutableBufferPointer { buffer in
+            self.fill(UnsafeMutableBufferPointer(rebasing: buffer[start...]), id: id, timestamp: timestamp, body: body, after: lead)
+        }
+        out.removeLast(capacity - written)
+    }
+
     private static let base64: StaticString = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
+    private func capacity(after lead: StaticString) -> Int { lead.utf8CodeUnitCount + self.keys.count * 48 }
+
     private func write(id: String, timestamp: Int, body: ArraySlice<UInt8>, after lead: StaticString) -> String {
+        String(unsafeUninitializedCapacity: self.capacity(after: lead)) { out in
+            self.fill(out, id: id, timestamp: timestamp, body: body, after: lead)
+        }
+    }
+
+    /// Writes `lead` and the signatures into `out` (at least ``capacity(after:)`` bytes); returns
+    /// how many bytes it wrote.
+    private func fill(_ out: UnsafeMutableBufferPointer<UInt8>, id: String, timestamp: Int, body: ArraySlice<UInt8>, after lead: StaticString) -> Int {
         var id = id
         return id.withUTF8 { idBytes in
             // `<id>.<timestamp>.` on the stack.
@@ -136,18 +159,15 @@ public final class SigningContext {
                 let head = UnsafeRawBufferPointer(rebasing: UnsafeMutableRawBufferPointer(prefix)[0..<n])
                 return body.withUnsafeBytes { tail in
                     withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 32) { mac in
-                        let capacity = lead.utf8CodeUnitCount + self.keys.count * 48
-                        return String(unsafeUninitializedCapacity: capacity) { out in
-                            var o = 0
-                            for k in 0..<lead.utf8CodeUnitCount { out[o] = lead.utf8Start[k]; o += 1 }
-                            for (index, key) in self.keys.enumerated() {
-                                if index > 0 { out[o] = UInt8(ascii: " "); o += 1 }
-                                out[o] = UInt8(ascii: "v"); out[o + 1] = UInt8(ascii: "1"); out[o + 2] = UInt8(ascii: ","); o += 3
-                                if let digest = mac.baseAddress { key.mac(head, tail, into: digest) }
-                                o = Self.encodeBase64(UnsafeBufferPointer(mac), into: out, at: o)
-                            }
-                            return o
+                        var o = 0
+                        for k in 0..<lead.utf8CodeUnitCount { out[o] = lead.utf8Start[k]; o += 1 }
+                        for (index, key) in self.keys.enumerated() {
+                            if index > 0 { out[o] = UInt8(ascii: " "); o += 1 }
+                            out[o] = UInt8(ascii: "v"); out[o + 1] = UInt8(ascii: "1"); out[o + 2] = UInt8(ascii: ","); o += 3
+                            if let digest = mac.baseAddress { key.mac(head, tail, into: digest) }
+                            o = Self.encodeBase64(UnsafeBufferPointer(mac), into: out, at: o)
                         }
+                        return o
                     }
                 }
             }

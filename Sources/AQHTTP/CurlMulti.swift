@@ -21,12 +21,64 @@ public final class SharedHeaders: @unchecked Sendable {
     deinit { curl_slist_free_all(self.list) }
 }
 
+/// A request's own header lines, written as bytes into one buffer (each line followed by a NUL,
+/// as libcurl reads it): a request's lines cost one allocation, not one or more per line.
+public struct HeaderLines: Sendable {
+    /// Every line's bytes, each followed by a NUL.
+    public private(set) var bytes: [UInt8] = []
+    public private(set) var count = 0
+    /// The first line that holds CR, LF or NUL (its first 40 bytes): ``CurlMulti/start(_:completion:)``
+    /// refuses the request (such a line would smuggle headers or whole requests onto a pooled
+    /// connection, or be cut short).
+    public private(set) var refusedLine: String?
+
+    public init(capacity: Int = 0) { self.bytes.reserveCapacity(capacity) }
+
+    public init(_ lines: [String]) {
+        self.init(capacity: lines.reduce(0) { $0 + $1.utf8.count + 1 })
+        for line in lines { self.append(line) }
+    }
+
+    public mutating func append(_ line: String) { self.append { $0 += line.utf8 } }
+
+    /// Adds one line: `write` appends its bytes (without an end) to the buffer it is given.
+    public mutating func append(_ write: (inout [UInt8]) -> Void) {
+        let start = self.bytes.count
+        write(&self.bytes)
+        if self.refusedLine == nil, self.bytes[start...].contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 }) {
+            self.refusedLine = String(decoding: self.bytes[start...].prefix(40), as: UTF8.self)
+        }
+        self.bytes.append(0)
+        self.count += 1
+    }
+
+    /// The lines, as text (for tests and logs).
+    public var lines: [String] { self.bytes.split(separator: 0, omittingEmptySubsequences: false).dropLast().map { String(decoding: $0, as: UTF8.self) } }
+
+    /// Appends `value` in decimal digits, without making a `String`.
+    public static func appendDecimal(_ value: Int, to out: inout [UInt8]) {
+        if value < 0 { out.append(UInt8(ascii: "-")) }
+        var magnitude = value.magnitude
+        var digits: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
+                     UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        var n = 0
+        withUnsafeMutableBytes(of: &digits) { raw in
+            repeat {
+                raw[n] = UInt8(ascii: "0") + UInt8(magnitude % 10)
+                magnitude /= 10
+                n += 1
+            } while magnitude > 0
+            for i in stride(from: n - 1, through: 0, by: -1) { out.append(raw[i]) }
+        }
+    }
+}
+
 /// An HTTP request for ``CurlMulti``.
 public struct HTTPRequest: Sendable {
     public var url: String
     public var method: String
-    /// Complete header lines, e.g. `Content-Type: application/json`.
-    public var headers: [String]
+    /// The request's own header lines, e.g. `Content-Type: application/json`.
+    public var headers: HeaderLines
     /// A slice, so a body cut out of a larger message (a task's payload) is sent without a copy.
     public var body: ArraySlice<UInt8>
     public var timeout: Duration
@@ -37,11 +89,11 @@ public struct HTTPRequest: Sendable {
 
     public init(url: String, method: String = "POST", headers: [String] = [], body: [UInt8] = [],
                 timeout: Duration = .seconds(30), maxResponseBytes: Int = 1 << 20, sharedHeaders: SharedHeaders? = nil) {
-        self.init(url: url, method: method, headers: headers, body: body[...], timeout: timeout, maxResponseBytes: maxResponseBytes,
+        self.init(url: url, method: method, headers: HeaderLines(headers), body: body[...], timeout: timeout, maxResponseBytes: maxResponseBytes,
                   sharedHeaders: sharedHeaders)
     }
 
-    public init(url: String, method: String = "POST", headers: [String] = [], body: ArraySlice<UInt8>,
+    public init(url: String, method: String = "POST", headers: HeaderLines, body: ArraySlice<UInt8>,
                 timeout: Duration = .seconds(30), maxResponseBytes: Int = 1 << 20, sharedHeaders: SharedHeaders? = nil) {
         self.sharedHeaders = sharedHeaders
         self.url = url
@@ -168,8 +220,8 @@ public final class CurlMulti {
         }
         // Nothing a task sent may add lines to the request: a CR or LF in a header would
         // smuggle headers or whole requests onto a pooled connection.
-        for header in request.headers where header.utf8.contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 }) {
-            completion(.failure(HTTPError(kind: .invalidRequest, message: "a header line holds CR, LF or NUL: \(String(header.prefix(40)).debugDescription)")))
+        if let header = request.headers.refusedLine {
+            completion(.failure(HTTPError(kind: .invalidRequest, message: "a header line holds CR, LF or NUL: \(header.debugDescription)")))
             return
         }
         let (host, refusal) = self.hostCheck(request.url)
@@ -329,28 +381,33 @@ public final class CurlMulti {
     /// the lines' bytes in one allocation, instead of two per line with `curl_slist_append`
     /// (libcurl only reads the list; it is freed with ``freeOwnHeaders(_:)`` once the transfer
     /// ends). Returns the block (nil when there are no own lines) and the list's head.
-    static func headerBlock(_ lines: [String], extra: StaticString?, shared: UnsafeMutablePointer<curl_slist>?)
+    static func headerBlock(_ lines: HeaderLines, extra: StaticString?, shared: UnsafeMutablePointer<curl_slist>?)
         -> (block: UnsafeMutableRawPointer?, list: UnsafeMutablePointer<curl_slist>?)
     {
         let count = lines.count + (extra == nil ? 0 : 1)
         guard count > 0 else { return (nil, shared) }
-        var textBytes = extra.map { $0.utf8CodeUnitCount + 1 } ?? 0
-        for line in lines { textBytes += line.utf8.count + 1 }
+        let textBytes = lines.bytes.count + (extra.map { $0.utf8CodeUnitCount + 1 } ?? 0)
         let nodeBytes = count * MemoryLayout<curl_slist>.stride
         let block = UnsafeMutableRawPointer.allocate(byteCount: nodeBytes + textBytes, alignment: MemoryLayout<curl_slist>.alignment)
         let nodes = block.bindMemory(to: curl_slist.self, capacity: count)
-        var text = (block + nodeBytes).bindMemory(to: CChar.self, capacity: textBytes)
-        var index = 0
-        func add(_ bytes: UnsafeBufferPointer<UInt8>) {
-            let line = text
-            for byte in bytes { text.pointee = CChar(bitPattern: byte); text += 1 }
-            text.pointee = 0
-            text += 1
-            (nodes + index).initialize(to: curl_slist(data: line, next: index + 1 < count ? nodes + index + 1 : shared))
-            index += 1
+        let text = (block + nodeBytes).bindMemory(to: CChar.self, capacity: textBytes)
+        var end = lines.bytes.withUnsafeBytes { raw -> Int in
+            if let base = raw.baseAddress { UnsafeMutableRawPointer(text).copyMemory(from: base, byteCount: raw.count) }
+            return raw.count
         }
-        for var line in lines { line.withUTF8 { add($0) } }
-        if let extra { extra.withUTF8Buffer { add($0) } }
+        if let extra {
+            UnsafeMutableRawPointer(text + end).copyMemory(from: extra.utf8Start, byteCount: extra.utf8CodeUnitCount)
+            end += extra.utf8CodeUnitCount
+            text[end] = 0
+            end += 1
+        }
+        // A node per line, at each line's start (every line ends with a NUL).
+        var start = 0
+        for index in 0..<count {
+            (nodes + index).initialize(to: curl_slist(data: text + start, next: index + 1 < count ? nodes + index + 1 : shared))
+            while text[start] != 0 { start += 1 }
+            start += 1
+        }
         return (block, nodes)
     }
 

@@ -211,10 +211,39 @@ import Testing
             for id in ["", "x", String(repeating: "é", count: 300)] {
                 #expect(fast.headerLine(id: id, timestamp: timestamp, body: body[...])
                     == "webhook-signature: " + rotated.signature(id: id, timestamp: timestamp, body: body), "\(id.prefix(3)) \(timestamp)")
+                // Appended to the request's header bytes: the same line, after what was there.
+                var out = Array("before\u{0}".utf8)
+                fast.appendHeaderLine(id: id, timestamp: timestamp, body: body[...], to: &out)
+                #expect(out == Array("before\u{0}".utf8) + Array(fast.headerLine(id: id, timestamp: timestamp, body: body[...]).utf8))
             }
         }
         #expect(throws: WebhookSigner.InvalidSecret.self) { try WebhookSigner(secrets: ["whsec_!!!"]) }
         #expect(throws: WebhookSigner.InvalidSecret.self) { try WebhookSigner(secrets: ["short"]) }
+    }
+}
+
+@Suite struct HeaderLinesTests {
+    @Test func linesAreWrittenAsBytesAndTheUnsafeOnesAreFlagged() {
+        var lines = HeaderLines(capacity: 8)
+        lines.append("A: 1")
+        lines.append { $0 += "B: ".utf8; HeaderLines.appendDecimal(42, to: &$0) }
+        lines.append("")
+        #expect(lines.lines == ["A: 1", "B: 42", ""])
+        #expect(lines.count == 3)
+        #expect(lines.bytes == Array("A: 1\u{0}B: 42\u{0}\u{0}".utf8))
+        #expect(lines.refusedLine == nil)
+        for value in [0, 7, -5, 1_764_000_000, Int.max, Int.min] {
+            var out: [UInt8] = []
+            HeaderLines.appendDecimal(value, to: &out)
+            #expect(String(decoding: out, as: UTF8.self) == String(value))
+        }
+        // CR, LF or NUL inside a line: flagged (the first such line), and the request is refused.
+        for bad in ["X: a\r\nEvil: 1", "X: a\nb", "X: a\u{0}Evil: 1"] {
+            var unsafe = HeaderLines(["Fine: 1"])
+            unsafe.append(bad)
+            unsafe.append("Y: \r")
+            #expect(unsafe.refusedLine == String(bad.prefix(40)))
+        }
     }
 }
 
