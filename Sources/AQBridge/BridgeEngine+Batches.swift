@@ -106,8 +106,7 @@ extension BridgeEngine {
     /// A message with `batch` or `batchPart`: checked whole; its queues declared, its checkpoint,
     /// children and timer published and confirmed; only then acked.
     func batchMessage(_ run: Run) {
-        let spec = self.settings.spec
-        let known = Set(spec.workQueues.map(\.name))
+        let known = self.workQueueNames
         let creator = Self.creator(of: run)
         let parsed = BatchParser.parse(run.delivery.body, messageId: run.delivery.properties.messageId, queue: run.queue.name,
                                        defaults: run.queue.defaults, isWorkQueue: { known.contains($0) })

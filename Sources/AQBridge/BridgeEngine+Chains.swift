@@ -17,7 +17,7 @@ extension BridgeEngine {
     /// A message with `chain`: a create publishes step 1; a step message runs its step's
     /// callback like a task, with the chain's context as its body.
     func chainMessage(_ run: Run) {
-        let known = Set(self.settings.spec.workQueues.map(\.name))
+        let known = self.workQueueNames
         let parsed = ChainParser.parse(run.delivery.body, messageId: run.delivery.properties.messageId, defaults: run.queue.defaults,
                                        isWorkQueue: { known.contains($0) })
         var message: ChainMessage

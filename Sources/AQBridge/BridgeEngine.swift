@@ -175,6 +175,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     private var freeHostNumbers: [Int] = []
     /// The tier a parked task waits in: the shortest of at least 5 s.
     let parkTier: TimeSpan?
+    /// The topology's work queue names (a chain's steps may name any of them).
+    let workQueueNames: Set<String>
     var draining = false
     private var lastOverdueCheck = ContinuousClock.now
     private var pendingCounts = [Int](repeating: 0, count: BridgeMetrics.Counter.allCases.count)
@@ -193,6 +195,7 @@ final class BridgeEngine: AMQPConnectionExtension {
             maxWait: settings.maxHostWait))
         self.parkTier = settings.spec.retryTiers.first { $0.milliseconds >= 5000 } ?? settings.spec.retryTiers.last
         self.signing = settings.signer.makeContext()
+        self.workQueueNames = Set(settings.spec.workQueues.map(\.name))
     }
 
 
@@ -719,8 +722,20 @@ final class BridgeEngine: AMQPConnectionExtension {
 
         /// `{"taskId":…,"status":…,"queue":…,"attempts":…,"result":…[,"error":{…}]}`
         var json: [UInt8] {
-            var out = Array("{\"taskId\":\(self.taskId.map(JSONScan.quote) ?? "null"),\"status\":\"\(self.status)\",\"queue\":\(JSONScan.quote(self.queue)),\"attempts\":\(self.attempts),\"result\":".utf8)
-            out += self.result ?? Array("null".utf8)
+            // In one buffer (this runs for every task with a webhook or a reply).
+            var out: [UInt8] = []
+            out.reserveCapacity(96 + (self.taskId?.utf8.count ?? 4) + self.queue.utf8.count + (self.result?.count ?? 4)
+                                + (self.failure.map { 160 + $0.reason.utf8.count + $0.message.utf8.count + 2 * $0.body.count } ?? 0))
+            out += "{\"taskId\":".utf8
+            if let taskId = self.taskId { JSONScan.appendQuoted(taskId, to: &out) } else { out += "null".utf8 }
+            out += ",\"status\":\"".utf8
+            out += self.status.utf8
+            out += "\",\"queue\":".utf8
+            JSONScan.appendQuoted(self.queue, to: &out)
+            out += ",\"attempts\":".utf8
+            HeaderLines.appendDecimal(self.attempts, to: &out)
+            out += ",\"result\":".utf8
+            if let result = self.result { out += result } else { out += "null".utf8 }
             if let failure {
                 let snippet = String(decoding: failure.body, as: UTF8.self)
                 out += Array(",\"error\":{\"reason\":\(JSONScan.quote(failure.reason)),\"message\":\(JSONScan.quote(failure.message)),\"status\":\(failure.status.map(String.init) ?? "null"),\"body\":\(JSONScan.quote(snippet)),\"retryable\":\(failure.retryable)}".utf8)

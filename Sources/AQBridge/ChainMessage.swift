@@ -44,7 +44,7 @@ public struct ChainMessage: Sendable {
         var out: [UInt8] = []
         out.reserveCapacity(self.id.utf8.count + payload.count + previous.count + 96)
         out += "{\"chainId\":".utf8
-        out += JSONScan.quote(self.id).utf8
+        JSONScan.appendQuoted(self.id, to: &out)
         out += ",\"step\":\(step)".utf8
         if let child { out += ",\"index\":\(child.index)".utf8 }
         out += ",\"payload\":".utf8
@@ -105,16 +105,18 @@ public struct ChainMessage: Sendable {
         out.reserveCapacity(160 + self.id.utf8.count + urls.reduce(0) { $0 + ($1.1?.utf8.count ?? 0) } + (self.queue?.utf8.count ?? 0)
                             + self.payload.count + Self.listBytes(self.steps) + Self.listBytes(history) + Self.listBytes(results))
         out += "{\"chain\":{\"id\":".utf8
-        out += JSONScan.quote(self.id).utf8
+        JSONScan.appendQuoted(self.id, to: &out)
         for (key, url) in urls {
             if let url {
-                out += ",\"\(key)\":".utf8
-                out += JSONScan.quote(url).utf8
+                out += ",\"".utf8
+                out += key.utf8
+                out += "\":".utf8
+                JSONScan.appendQuoted(url, to: &out)
             }
         }
         if let queue = self.queue {
             out += ",\"queue\":".utf8
-            out += JSONScan.quote(queue).utf8
+            JSONScan.appendQuoted(queue, to: &out)
         }
         out += "},\"payload\":".utf8
         out += self.payload
@@ -218,8 +220,8 @@ public enum ChainParser {
                 batches.append(nil)
                 continue
             }
-            guard step.kind == .object, let object = try? JSONScan.members(Array(stepsBytes[step.range])) else { return bad("steps[\(i)] must be an object") }
             let stepBytes = Array(stepsBytes[step.range])
+            guard step.kind == .object, let object = try? JSONScan.members(stepBytes) else { return bad("steps[\(i)] must be an object") }
             if object["batch"] != nil {
                 // A step that fans out: a batch (its own join and deadline; no webhooks of its own).
                 let options = object["batch"].flatMap { try? JSONScan.members(Array(stepBytes[$0.range])) } ?? [:]

@@ -39,6 +39,9 @@ import Testing
             let text = String((0..<Int.random(in: 0...12, using: &generator)).map { _ in alphabet.randomElement(using: &generator) ?? "a" })
             let decoded = try? JSONSerialization.jsonObject(with: Data(JSONScan.quote(text).utf8), options: .fragmentsAllowed) as? String
             #expect(decoded == text)
+            var appended = Array("x".utf8)
+            JSONScan.appendQuoted(text, to: &appended)
+            #expect(appended == Array(("x" + JSONScan.quote(text)).utf8))
         }
         #expect(BridgeEngine.resultJSON([]) == Array("null".utf8))
         #expect(BridgeEngine.resultJSON(Array(" \n".utf8)) == Array("null".utf8))
