@@ -2,13 +2,22 @@ import AMQPClient
 import Foundation
 
 /// A chain step in flight: the context its message carries.
-struct ChainRun {
-    var message: ChainMessage
-    var step: Int
+/// A chain step being run. A class: the run and the step's closures share it (a struct this size
+/// was copied, and each of its dozen references retained and released, at every hand-over).
+final class ChainRun: Sendable {
+    let message: ChainMessage
+    let step: Int
     /// When its step message was published (Unix ms): the step's start.
-    var startedAt: Int64
+    let startedAt: Int64
     /// The work queue the chain lives on (webhook jobs go there).
-    var home: String
+    let home: String
+
+    init(message: ChainMessage, step: Int, startedAt: Int64, home: String) {
+        self.message = message
+        self.step = step
+        self.startedAt = startedAt
+        self.home = home
+    }
 }
 
 extension BridgeEngine {
