@@ -153,6 +153,14 @@ struct Admission<Item, Host: Hashable> {
     /// A request ended after `latency`: its slots are free. Returns the waiting requests that
     /// start now (each holding its slots), fairly across the (queue, host) lines.
     mutating func finished(queue: Int, host: Host, latency: Duration?, now: ContinuousClock.Instant) -> [Item] {
+        var started: [Item] = []
+        self.finished(queue: queue, host: host, latency: latency, now: now, into: &started)
+        return started
+    }
+
+    /// ``finished(queue:host:latency:now:)`` appending to `started` (a buffer the caller keeps:
+    /// no allocation per finished request).
+    mutating func finished(queue: Int, host: Host, latency: Duration?, now: ContinuousClock.Instant, into started: inout [Item]) {
         self.inFlight -= 1
         self.queueInFlight[queue] -= 1
         self.withHost(host) { state in
@@ -163,7 +171,6 @@ struct Admission<Item, Host: Hashable> {
                 state.lastProgress = now
             }
         }
-        var started: [Item] = []
         var checked = 0
         while !self.order.isEmpty, checked < self.order.count, self.inFlight < self.limits.total {
             if self.next >= self.order.count { self.next = 0 }
@@ -181,7 +188,6 @@ struct Admission<Item, Host: Hashable> {
             self.removeIfEmpty(pair, at: self.next)
         }
         self.forgetIdleHosts(host)
-        return started
     }
 
     /// Parkable requests whose expected wait has grown past `maxWait` (their host slowed down or

@@ -163,6 +163,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     var consumers: [(channel: UInt16, tag: String)] = []
     var runs: [ObjectIdentifier: Run] = [:]
     var admission: Admission<Request, Int>
+    /// Reused by ``finished(_:latency:now:)``.
+    private var startedScratch: [Request] = []
     /// Bytes held by active runs, and the most ever held at once.
     var inFlightBytes = 0
     private(set) var peakInFlightBytes = 0
@@ -527,8 +529,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     private func start(_ request: Request) {
         guard request.run.active else {
             // Its task was handed back while it waited: free the slot for the next one.
-            for next in self.admission.finished(queue: request.run.queueIndex, host: request.host, latency: nil, now: .now) { self.send(next) }
-            return
+            return self.finished(request, latency: nil, now: .now)
         }
         let started = ContinuousClock.now
         // The lines written as bytes into one buffer: one allocation for them all.
@@ -549,10 +550,20 @@ final class BridgeEngine: AMQPConnectionExtension {
             // An answer (any status) tells how fast the host is; a failure to connect does not.
             let now = ContinuousClock.now
             let answered = (try? result.get()) != nil
-            for next in self.admission.finished(queue: request.run.queueIndex, host: request.host,
-                                                latency: answered ? now - started : nil, now: now) { self.send(next) }
+            self.finished(request, latency: answered ? now - started : nil, now: now)
             request.done(result)
         }
+    }
+
+    /// A request's slots are free: the waiting requests that may start now are sent.
+    private func finished(_ request: Request, latency: Duration?, now: ContinuousClock.Instant) {
+        // The buffer is kept between calls (taken while in use: a send may finish another request).
+        var started = self.startedScratch
+        self.startedScratch = []
+        self.admission.finished(queue: request.run.queueIndex, host: request.host, latency: latency, now: now, into: &started)
+        for next in started { self.send(next) }
+        started.removeAll(keepingCapacity: true)
+        self.startedScratch = started
     }
 
     // MARK: Callback
