@@ -42,6 +42,45 @@ import Testing
         await connection.close()
     }
 
+    /// A publish goes out as one write of frames we encode with rabbitmq-c's encoders (up to
+    /// 4 MiB; larger ones through amqp_basic_publish): bodies at and across frame boundaries,
+    /// empty, large, and every property, read back byte for byte.
+    @Test func bodiesAcrossFrameBoundariesAndEveryPropertyArriveIntact() async throws {
+        let connection = try await TestBroker.connect()
+        let channel = try await connection.openChannel()
+        let queue = TestBroker.uniqueName()
+        try await channel.declareQueue(queue, exclusive: true)
+        try await channel.enableConfirms()
+        let frameBody = 131_072 - 8  // the broker's default frame_max, less a body frame's overhead
+        let sizes = [0, 1, 100, frameBody - 1, frameBody, frameBody + 1, 2 * frameBody, 3 * frameBody + 5, 1 << 20, 5 << 20]
+        let headers: AMQPTable = ["s": .string("é日本"), "i": .int32(-7), "l": .int64(Int64.max), "b": .bool(true), "d": .double(2.5),
+                                  "t": .table(["n": .array([.int8(1), .string("x")])]), "x": .bytes([0, 255, 10])]
+        let properties = AMQPProperties(contentType: "application/octet-stream", contentEncoding: "identity", headers: headers,
+                                        deliveryMode: .persistent, priority: 3, correlationId: "c-1", replyTo: "r", expiration: "600000",
+                                        timestamp: 1_764_000_000, type: "kind", appId: "tests")
+        var sent: [[UInt8]] = []
+        for (index, size) in sizes.enumerated() {
+            let body = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ index) }
+            sent.append(body)
+            var p = properties
+            p.messageId = "m-\(index)"
+            #expect(try await channel.beginPublish(body, routingKey: queue, properties: p).result() == .confirmed)
+        }
+        var received = 0
+        for try await delivery in try await channel.consume(queue) {
+            let index = received
+            #expect(delivery.body == sent[index], "body \(index) (\(sizes[index]) bytes)")
+            var expected = properties
+            expected.messageId = "m-\(index)"
+            #expect(delivery.properties == expected, "properties of message \(index)")
+            try delivery.ack()
+            received += 1
+            if received == sizes.count { break }
+        }
+        #expect(received == sizes.count)
+        await connection.close()
+    }
+
     @Test func unroutableMandatoryPublishIsReturnedAndMatchedToItsPublish() async throws {
         let connection = try await TestBroker.connect()
         let channel = try await connection.openChannel()

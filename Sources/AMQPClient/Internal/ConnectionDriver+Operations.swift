@@ -1,4 +1,7 @@
 internal import CAQRabbitMQ
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The operations the public handles submit. All run on the connection thread.
 extension ConnectionDriver {
@@ -264,9 +267,11 @@ extension ConnectionDriver {
         let arena = self.publishArena
         var cProperties = arena.properties(properties)
         let status = body.withUnsafeBytes { raw -> Int32 in
+            var method = amqp_basic_publish_t(ticket: 0, exchange: arena.bytes(exchange), routing_key: arena.bytes(routingKey),
+                                              mandatory: mandatory ? 1 : 0, immediate: 0)
+            if let status = self.sendPublish(conn, id, &method, &cProperties, raw) { return status }
             let bytes = amqp_bytes_t(len: raw.count, bytes: UnsafeMutableRawPointer(mutating: raw.baseAddress))
-            return amqp_basic_publish(conn, id, arena.bytes(exchange), arena.bytes(routingKey), mandatory ? 1 : 0, 0,
-                                      &cProperties, bytes)
+            return amqp_basic_publish(conn, id, method.exchange, method.routing_key, method.mandatory, 0, &cProperties, bytes)
         }
         arena.reset()
         guard status == AMQP_STATUS_OK.rawValue else {
@@ -282,6 +287,50 @@ extension ConnectionDriver {
         } else {
             completion.complete(.success(.sent))
         }
+    }
+
+    /// Writes a publish's frames with one `send()` on a plain TCP connection (rabbitmq-c's
+    /// `amqp_basic_publish` makes one per frame: three system calls for a small message). The
+    /// bytes are the ones rabbitmq-c would send, encoded by its own `amqp_encode_method` and
+    /// `amqp_encode_properties`; frames are never interleaved, since only this thread writes.
+    /// Returns nil when it did not send (TLS, or a message larger than the buffer's limit): the
+    /// caller then uses `amqp_basic_publish`.
+    func sendPublish(_ conn: amqp_connection_state_t, _ id: UInt16, _ method: inout amqp_basic_publish_t,
+                     _ properties: inout amqp_basic_properties_t, _ body: UnsafeRawBufferPointer) -> Int32? {
+        guard self.plainSocket else { return nil }
+        let frameMax = Int(amqp_get_frame_max(conn))
+        guard frameMax >= 4096 else { return nil }
+        // Method and header frames each fit one frame (WireCheck); the body adds 8 bytes a frame.
+        let needed = 2 * frameMax + body.count + 8 * (body.count / (frameMax - 8) + 1)
+        guard needed <= Self.maxPublishBuffer else { return nil }
+        if self.publishBuffer.count < needed {
+            self.publishBuffer.deallocate()
+            self.publishBuffer = .allocate(byteCount: max(needed, 2 * self.publishBuffer.count), alignment: 8)
+        }
+        guard let base = self.publishBuffer.baseAddress?.assumingMemoryBound(to: UInt8.self) else { return nil }
+        let length = aq_encode_publish(base, self.publishBuffer.count, id, &method, &properties,
+                                       body.baseAddress?.assumingMemoryBound(to: UInt8.self), body.count, frameMax)
+        guard length > 0 else { return nil }
+        let fd = amqp_get_sockfd(conn)
+        guard fd >= 0 else { return nil }
+        var offset = 0
+        while offset < length {
+            let n = send(fd, base + offset, length - offset, Int32(MSG_NOSIGNAL))
+            if n > 0 {
+                offset += n
+                continue
+            }
+            let error = errno
+            if n < 0, error == EINTR { continue }
+            if n < 0, error == EAGAIN || error == EWOULDBLOCK {
+                // The socket is non-blocking: wait until it takes more (rabbitmq-c waits the same way).
+                var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                _ = poll(&entry, 1, -1)
+                continue
+            }
+            return AMQP_STATUS_SOCKET_ERROR.rawValue
+        }
+        return AMQP_STATUS_OK.rawValue
     }
 
     // MARK: Consuming

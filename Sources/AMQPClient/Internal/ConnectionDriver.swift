@@ -50,6 +50,12 @@ final class ConnectionDriver {
     var channelsHoldingAcks: [UInt16] = []
     /// Reused for every publish, so building properties costs no malloc.
     let publishArena = CArena(capacity: 16 * 1024)
+    /// A publish's frames, encoded for one `send()` (see `sendPublish`); grown up to
+    /// `maxPublishBuffer`, larger messages go through `amqp_basic_publish`.
+    var publishBuffer: UnsafeMutableRawBufferPointer = .allocate(byteCount: 64 * 1024, alignment: 8)
+    static let maxPublishBuffer = 4 * 1024 * 1024
+    /// The connection is plain TCP (not TLS): its frames may be written to the socket directly.
+    var plainSocket = false
     private var closeWaiters: [CheckedContinuation<Void, Never>] = []
     /// Messages whose content frames are still arriving, per channel.
     var incoming: [UInt16: IncomingContent] = [:]
@@ -70,6 +76,8 @@ final class ConnectionDriver {
         self.shared = shared
         self.watch = StuckThreadWatchdog.Entry(connection: shared.id, logger: shared.logger)
     }
+
+    deinit { self.publishBuffer.deallocate() }
 
     var isConnected: Bool {
         if case .connected = self.phase { return true }
@@ -373,6 +381,7 @@ final class ConnectionDriver {
             socket = amqp_tcp_socket_new(conn)
             guard socket != nil else { throw AMQPError(code: .connectionFailed, message: "could not create a TCP socket") }
         }
+        self.plainSocket = config.tls == nil
         var timeout = Self.makeTimeval(config.connectTimeout)
         errno = 0
         let status = amqp_socket_open_noblock(socket, target.host, Int32(target.port), &timeout)
