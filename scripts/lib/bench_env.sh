@@ -1,7 +1,7 @@
 # Shared by scripts/bench-bridge, bench-batch and bench-chain (sourced after scripts/lib/common.sh):
 # builds aq-bridge as the packages ship it (release, Swift runtime linked in statically), aq and
 # aq-bench; starts the private RabbitMQ unless it runs (stopped again on exit); gives the run a
-# fresh virtual host `aq-bench` with our topology. Sets BRIDGE, BIN, WORK, RESULTS, URL, MGMT and
+# fresh virtual host (`aq-bench-<pid>-<n>`, deleted on exit) with our topology. Sets BRIDGE, BIN, WORK, RESULTS, URL, MGMT and
 # AQ (the aq-bridge command line: signing on, health/metrics server on a free port); `one LABEL
 # MODE TASKS [aq-bench flags...] -- COMMAND...` runs aq-bench once and appends its JSON line to
 # $RESULTS.
@@ -16,12 +16,25 @@ WORK=$(mktemp -d /tmp/aq-bench.XXXXXX)
 RESULTS=$WORK/runs.jsonl
 
 aq_bench_started=0
-aq_bench_cleanup() { if [ "$aq_bench_started" = 1 ]; then aq_broker_stop; fi; }
+MGMT=$(aq_management_url)
+# A virtual host of its own, deleted at the end: quorum queues of a just-deleted virtual host can
+# still be shutting down, and declaring them again under the same name then fails (541).
+VHOST=aq-bench-$$-$RANDOM
+aq_bench_cleanup() {
+    curl -fsS -u guest:guest -X DELETE "$MGMT/api/vhosts/$VHOST" >/dev/null 2>&1 || true
+    if [ "$aq_bench_started" = 1 ]; then aq_broker_stop; fi
+}
 trap aq_bench_cleanup EXIT
 if ! aq_broker_running; then aq_broker_start; aq_bench_started=1; fi
-MGMT=$(aq_management_url)
-VHOST=aq-bench
-curl -fsS -u guest:guest -X DELETE "$MGMT/api/vhosts/$VHOST" >/dev/null 2>&1 || true
+# Virtual hosts left by runs that were killed (their process is gone), and the old fixed name.
+for stale in $(curl -fsS -u guest:guest "$MGMT/api/vhosts?columns=name" | python3 -c 'import json, sys; print(" ".join(v["name"] for v in json.load(sys.stdin)))'); do
+    case "$stale" in
+        aq-bench) ;;
+        aq-bench-*) pid=${stale#aq-bench-}; pid=${pid%%-*}; ! kill -0 "$pid" 2>/dev/null || continue ;;
+        *) continue ;;
+    esac
+    curl -fsS -u guest:guest -X DELETE "$MGMT/api/vhosts/$stale" >/dev/null 2>&1 || true
+done
 curl -fsS -u guest:guest -X PUT "$MGMT/api/vhosts/$VHOST" >/dev/null
 curl -fsS -u guest:guest -X PUT "$MGMT/api/permissions/$VHOST/guest" -H 'content-type: application/json' \
     -d '{"configure":".*","write":".*","read":".*"}' >/dev/null
