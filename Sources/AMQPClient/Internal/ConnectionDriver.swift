@@ -304,6 +304,9 @@ final class ConnectionDriver {
     func readAvailable(_ conn: amqp_connection_state_t) -> (frames: Int, bodyBytes: Int) {
         var frames = 0, bodyBytes = 0, released = 0
         while self.isConnected && frames < 1024 && bodyBytes < Self.maxBodyBytesPerTurn {
+            // Past the first frame, read only what rabbitmq-c already holds: asking for more would
+            // end every turn with a recv() that says EAGAIN (the next poll tells when more came).
+            if frames > 0, amqp_frames_enqueued(conn) == 0, amqp_data_in_buffer(conn) == 0 { break }
             var frame = amqp_frame_t()
             var zero = timeval(tv_sec: 0, tv_usec: 0)
             let status = amqp_simple_wait_frame_noblock(conn, &frame, &zero)
