@@ -323,7 +323,12 @@ extension ConnectionDriver {
             let error = errno
             if n < 0, error == EINTR { continue }
             if n < 0, error == EAGAIN || error == EWOULDBLOCK {
-                // The socket is non-blocking: wait until it takes more (rabbitmq-c waits the same way).
+                // The socket is non-blocking: wait until it takes more. Nothing is read meanwhile
+                // (a frame dispatched now could publish into the middle of this one); a broker
+                // that never takes the rest is the stuck-thread watchdog's case: it shuts the
+                // socket down after twice the heartbeat (or the RPC timeout) plus 5 s, this send
+                // fails and the connection recovers. (rabbitmq-c waits until the heartbeat
+                // deadline, reading meanwhile, and ends it as a heartbeat timeout.)
                 var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
                 _ = poll(&entry, 1, -1)
                 continue
