@@ -172,7 +172,7 @@ public enum JSONScan {
         var text = text
         return text.withUTF8 { bytes -> String in
             // Most texts (ids, URLs, queue names) need no escape: one allocation.
-            guard bytes.contains(where: { $0 < 0x20 || $0 == UInt8(ascii: "\"") || $0 == UInt8(ascii: "\\") }) else {
+            guard Self.needsEscape(bytes) else {
                 return String(unsafeUninitializedCapacity: bytes.count + 2) { out in
                     out[0] = UInt8(ascii: "\"")
                     _ = UnsafeMutableBufferPointer(rebasing: out[1...]).initialize(fromContentsOf: bytes)
@@ -193,9 +193,14 @@ public enum JSONScan {
         text.withUTF8 { Self.appendQuoted($0, to: &out) }
     }
 
+    /// Whether a JSON string literal of these bytes needs an escape (a control character, `"` or `\\`).
+    static func needsEscape(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
+        bytes.contains { $0 < 0x20 || $0 == UInt8(ascii: "\"") || $0 == UInt8(ascii: "\\") }
+    }
+
     static func appendQuoted(_ bytes: UnsafeBufferPointer<UInt8>, to out: inout [UInt8]) {
         out.append(UInt8(ascii: "\""))
-        guard bytes.contains(where: { $0 < 0x20 || $0 == UInt8(ascii: "\"") || $0 == UInt8(ascii: "\\") }) else {
+        guard Self.needsEscape(bytes) else {
             out.append(contentsOf: bytes)
             out.append(UInt8(ascii: "\""))
             return

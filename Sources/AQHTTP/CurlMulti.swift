@@ -55,22 +55,9 @@ public struct HeaderLines: Sendable {
     /// The lines, as text (for tests and logs).
     public var lines: [String] { self.bytes.split(separator: 0, omittingEmptySubsequences: false).dropLast().map { String(decoding: $0, as: UTF8.self) } }
 
-    /// Appends `value` in decimal digits, without making a `String`.
-    public static func appendDecimal(_ value: Int, to out: inout [UInt8]) {
-        if value < 0 { out.append(UInt8(ascii: "-")) }
-        var magnitude = value.magnitude
-        var digits: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
-                     UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-        var n = 0
-        withUnsafeMutableBytes(of: &digits) { raw in
-            repeat {
-                raw[n] = UInt8(ascii: "0") + UInt8(magnitude % 10)
-                magnitude /= 10
-                n += 1
-            } while magnitude > 0
-            for i in stride(from: n - 1, through: 0, by: -1) { out.append(raw[i]) }
-        }
-    }
+    /// Appends `value` in decimal digits (a number's text of up to 15 bytes is a small string:
+    /// no allocation).
+    public static func appendDecimal(_ value: Int, to out: inout [UInt8]) { out += String(value).utf8 }
 }
 
 /// An HTTP request for ``CurlMulti``.
