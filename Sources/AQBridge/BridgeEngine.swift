@@ -375,6 +375,13 @@ final class BridgeEngine: AMQPConnectionExtension {
             return self.park(run, reason: "the bridge holds \(self.inFlightBytes) bytes of tasks (max_inflight_bytes \(self.settings.maxInFlightBytes))")
         }
         self.count(.tasksReceived)
+        if headers?["aq-chain"] != nil, delivery.body.count <= queue.defaults.maxPayloadBytes {
+            // A chain's step message that the bridge published (the broker vouches for its
+            // publisher): read as a chain at once; the task reader would only find `chain` and
+            // say so. ChainParser checks it as strictly as any chain message.
+            run.parkable = true
+            return self.chainMessage(run)
+        }
         switch TaskParser.parse(delivery.body, messageId: properties.messageId, defaults: queue.defaults) {
         case .failure(let malformed) where malformed.isBatch:
             run.parkable = true

@@ -57,7 +57,23 @@ public struct ChainMessage: Sendable {
 
     /// A finished step's record, as the final and failure webhooks list it (times in Unix ms).
     public func historyEntry(step: Int, attempts: Int, completed: Bool, startedAt: Int64, endedAt: Int64) -> ArraySlice<UInt8> {
-        Array("{\"step\":\(step),\"taskId\":\(JSONScan.quote("\(self.id):\(step)")),\"attempts\":\(attempts),\"status\":\"\(completed ? "completed" : "failed")\",\"startedAt\":\(startedAt),\"endedAt\":\(endedAt)}".utf8)[...]
+        var out: [UInt8] = []
+        out.reserveCapacity(self.id.utf8.count + 128)
+        out += "{\"step\":".utf8
+        out += String(step).utf8
+        out += ",\"taskId\":".utf8
+        JSONScan.appendQuoted(self.id, to: &out)
+        out.removeLast()  // the task id is "<chain id>:<step>": the closing quote comes after the step
+        out.append(UInt8(ascii: ":"))
+        out += String(step).utf8
+        out += "\",\"attempts\":".utf8
+        out += String(attempts).utf8
+        out += completed ? ",\"status\":\"completed\",\"startedAt\":".utf8 : ",\"status\":\"failed\",\"startedAt\":".utf8
+        out += String(startedAt).utf8
+        out += ",\"endedAt\":".utf8
+        out += String(endedAt).utf8
+        out.append(UInt8(ascii: "}"))
+        return out[...]
     }
 
     /// What `stepWebhookUrl` gets after a step.
@@ -136,63 +152,65 @@ public enum ChainParser {
     /// A chain id leaves room for `:<step>` in a batch step's id (itself at most 192 bytes).
     public static let maxIdBytes = BatchParser.maxIdBytes - 4
 
-    static let optionKeys: Set<String> = ["id", "webhookUrl", "failureWebhookUrl", "stepWebhookUrl", "queue"]
-    static let topKeys: Set<String> = ["chain", "payload", "steps", "step", "history", "results"]
+    static let optionKeys: [StaticString] = ["id", "webhookUrl", "failureWebhookUrl", "stepWebhookUrl", "queue"]
+    static let topKeys: [StaticString] = ["chain", "payload", "steps", "step", "history", "results"]
+    static let stepKeysRefused: [StaticString] = ["payload", "taskId", "webhookUrl", "failureWebhookUrl", "batch", "batchPart", "chain"]
 
     /// Reads and checks a chain message received on work queue `queue`.
+    ///
+    /// Every step message comes through here, so it reads the body in place: one pass checks the
+    /// whole document, then the parts it needs are found by range (no copies, no dictionaries).
     public static func parse(_ body: [UInt8], messageId: String?, defaults: TaskDefaults, isWorkQueue: (String) -> Bool,
                              now: Date = Date()) -> Result<ChainMessage, MalformedTask> {
-        let top: [String: JSONScan.Member]
-        do { top = try JSONScan.members(body) } catch {
+        let top: JSONScan.Fields
+        do { top = try JSONScan.Fields(body) } catch {
             return .failure(MalformedTask(reason: "the body is not a JSON object: \(error)"))
         }
         guard let chain = top["chain"], chain.kind == .object else { return .failure(MalformedTask(reason: "chain must be an object")) }
-        let options = Array(body[chain.range])
-        guard let members = try? JSONScan.members(options) else { return .failure(MalformedTask(reason: "chain is not a valid object")) }
+        guard let options = try? JSONScan.Fields(body, in: chain.range) else { return .failure(MalformedTask(reason: "chain is not a valid object")) }
         var notify: String?
-        var urls: [String: String] = [:]
-        for key in ["failureWebhookUrl", "webhookUrl", "stepWebhookUrl"] {
-            guard let member = members[key], member.kind != .null else { continue }
-            guard member.kind == .string, let url = try? JSONScan.decodeString(options, member.range) else {
-                return .failure(MalformedTask(reason: "chain.\(key) must be a string", notify: notify))
-            }
+        var webhookURL: String?, failureWebhookURL: String?, stepWebhookURL: String?
+        for key: StaticString in ["failureWebhookUrl", "webhookUrl", "stepWebhookUrl"] {
+            guard let member = options[key], member.kind != .null else { continue }
+            guard let url = options.string(member) else { return .failure(MalformedTask(reason: "chain.\(key) must be a string", notify: notify)) }
             if let problem = TaskParser.urlProblem(url) { return .failure(MalformedTask(reason: "chain.\(key) \(problem)", notify: notify)) }
-            urls[key] = url
-            if notify == nil, key != "stepWebhookUrl" { notify = url }
+            switch key.description {
+            case "failureWebhookUrl": failureWebhookURL = url
+            case "webhookUrl": webhookURL = url
+            default: stepWebhookURL = url
+            }
+            if notify == nil, key.description != "stepWebhookUrl" { notify = url }
         }
         func bad(_ reason: String) -> Result<ChainMessage, MalformedTask> { .failure(MalformedTask(reason: reason, notify: notify)) }
-        // (Sorted only when there is one, so the message names the same key every time.)
-        if top.keys.contains(where: { !Self.topKeys.contains($0) }), let unknown = top.keys.sorted().first(where: { !Self.topKeys.contains($0) }) {
+        if let unknown = top.firstUnknownKey(Self.topKeys) {
             return bad("unknown key '\(unknown.prefix(64))' in a chain message (chain, payload, steps are allowed)")
         }
-        if members.keys.contains(where: { !Self.optionKeys.contains($0) }), let unknown = members.keys.sorted().first(where: { !Self.optionKeys.contains($0) }) {
-            return bad("unknown chain option '\(unknown.prefix(64))' (known: \(Self.optionKeys.sorted().joined(separator: ", ")))")
+        if let unknown = options.firstUnknownKey(Self.optionKeys) {
+            return bad("unknown chain option '\(unknown.prefix(64))' (known: failureWebhookUrl, id, queue, stepWebhookUrl, webhookUrl)")
         }
         var home: String?
-        if let member = members["queue"], member.kind != .null {
-            guard member.kind == .string, let name = try? JSONScan.decodeString(options, member.range), isWorkQueue(name) else {
-                return bad("chain.queue must name a work queue")
-            }
+        if let member = options["queue"], member.kind != .null {
+            guard let name = options.string(member), isWorkQueue(name) else { return bad("chain.queue must name a work queue") }
             home = name
         }
         var id: String? = messageId.flatMap { $0.isEmpty ? nil : $0 }
-        if let member = members["id"], member.kind != .null {
-            guard member.kind == .string, let text = try? JSONScan.decodeString(options, member.range) else { return bad("chain.id must be a string") }
+        let idMember = options["id"]
+        if let member = idMember, member.kind != .null {
+            guard let text = options.string(member) else { return bad("chain.id must be a string") }
             id = text
         }
-        if top["step"] != nil, let messageId, let colon = messageId.lastIndex(of: ":"), members["id"] == nil {
+        if top["step"] != nil, let messageId, let colon = messageId.lastIndex(of: ":"), idMember == nil {
             id = String(messageId[..<colon])  // a step published back without chain.id: its message id is <chain id>:<step>
         }
         // No '.', '*' or '#': the id is one word of the step's routing key on the topic exchange.
         guard let id = TaskParser.safeId(id ?? UUID().uuidString.lowercased()), id.utf8.count <= Self.maxIdBytes,
-              !id.contains(where: { $0 == "." || $0 == "*" || $0 == "#" }) else {
+              !id.utf8.contains(where: { $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: "*") || $0 == UInt8(ascii: "#") }) else {
             return bad("the chain id must be at most \(Self.maxIdBytes) bytes without control characters, '.', '*' or '#'")
         }
         guard let stepsMember = top["steps"], stepsMember.kind == .array else { return bad("steps must be an array of step objects") }
-        let stepsBytes = Array(body[stepsMember.range])
         var steps: [JSONScan.Member] = []
         do {
-            try JSONScan.forEachElement(stepsBytes) { (member: JSONScan.Member) throws(JSONScan.Failure) in steps.append(member) }
+            try JSONScan.forEachElement(body, in: stepsMember.range) { (member: JSONScan.Member) throws(JSONScan.Failure) in steps.append(member) }
         } catch {
             return bad("steps is not a valid array: \(error)")
         }
@@ -200,6 +218,9 @@ public enum ChainParser {
         var specs: [TaskSpec?] = []
         var batches: [BatchMessage?] = []
         var queues: [String?] = []
+        specs.reserveCapacity(steps.count)
+        batches.reserveCapacity(steps.count)
+        queues.reserveCapacity(steps.count)
         var current: Int?
         if let member = top["step"] {
             guard let value = JSONScan.integer(body, member, in: 1...steps.count) else { return bad("step must be a step number from 1 to \(steps.count)") }
@@ -210,8 +231,8 @@ public enum ChainParser {
             // were checked at the create; one published back by hand is checked when it runs)
             // and reads the next one's queue.
             if let current, i != current - 1 {
-                if i == current, step.kind == .object, let object = try? JSONScan.members(Array(stepsBytes[step.range])),
-                   let member = object["queue"], member.kind == .string, let name = try? JSONScan.decodeString(stepsBytes, member.range.lowerBound + step.range.lowerBound ..< member.range.upperBound + step.range.lowerBound) {
+                if i == current, step.kind == .object, let object = try? JSONScan.Fields(body, in: step.range),
+                   let member = object["queue"], let name = object.string(member) {
                     queues.append(isWorkQueue(name) ? name : nil)
                 } else {
                     queues.append(nil)
@@ -220,15 +241,15 @@ public enum ChainParser {
                 batches.append(nil)
                 continue
             }
-            let stepBytes = Array(stepsBytes[step.range])
-            guard step.kind == .object, let object = try? JSONScan.members(stepBytes) else { return bad("steps[\(i)] must be an object") }
+            guard step.kind == .object, let object = try? JSONScan.Fields(body, in: step.range) else { return bad("steps[\(i)] must be an object") }
             if object["batch"] != nil {
                 // A step that fans out: a batch (its own join and deadline; no webhooks of its own).
-                let options = object["batch"].flatMap { try? JSONScan.members(Array(stepBytes[$0.range])) } ?? [:]
-                if options["webhookUrl"] != nil || options["failureWebhookUrl"] != nil || options["size"] != nil || options["id"] != nil {
+                let batchOptions = object["batch"].flatMap { try? JSONScan.Fields(body, in: $0.range) }
+                if let batchOptions, batchOptions["webhookUrl"] != nil || batchOptions["failureWebhookUrl"] != nil || batchOptions["size"] != nil || batchOptions["id"] != nil {
                     return bad("steps[\(i)]: a batch step takes join and deadline only (the chain reports it)")
                 }
-                switch BatchParser.parse(stepBytes, messageId: "\(id):\(i + 1)", queue: home ?? "default", defaults: defaults, isWorkQueue: isWorkQueue, now: now) {
+                switch BatchParser.parse(Array(body[step.range]), messageId: "\(id):\(i + 1)", queue: home ?? "default", defaults: defaults,
+                                         isWorkQueue: isWorkQueue, now: now) {
                 case .failure(let error): return bad("steps[\(i)]: \(error.reason)")
                 case .success(let batch): batches.append(batch)
                 }
@@ -236,17 +257,15 @@ public enum ChainParser {
                 queues.append(nil)
                 continue
             }
-            for key in ["payload", "taskId", "webhookUrl", "failureWebhookUrl", "batch", "batchPart", "chain"] where object[key] != nil {
+            for key in Self.stepKeysRefused where object[key] != nil {
                 return bad("steps[\(i)]: '\(key)' is not allowed in a step (the chain gives its payload and webhooks)")
             }
             var queue: String?
             if let member = object["queue"], member.kind != .null {
-                guard member.kind == .string, let name = try? JSONScan.decodeString(stepBytes, member.range), isWorkQueue(name) else {
-                    return bad("steps[\(i)].queue must name a work queue")
-                }
+                guard let name = object.string(member), isWorkQueue(name) else { return bad("steps[\(i)].queue must name a work queue") }
                 queue = name
             }
-            switch TaskParser.parse(stepBytes, messageId: "\(id):\(i + 1)", defaults: defaults, now: now) {
+            switch TaskParser.parse(body, in: step.range, messageId: "\(id):\(i + 1)", defaults: defaults, now: now) {
             case .failure(let error): return bad("steps[\(i)]: \(error.reason)")
             case .success(let spec): specs.append(spec)
             }
@@ -254,29 +273,30 @@ public enum ChainParser {
             queues.append(queue)
         }
         let step = current
-        func list(_ key: String) -> Result<[ArraySlice<UInt8>], MalformedTask> {
-            guard let member = top[key], member.kind != .null else { return .success([]) }
+        func list(_ member: JSONScan.Member?, _ key: String) -> Result<[ArraySlice<UInt8>], MalformedTask> {
+            guard let member, member.kind != .null else { return .success([]) }
             guard member.kind == .array else { return .failure(MalformedTask(reason: "\(key) must be an array", notify: notify)) }
             var items: [ArraySlice<UInt8>] = []
-            let base = member.range.lowerBound
-            try? JSONScan.forEachElement(Array(body[member.range])) { (element: JSONScan.Member) throws(JSONScan.Failure) in
-                items.append(body[(base + element.range.lowerBound)..<(base + element.range.upperBound)])
+            items.reserveCapacity(steps.count)
+            try? JSONScan.forEachElement(body, in: member.range) { (element: JSONScan.Member) throws(JSONScan.Failure) in
+                items.append(body[element.range])
             }
             return .success(items)
         }
+        let historyMember = top["history"], resultsMember = top["results"]
         let history: [ArraySlice<UInt8>], results: [ArraySlice<UInt8>]
-        switch (list("history"), list("results")) {
+        switch (list(historyMember, "history"), list(resultsMember, "results")) {
         case (.failure(let error), _), (_, .failure(let error)): return .failure(error)
         case (.success(let h), .success(let r)): (history, results) = (h, r)
         }
         if let step, results.count != step - 1 || history.count != step - 1 {
             return bad("step \(step) needs the \(step - 1) earlier steps' history and results")
         }
-        if step == nil, top["history"] != nil || top["results"] != nil { return bad("history and results come with step") }
+        if step == nil, historyMember != nil || resultsMember != nil { return bad("history and results come with step") }
         let payload = top["payload"].map { body[$0.range] } ?? Array("null".utf8)[...]
-        return .success(ChainMessage(id: id, webhookURL: urls["webhookUrl"], failureWebhookURL: urls["failureWebhookUrl"],
-                                     stepWebhookURL: urls["stepWebhookUrl"], queue: home, payload: payload,
-                                     steps: steps.map { stepsBytes[$0.range] }, step: step, history: history, results: results,
+        return .success(ChainMessage(id: id, webhookURL: webhookURL, failureWebhookURL: failureWebhookURL,
+                                     stepWebhookURL: stepWebhookURL, queue: home, payload: payload,
+                                     steps: steps.map { body[$0.range] }, step: step, history: history, results: results,
                                      queues: queues, specs: specs, batches: batches))
     }
 }

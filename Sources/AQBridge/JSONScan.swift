@@ -28,10 +28,17 @@ public enum JSONScan {
     /// Calls `body` with each top-level member's key (its range, quotes included) and value,
     /// without building strings or a dictionary.
     public static func forEachMember(_ bytes: [UInt8], _ body: (Range<Int>, Member) throws(Failure) -> Void) throws(Failure) {
-        var scanner = Scanner(bytes: bytes)
+        try self.forEachMember(bytes, in: bytes.indices, body)
+    }
+
+    /// `forEachMember` over the object at `range` of `bytes` (ranges given to `body`, and offsets
+    /// in a failure, are in `bytes`):
+    /// a value inside a document is read in place, not copied out.
+    public static func forEachMember(_ bytes: [UInt8], in range: Range<Int>, _ body: (Range<Int>, Member) throws(Failure) -> Void) throws(Failure) {
+        var scanner = Scanner(bytes: bytes, index: range.lowerBound, end: range.upperBound)
         scanner.skipSpace()
         guard scanner.peek == UInt8(ascii: "{") else {
-            if scanner.index >= bytes.count { throw Failure(offset: 0, reason: "empty body") }
+            if scanner.index >= range.upperBound { throw Failure(offset: range.lowerBound, reason: "empty body") }
             throw Failure(offset: scanner.index, reason: "expected a JSON object")
         }
         scanner.index += 1
@@ -57,15 +64,20 @@ public enum JSONScan {
             }
         }
         scanner.skipSpace()
-        guard scanner.index == bytes.count else { throw Failure(offset: scanner.index, reason: "unexpected data after the object") }
+        guard scanner.index == range.upperBound else { throw Failure(offset: scanner.index, reason: "unexpected data after the object") }
     }
 
     /// Calls `body` with each element of a top-level array (its kind and exact bytes).
     public static func forEachElement(_ bytes: [UInt8], _ body: (Member) throws(Failure) -> Void) throws(Failure) {
-        var scanner = Scanner(bytes: bytes)
+        try self.forEachElement(bytes, in: bytes.indices, body)
+    }
+
+    /// `forEachElement` over the array at `range` of `bytes` (ranges given to `body` are in `bytes`).
+    public static func forEachElement(_ bytes: [UInt8], in range: Range<Int>, _ body: (Member) throws(Failure) -> Void) throws(Failure) {
+        var scanner = Scanner(bytes: bytes, index: range.lowerBound, end: range.upperBound)
         scanner.skipSpace()
         guard scanner.peek == UInt8(ascii: "[") else {
-            if scanner.index >= bytes.count { throw Failure(offset: 0, reason: "empty body") }
+            if scanner.index >= range.upperBound { throw Failure(offset: range.lowerBound, reason: "empty body") }
             throw Failure(offset: scanner.index, reason: "expected a JSON array")
         }
         scanner.index += 1
@@ -85,7 +97,53 @@ public enum JSONScan {
             }
         }
         scanner.skipSpace()
-        guard scanner.index == bytes.count else { throw Failure(offset: scanner.index, reason: "unexpected data after the array") }
+        guard scanner.index == range.upperBound else { throw Failure(offset: scanner.index, reason: "unexpected data after the array") }
+    }
+
+    /// An object's members found in place, for the few keys a reader asks about: no dictionary
+    /// and no key strings. A key is matched on its bytes, or decoded first when it is written
+    /// with escapes; of duplicate keys the last one wins (as in ``members(_:)``).
+    public struct Fields {
+        public let bytes: [UInt8]
+        public private(set) var entries: [(key: Range<Int>, member: Member)] = []
+
+        /// The object at `range` of `bytes` (all of it by default).
+        public init(_ bytes: [UInt8], in range: Range<Int>? = nil) throws(Failure) {
+            self.bytes = bytes
+            var entries: [(key: Range<Int>, member: Member)] = []
+            entries.reserveCapacity(8)
+            try JSONScan.forEachMember(bytes, in: range ?? bytes.indices) { (key: Range<Int>, member: Member) throws(Failure) in
+                entries.append((key, member))
+            }
+            self.entries = entries
+        }
+
+        /// True when the key at `range` (quotes included) is `key`.
+        public func key(_ range: Range<Int>, is key: StaticString) -> Bool {
+            if JSONScan.keyEquals(self.bytes, range, key) { return true }
+            guard self.bytes[range].contains(UInt8(ascii: "\\")), let decoded = try? JSONScan.decodeString(self.bytes, range) else { return false }
+            return decoded == key.description
+        }
+
+        public subscript(key: StaticString) -> Member? {
+            for entry in self.entries.reversed() where self.key(entry.key, is: key) { return entry.member }
+            return nil
+        }
+
+        /// The first key (in sorted order) that is not one of `known`, decoded; nil when all are known.
+        public func firstUnknownKey(_ known: [StaticString]) -> String? {
+            var unknown: [String] = []
+            for entry in self.entries where !known.contains(where: { self.key(entry.key, is: $0) }) {
+                unknown.append((try? JSONScan.decodeString(self.bytes, entry.key)) ?? String(decoding: self.bytes[entry.key], as: UTF8.self))
+            }
+            return unknown.min()
+        }
+
+        /// The text of the string member at `member` (nil when it is not a valid string).
+        public func string(_ member: Member) -> String? {
+            guard member.kind == .string else { return nil }
+            return try? JSONScan.decodeString(self.bytes, member.range)
+        }
     }
 
     /// The whole number at `member` when it is one (no fraction, no exponent) in `range`.
@@ -106,7 +164,7 @@ public enum JSONScan {
 
     /// True when `bytes` is one complete JSON value (surrounding whitespace allowed).
     public static func isValid(_ bytes: [UInt8]) -> Bool {
-        var scanner = Scanner(bytes: bytes)
+        var scanner = Scanner(bytes: bytes, index: 0, end: bytes.count)
         scanner.skipSpace()
         do throws(Failure) {
             _ = try scanner.value(depth: 0)
@@ -225,12 +283,14 @@ public enum JSONScan {
 
     struct Scanner {
         let bytes: [UInt8]
-        var index = 0
+        var index: Int
+        /// Where the text being read ends (`bytes.count` for a whole document).
+        let end: Int
 
-        var peek: UInt8? { self.index < self.bytes.count ? self.bytes[self.index] : nil }
+        var peek: UInt8? { self.index < self.end ? self.bytes[self.index] : nil }
 
         mutating func skipSpace() {
-            while self.index < self.bytes.count {
+            while self.index < self.end {
                 switch self.bytes[self.index] {
                 case 0x20, 0x0A, 0x0D, 0x09: self.index += 1
                 default: return
@@ -291,7 +351,7 @@ public enum JSONScan {
 
         mutating func literal(_ word: StaticString) throws(Failure) {
             let count = word.utf8CodeUnitCount
-            guard self.index + count <= self.bytes.count else { throw Failure(offset: self.index, reason: "unexpected end") }
+            guard self.index + count <= self.end else { throw Failure(offset: self.index, reason: "unexpected end") }
             for k in 0..<count where self.bytes[self.index + k] != word.utf8Start[k] {
                 throw Failure(offset: self.index, reason: "invalid literal")
             }
@@ -311,6 +371,7 @@ public enum JSONScan {
                          UInt8(ascii: "n"), UInt8(ascii: "r"), UInt8(ascii: "t"):
                         self.index += 1
                     case UInt8(ascii: "u"):
+                        guard self.index + 5 <= self.end else { throw Failure(offset: self.index, reason: "bad \\u escape") }
                         _ = try JSONScan.hex4(self.bytes, self.index + 1)
                         self.index += 5
                     default: throw Failure(offset: self.index, reason: "invalid escape in a string")
@@ -339,7 +400,7 @@ public enum JSONScan {
             case 0xF4: count = 3; high = 0x8F
             default: throw Failure(offset: start, reason: "invalid UTF-8")
             }
-            guard self.index + count <= self.bytes.count else { throw Failure(offset: start, reason: "invalid UTF-8") }
+            guard self.index + count <= self.end else { throw Failure(offset: start, reason: "invalid UTF-8") }
             let second = self.bytes[self.index]
             guard second >= low, second <= high else { throw Failure(offset: start, reason: "invalid UTF-8") }
             for k in 1..<count where self.bytes[self.index + k] & 0xC0 != 0x80 {

@@ -90,15 +90,17 @@ public enum TaskParser {
 
     /// Reads and checks a task body. `messageId` is the AMQP `message_id` (the task id).
     /// `makeId` names a task that has neither a `message_id` nor a `taskId`.
-    public static func parse(_ body: [UInt8], messageId: String?, defaults: TaskDefaults, now: Date = Date(),
+    /// `range` is where the task is in `body` (a chain step is read inside its chain's message).
+    public static func parse(_ body: [UInt8], in range: Range<Int>? = nil, messageId: String?, defaults: TaskDefaults, now: Date = Date(),
                              makeId: () -> String = { UUID().uuidString.lowercased() }) -> Result<TaskSpec, MalformedTask> {
-        guard body.count <= defaults.maxPayloadBytes else {
-            return .failure(MalformedTask(reason: "the task is \(body.count) bytes, over the limit of \(defaults.maxPayloadBytes)"))
+        let range = range ?? body.indices
+        guard range.count <= defaults.maxPayloadBytes else {
+            return .failure(MalformedTask(reason: "the task is \(range.count) bytes, over the limit of \(defaults.maxPayloadBytes)"))
         }
         // One pass; known keys are matched on their bytes (a key written with escapes is decoded).
         var members = [JSONScan.Member?](repeating: nil, count: Self.keys.count)
         do {
-            try JSONScan.forEachMember(body) { (key: Range<Int>, member: JSONScan.Member) throws(JSONScan.Failure) in
+            try JSONScan.forEachMember(body, in: range) { (key: Range<Int>, member: JSONScan.Member) throws(JSONScan.Failure) in
                 if let index = Self.keys.firstIndex(where: { JSONScan.keyEquals(body, key, $0) }) {
                     members[index] = member
                 } else if body[key].contains(UInt8(ascii: "\\")) {

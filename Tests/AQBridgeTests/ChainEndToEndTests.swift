@@ -202,6 +202,32 @@ import Testing
         await bridge.stop()
     }
 
+    /// Step messages the bridge published skip the task reader (the broker vouches for the
+    /// publisher); a body that is not what the header says still gets a reason, alone.
+    @Test func aTrustedStepHeaderOnABadBodyIsDeadLetteredAndOthersRun() async throws {
+        let receiver = try Receiver()
+        let bridge = try await BridgeHarness.start()
+        let user = try AMQPConfiguration(url: bridge.amqpURL).user
+        let headers: AMQPTable = ["aq-chain": .string("x"), "aq-chain-step": .int32(2)]
+        let bodies = ["not json", #"{"callbackUrl":"\#(receiver.url("/task"))"}"#, #"{"chain":{"id":"x"},"steps":[{"callbackUrl":"\#(receiver.url("/s"))"}],"step":1,"history":[],"results":[],"extra":1}"#]
+        for (i, body) in bodies.enumerated() {
+            try await bridge.channel.publish(Array(body.utf8), exchange: "aq.tasks", routingKey: "default",
+                                             properties: AMQPProperties(contentType: "application/json", headers: headers, deliveryMode: .persistent,
+                                                                        messageId: "x:\(i)", userId: user))
+        }
+        try await bridge.publish(#"{"callbackUrl":"\#(receiver.url("/fine"))"}"#)
+        _ = try await receiver.wait("/fine", count: 1)
+        try await bridge.waitIdle()
+        let dead = try await bridge.deadLetters()
+        #expect(dead.count == 3)
+        #expect(dead.allSatisfy { $0.properties.headers?["aq-reason"]?.stringValue == "malformed" })
+        let errors = dead.compactMap { $0.properties.headers?["aq-error"]?.stringValue }
+        #expect(errors.contains { $0.contains("not a JSON object") } && errors.contains { $0.contains("chain must be an object") }
+                && errors.contains { $0.contains("unknown key 'extra'") }, "\(errors)")
+        #expect(receiver.requests("/task").isEmpty && receiver.requests("/s").isEmpty)
+        await bridge.stop()
+    }
+
     @Test func theSwiftClientCreatesAChain() async throws {
         let receiver = try Receiver()
         receiver.on("/double") { request, _ in
@@ -235,6 +261,54 @@ import Testing
         #expect(step.id == "c" && step.step == 2 && step.queue == "default" && step.webhookURL == "http://app/done")
         #expect(String(decoding: step.callbackBody(step: 2), as: UTF8.self) == #"{"chainId":"c","step":2,"payload":{"x":1},"previousResult":{"r":1}}"#)
         #expect(step.specs[1]?.retries == 0)
+    }
+
+    /// The reader finds members in place: keys written with escapes are decoded, the last of
+    /// duplicate keys wins, and an unknown key is named decoded.
+    @Test func keysAreReadAsJSONSaysWithoutADictionary() throws {
+        let escaped = try Self.parse(#"{"\u0063hain":{"\u0069d":"c","queue":"reports"},"st\u0065ps":[{"callback\u0055rl":"http://s/1"}]}"#).get()
+        #expect(escaped.id == "c" && escaped.queue == "reports" && escaped.specs[0]?.callbackURL == "http://s/1")
+        let twice = try Self.parse(#"{"chain":{"id":"a"},"steps":[{"callbackUrl":"http://s/1"}],"chain":{"id":"b"}}"#).get()
+        #expect(twice.id == "b")
+        switch Self.parse(#"{"chain":{},"steps":[{"callbackUrl":"http://s/1"}],"z\u0065d":1,"colour":2}"#) {
+        case .success: Issue.record("an unknown key was accepted")
+        case .failure(let error): #expect(error.reason.contains("unknown key 'colour'"), "\(error.reason)")
+        }
+        switch Self.parse(#"{"chain":{"\u0063olour":1},"steps":[{"callbackUrl":"http://s/1"}]}"#) {
+        case .success: Issue.record("an unknown option was accepted")
+        case .failure(let error): #expect(error.reason.contains("unknown chain option 'colour'"), "\(error.reason)")
+        }
+        // A step message: the step it runs is read in place inside the message, the next one's queue too.
+        let message = #"{"chain":{"id":"c"},"payload":[1],"steps":[{"callbackUrl":"http://s/1"},{"callbackUrl":"http://s/2","retries":1},{"callbackUrl":"http://s/3","queue":"reports"}],"step":2,"history":[{"step":1}],"results":[{"r":1}]}"#
+        let step = try Self.parse(message, messageId: "c:2").get()
+        #expect(step.step == 2 && step.specs[1]?.callbackURL == "http://s/2" && step.specs[1]?.retries == 1 && step.specs[1]?.id == "c:2")
+        #expect(step.specs[0] == nil && step.queues == [nil, nil, "reports"])
+        #expect(step.steps.map { String(decoding: $0, as: UTF8.self) } == [#"{"callbackUrl":"http://s/1"}"#, #"{"callbackUrl":"http://s/2","retries":1}"#, #"{"callbackUrl":"http://s/3","queue":"reports"}"#])
+        #expect(step.results.map { String(decoding: $0, as: UTF8.self) } == [#"{"r":1}"#] && String(decoding: step.payload, as: UTF8.self) == "[1]")
+    }
+
+    @Test func aHistoryEntryIsTheSameJSONItAlwaysWas() throws {
+        let message = try Self.parse(#"{"chain":{"id":"a\"b\\c"},"steps":[{"callbackUrl":"http://s/1"}]}"#).get()
+        for completed in [true, false] {
+            let entry = message.historyEntry(step: 12, attempts: 3, completed: completed, startedAt: 1_700_000_000_123, endedAt: -1)
+            let old = "{\"step\":12,\"taskId\":\(JSONScan.quote("\(message.id):12")),\"attempts\":3,\"status\":\"\(completed ? "completed" : "failed")\",\"startedAt\":1700000000123,\"endedAt\":-1}"
+            #expect(String(decoding: entry, as: UTF8.self) == old)
+            #expect(JSONScan.isValid(Array(entry)))
+        }
+    }
+
+    @Test func aPartOfADocumentIsReadInPlaceAndMustEndWhereItsRangeEnds() throws {
+        let bytes = Array(#"xx{"a":1,"b":"\u00e9"}yy"#.utf8)
+        let fields = try JSONScan.Fields(bytes, in: 2..<(bytes.count - 2))
+        let b = try #require(fields["b"])
+        #expect(fields["a"]?.range == 7..<8 && fields.string(b) == "é")
+        #expect(throws: JSONScan.Failure.self) { try JSONScan.Fields(bytes, in: 2..<(bytes.count - 1)) }
+        // A \u escape cut by the range's end is an error, not a read past it.
+        let cut = Array(#"{"a":"\u00"}"#.utf8)
+        #expect(throws: JSONScan.Failure.self) { try JSONScan.Fields(cut, in: 0..<9) }
+        var elements: [Range<Int>] = []
+        try JSONScan.forEachElement(Array("[1, [2], 3]".utf8), in: 4..<7) { (member: JSONScan.Member) throws(JSONScan.Failure) in elements.append(member.range) }
+        #expect(elements == [5..<6])
     }
 
     @Test func badChainsAreRefusedWithAReason() {
