@@ -58,26 +58,29 @@ import Testing
         let properties = AMQPProperties(contentType: "application/octet-stream", contentEncoding: "identity", headers: headers,
                                         deliveryMode: .persistent, priority: 3, correlationId: "c-1", replyTo: "r", expiration: "600000",
                                         timestamp: 1_764_000_000, type: "kind", appId: "tests")
-        var sent: [[UInt8]] = []
-        for (index, size) in sizes.enumerated() {
+        var sent: [([UInt8], AMQPProperties)] = []
+        // Then a content header of 100 KB (more than the 64 KiB of room the buffer's size counts
+        // on), and messages after the large ones (the buffer given back after 1 MiB).
+        var bigHeader = properties
+        bigHeader.headers?["big"] = .string(String(repeating: "h", count: 100_000))
+        let cases = sizes.map { ($0, properties) } + [(10, bigHeader), (100, properties), (frameBody + 1, properties)]
+        for (index, (size, base)) in cases.enumerated() {
             let body = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ index) }
-            sent.append(body)
-            var p = properties
+            var p = base
             p.messageId = "m-\(index)"
+            sent.append((body, p))
             #expect(try await channel.beginPublish(body, routingKey: queue, properties: p).result() == .confirmed)
         }
         var received = 0
         for try await delivery in try await channel.consume(queue) {
             let index = received
-            #expect(delivery.body == sent[index], "body \(index) (\(sizes[index]) bytes)")
-            var expected = properties
-            expected.messageId = "m-\(index)"
-            #expect(delivery.properties == expected, "properties of message \(index)")
+            #expect(delivery.body == sent[index].0, "body \(index) (\(sent[index].0.count) bytes)")
+            #expect(delivery.properties == sent[index].1, "properties of message \(index)")
             try delivery.ack()
             received += 1
-            if received == sizes.count { break }
+            if received == sent.count { break }
         }
-        #expect(received == sizes.count)
+        #expect(received == sent.count)
         await connection.close()
     }
 

@@ -300,12 +300,20 @@ extension ConnectionDriver {
         guard self.plainSocket else { return nil }
         let frameMax = Int(amqp_get_frame_max(conn))
         guard frameMax >= 4096 else { return nil }
-        // Method and header frames each fit one frame (WireCheck); the body adds 8 bytes a frame.
-        let needed = 2 * frameMax + body.count + 8 * (body.count / (frameMax - 8) + 1)
+        // The body adds 8 bytes a frame; 64 KiB is room for the method and the content header
+        // with any usual headers. Rarer, larger headers do not fit: the encoder says so and the
+        // message goes through `amqp_basic_publish`.
+        let needed = 64 * 1024 + body.count + 8 * (body.count / (frameMax - 8) + 1)
         guard needed <= Self.maxPublishBuffer else { return nil }
         if self.publishBuffer.count < needed {
             self.publishBuffer.deallocate()
-            self.publishBuffer = .allocate(byteCount: max(needed, 2 * self.publishBuffer.count), alignment: 8)
+            self.publishBuffer = .allocate(byteCount: min(max(needed, 2 * self.publishBuffer.count), Self.maxPublishBuffer), alignment: 8)
+        }
+        defer {
+            if self.publishBuffer.count > Self.keptPublishBuffer {
+                self.publishBuffer.deallocate()
+                self.publishBuffer = .allocate(byteCount: Self.publishBufferSize, alignment: 8)
+            }
         }
         guard let base = self.publishBuffer.baseAddress?.assumingMemoryBound(to: UInt8.self) else { return nil }
         let length = aq_encode_publish(base, self.publishBuffer.count, id, &method, &properties,

@@ -50,9 +50,13 @@ final class ConnectionDriver {
     var channelsHoldingAcks: [UInt16] = []
     /// Reused for every publish, so building properties costs no malloc.
     let publishArena = CArena(capacity: 16 * 1024)
-    /// A publish's frames, encoded for one `send()` (see `sendPublish`); grown up to
-    /// `maxPublishBuffer`, larger messages go through `amqp_basic_publish`.
-    var publishBuffer: UnsafeMutableRawBufferPointer = .allocate(byteCount: 64 * 1024, alignment: 8)
+    /// A publish's frames, encoded for one `send()` (see `sendPublish`): `publishBufferSize`,
+    /// grown for a larger message up to `maxPublishBuffer` (larger messages go through
+    /// `amqp_basic_publish`), and given back after a message that needed more than
+    /// `keptPublishBuffer`, so one large message does not pin megabytes per connection.
+    var publishBuffer: UnsafeMutableRawBufferPointer = .allocate(byteCount: ConnectionDriver.publishBufferSize, alignment: 8)
+    static let publishBufferSize = 128 * 1024
+    static let keptPublishBuffer = 1024 * 1024
     static let maxPublishBuffer = 4 * 1024 * 1024
     /// The connection is plain TCP (not TLS): its frames may be written to the socket directly.
     var plainSocket = false
