@@ -376,9 +376,11 @@ final class BridgeEngine: AMQPConnectionExtension {
         }
         self.count(.tasksReceived)
         if headers?["aq-chain"] != nil, delivery.body.count <= queue.defaults.maxPayloadBytes {
-            // A chain's step message that the bridge published (the broker vouches for its
-            // publisher): read as a chain at once; the task reader would only find `chain` and
-            // say so. ChainParser checks it as strictly as any chain message.
+            // A chain's step message that a bridge published (the broker vouches for its
+            // publisher; copies the bridge makes of a delivery never carry aq-* headers): read as
+            // a chain at once, without the task reader's pass. ChainParser checks it as strictly
+            // as any chain message; a body that is not a chain step (a task, a batch) is
+            // dead-lettered with its reason instead of run as what it looks like.
             run.parkable = true
             return self.chainMessage(run)
         }

@@ -101,42 +101,45 @@ public enum JSONScan {
     }
 
     /// An object's members found in place, for the few keys a reader asks about: no dictionary
-    /// and no key strings. A key is matched on its bytes, or decoded first when it is written
-    /// with escapes; of duplicate keys the last one wins (as in ``members(_:)``).
+    /// and no key strings. A key is matched on its bytes, or on its text when it is written with
+    /// escapes (decoded once, when the object is read); of duplicate keys the last one wins (as in
+    /// ``members(_:)``).
     public struct Fields {
         public let bytes: [UInt8]
-        public private(set) var entries: [(key: Range<Int>, member: Member)] = []
+        private var entries: [(key: Range<Int>, decoded: String?, member: Member)] = []
 
         /// The object at `range` of `bytes` (all of it by default).
         public init(_ bytes: [UInt8], in range: Range<Int>? = nil) throws(Failure) {
             self.bytes = bytes
-            var entries: [(key: Range<Int>, member: Member)] = []
+            var entries: [(key: Range<Int>, decoded: String?, member: Member)] = []
             entries.reserveCapacity(8)
             try JSONScan.forEachMember(bytes, in: range ?? bytes.indices) { (key: Range<Int>, member: Member) throws(Failure) in
-                entries.append((key, member))
+                let decoded = bytes[key].contains(UInt8(ascii: "\\")) ? try JSONScan.decodeString(bytes, key) : nil
+                entries.append((key, decoded, member))
             }
             self.entries = entries
         }
 
-        /// True when the key at `range` (quotes included) is `key`.
-        public func key(_ range: Range<Int>, is key: StaticString) -> Bool {
-            if JSONScan.keyEquals(self.bytes, range, key) { return true }
-            guard self.bytes[range].contains(UInt8(ascii: "\\")), let decoded = try? JSONScan.decodeString(self.bytes, range) else { return false }
-            return decoded == key.description
+        private func entry(_ index: Int, is key: StaticString) -> Bool {
+            let entry = self.entries[index]
+            guard let decoded = entry.decoded else { return JSONScan.keyEquals(self.bytes, entry.key, key) }
+            return decoded.utf8.elementsEqual(UnsafeBufferPointer(start: key.utf8Start, count: key.utf8CodeUnitCount))
         }
 
         public subscript(key: StaticString) -> Member? {
-            for entry in self.entries.reversed() where self.key(entry.key, is: key) { return entry.member }
+            for index in self.entries.indices.reversed() where self.entry(index, is: key) { return self.entries[index].member }
             return nil
         }
 
         /// The first key (in sorted order) that is not one of `known`, decoded; nil when all are known.
         public func firstUnknownKey(_ known: [StaticString]) -> String? {
-            var unknown: [String] = []
-            for entry in self.entries where !known.contains(where: { self.key(entry.key, is: $0) }) {
-                unknown.append((try? JSONScan.decodeString(self.bytes, entry.key)) ?? String(decoding: self.bytes[entry.key], as: UTF8.self))
+            var first: String?
+            for index in self.entries.indices where !known.contains(where: { self.entry(index, is: $0) }) {
+                let entry = self.entries[index]
+                let key = entry.decoded ?? String(decoding: self.bytes[(entry.key.lowerBound + 1)..<(entry.key.upperBound - 1)], as: UTF8.self)
+                if first.map({ key < $0 }) ?? true { first = key }
             }
-            return unknown.min()
+            return first
         }
 
         /// The text of the string member at `member` (nil when it is not a valid string).

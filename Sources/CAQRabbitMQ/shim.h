@@ -61,7 +61,8 @@ static inline uint32_t aq_amqp_version_number(void) { return amqp_version_number
  * basic.publish method frame, the content header frame and the body in frames of at most
  * `frame_max` bytes, so that one send() carries them (amqp_basic_publish makes a send() per frame:
  * three system calls for a small message). Returns the length, or a negative rabbitmq-c status
- * (AMQP_STATUS_NO_MEMORY when `cap` is too small: the caller sends with amqp_basic_publish). */
+ * (AMQP_STATUS_NO_MEMORY when `cap` is too small, or what rabbitmq-c's encoders return, such as
+ * AMQP_STATUS_TABLE_TOO_BIG): nothing is sent then, and the caller uses amqp_basic_publish. */
 static inline long aq_encode_publish(uint8_t *buf, size_t cap, amqp_channel_t channel,
                                      amqp_basic_publish_t *method, amqp_basic_properties_t *props,
                                      const uint8_t *body, size_t body_len, size_t frame_max) {

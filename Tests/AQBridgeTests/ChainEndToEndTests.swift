@@ -320,6 +320,10 @@ import Testing
             (#"{"chain":{},"steps":[{"callbackUrl":"http://s/1"}],"step":2,"history":[],"results":[]}"#, "step must be a step number"),
             (#"{"chain":{},"steps":[{"callbackUrl":"http://s/1"},{"callbackUrl":"http://s/2"}],"step":2,"history":[],"results":[]}"#, "earlier steps' history"),
             (#"{"chain":"x","steps":[]}"#, "chain must be an object"),
+            // A '.' followed by a combining mark is one Character but still a '.' in the routing key.
+            ("{\"chain\":{\"id\":\"a.\u{301}b\"},\"steps\":[{\"callbackUrl\":\"http://s/1\"}]}", "without control characters, '.', '*' or '#'"),
+            // Escaped duplicates: each key is decoded once; the last chain wins and is checked.
+            (#"{"ch\u0061in":{},"ch\u0061in":{"c\u006flour":1},"steps":[{"callbackUrl":"http://s/1"}]}"#, "unknown chain option 'colour'"),
         ]
         for (json, reason) in cases {
             switch Self.parse(json) {

@@ -306,11 +306,13 @@ extension ConnectionDriver {
         let needed = 64 * 1024 + body.count + 8 * (body.count / (frameMax - 8) + 1)
         guard needed <= Self.maxPublishBuffer else { return nil }
         if self.publishBuffer.count < needed {
+            // Doubling stays within the kept size unless this message needs more.
+            let grown = needed <= Self.keptPublishBuffer ? min(max(needed, 2 * self.publishBuffer.count), Self.keptPublishBuffer) : needed
             self.publishBuffer.deallocate()
-            self.publishBuffer = .allocate(byteCount: min(max(needed, 2 * self.publishBuffer.count), Self.maxPublishBuffer), alignment: 8)
+            self.publishBuffer = .allocate(byteCount: grown, alignment: 8)
         }
         defer {
-            if self.publishBuffer.count > Self.keptPublishBuffer {
+            if needed > Self.keptPublishBuffer {
                 self.publishBuffer.deallocate()
                 self.publishBuffer = .allocate(byteCount: Self.publishBufferSize, alignment: 8)
             }
