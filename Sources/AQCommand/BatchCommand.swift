@@ -69,11 +69,17 @@ extension AQCommand.Batch {
                 let replies = try await channel.declareQueue(base + ".replies", passive: true)
                 (waiting, consumers) = (replies.messageCount, replies.consumerCount)
                 // Every checkpoint in the queue (a crash may leave two): the newest counts. They
-                // are given back when the channel closes, unacknowledged.
-                while let delivery = try await channel.get(base + ".state") {
-                    if let checkpoint = try? JSONDecoder().decode(Checkpoint.self, from: Data(delivery.body)),
-                       checkpoint.version >= (best?.version ?? -1) {
-                        best = checkpoint
+                // are given back when the channel closes, unacknowledged. The aggregator reads its
+                // checkpoint back for a moment when it writes a new one (and a bridge taking the
+                // batch up reads it too), so an empty queue is read again for up to a second
+                // before it counts as "no checkpoint yet".
+                for attempt in 0..<40 where best == nil {
+                    if attempt > 0 { try await Task.sleep(for: .milliseconds(25)) }
+                    while let delivery = try await channel.get(base + ".state") {
+                        if let checkpoint = try? JSONDecoder().decode(Checkpoint.self, from: Data(delivery.body)),
+                           checkpoint.version >= (best?.version ?? -1) {
+                            best = checkpoint
+                        }
                     }
                 }
                 try await channel.close()

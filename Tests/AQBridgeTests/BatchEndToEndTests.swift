@@ -218,6 +218,33 @@ import Testing
         await bridge.stop()
     }
 
+    /// The aggregator reads its checkpoint back for a moment each time it writes one; `aq batch
+    /// status` looking in that moment waits for it instead of saying there is none.
+    @Test func aqBatchStatusWaitsOutACheckpointBeingReadBack() async throws {
+        let receiver = try Receiver()
+        receiver.onDelayed("/slow", by: .seconds(3))
+        let bridge = try await BridgeHarness.start()
+        try await bridge.publish(#"{"batch":{"id":"held","webhookUrl":"\#(receiver.url("/done"))"},"tasks":[\#(Self.child(receiver.url("/slow")))]}"#)
+        _ = try await receiver.wait("/slow", count: 1)
+        // Hold the checkpoint the way the aggregator does while it rotates it: read, unacked.
+        let holder = try await bridge.connection.openChannel()
+        let held = try await holder.get("aq.batch.held.state")
+        #expect(held != nil)
+        let (url, topology) = (bridge.amqpURL, bridge.topologyDir.path)
+        let looking = Task.detached {
+            try TestEnvironment.run(TestEnvironment.builtProgram("aq"), [
+                "batch", "status", "held", "--json", "--url", url, "-f", topology, "--management-url", BridgeHarness.managementURL,
+            ])
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        try await holder.close()  // given back, as the aggregator's nack does
+        let result = try await looking.value
+        #expect(result.status == 0, "\(result.out)\(result.err)")
+        #expect(result.out.contains(#""batchId":"held""#) || result.out.contains(#""batchId" : "held""#), "\(result.out)")
+        _ = try await receiver.wait("/done", count: 1)
+        await bridge.stop()
+    }
+
     @Test func onlyTheCreatorMayAddPartsOrReuseTheId() async throws {
         let receiver = try Receiver()
         receiver.onDelayed("/slow", by: .seconds(2))
