@@ -128,6 +128,13 @@ extension BridgeEngine {
         // A part needs its batch open; a create whose id is taken must come from the same creator.
         let state = self.batchState(id)
         var join = BatchJoin.allSettled
+        let parked = run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0
+        if case .open(nil) = state, parked < 3 {
+            // Its queues exist but no checkpoint could be read: its create is being carried out,
+            // or another bridge is reading its checkpoint back this very moment. Either way who
+            // created it is unknown now, so nothing is decided: it waits in the broker a little.
+            return self.park(run, reason: "batch \(id)'s checkpoint could not be read yet")
+        }
         switch (message.kind, state) {
         case (.create(let manifest), .open(let existing?)):
             if existing.manifest.creator != creator {
@@ -138,14 +145,16 @@ extension BridgeEngine {
             join = manifest.join
         case (.part, .gone):
             // Its create may still be on its way (another bridge): wait in the broker a little.
-            let parked = run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0
             if parked < 3 { return self.park(run, reason: "batch \(id) is not open yet") }
             return self.refuseBatch(run, "batchPart for batch '\(id.prefix(80))', which is not open (it ended, or was never created)", notify: nil, failures: nil)
-        case (.part, .open(let existing)):
-            if let existing, existing.manifest.creator != creator {
+        case (.part, .open(nil)):
+            // Still no checkpoint after waiting: the part cannot be checked against its creator.
+            return self.refuseBatch(run, "batchPart for batch '\(id.prefix(80))', whose checkpoint could not be read (its create did not finish)", notify: nil, failures: nil)
+        case (.part, .open(let existing?)):
+            if existing.manifest.creator != creator {
                 return self.refuseBatch(run, "batchPart from another publisher than the batch's creator", notify: nil, failures: nil)
             }
-            join = existing?.manifest.join ?? .allSettled
+            join = existing.manifest.join
         case (_, .unknown(let error)):
             // Parked, not handed straight back (see `requeue`): the batch's node may be down
             // (a cluster) for a while.

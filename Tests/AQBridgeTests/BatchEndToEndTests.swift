@@ -245,6 +245,36 @@ import Testing
         await bridge.stop()
     }
 
+    /// While a batch's checkpoint cannot be read (another bridge reads it back that very moment),
+    /// nobody can be checked against its creator: a part waits in the broker instead of being
+    /// taken unchecked, and a stranger's part is refused once the checkpoint is back.
+    @Test func aPartArrivingWhileTheCheckpointIsReadBackWaitsAndIsStillChecked() async throws {
+        let receiver = try Receiver()
+        receiver.onDelayed("/slow", by: .seconds(12))
+        let bridge = try await BridgeHarness.start()
+        let owner = try await bridge.appConnection()
+        let stranger = try await bridge.appConnection()
+        try await owner.channel.publish(Array(#"{"batch":{"id":"guarded","size":2},"tasks":[\#(Self.child(receiver.url("/slow")))]}"#.utf8),
+                                        exchange: "aq.tasks", routingKey: "default",
+                                        properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, userId: owner.user))
+        _ = try await receiver.wait("/slow", count: 1)
+        let holder = try await bridge.connection.openChannel()
+        #expect(try await holder.get("aq.batch.guarded.state") != nil)
+        try await stranger.channel.publish(Array(#"{"batchPart":{"id":"guarded","offset":1},"tasks":[\#(Self.child(receiver.url("/intruder")))]}"#.utf8),
+                                           exchange: "aq.tasks", routingKey: "default",
+                                           properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, userId: stranger.user))
+        var deadline = ContinuousClock.now + .seconds(10)
+        while bridge.service.metrics.value(.tasksParked) < 1, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(bridge.service.metrics.value(.tasksParked) == 1, "the part waits")
+        try await holder.close()
+        deadline = ContinuousClock.now + .seconds(20)
+        while bridge.service.metrics.value(.tasksMalformed) < 1, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+        let dead = try await bridge.deadLetters()
+        #expect(dead.compactMap { $0.properties.headers?["aq-error"]?.stringValue } == ["batchPart from another publisher than the batch's creator"])
+        #expect(receiver.requests("/intruder").isEmpty)
+        await bridge.stop()
+    }
+
     @Test func onlyTheCreatorMayAddPartsOrReuseTheId() async throws {
         let receiver = try Receiver()
         receiver.onDelayed("/slow", by: .seconds(2))
