@@ -225,6 +225,10 @@ extension BridgeEngine {
         switch self.batchState(batch.batchId) {
         case .unknown(let error):
             return self.requeue(run, "could not read the state of batch \(batch.batchId): \(error)")
+        case .open(nil) where (run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0) < 3:
+            // Its queues exist but no checkpoint could be read (being created, or read back by
+            // another bridge this moment): whose batch it is cannot be told now; it waits a little.
+            return self.park(run, reason: "batch \(batch.batchId)'s checkpoint could not be read yet")
         case .open(let existing?) where existing.manifest.continuation == nil:
             // Someone else's batch has this step's id: the step cannot run as itself.
             let reason = "batch id '\(batch.batchId.prefix(80))' is in use by a batch that is not this chain's step"

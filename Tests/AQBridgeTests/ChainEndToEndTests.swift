@@ -170,6 +170,32 @@ import Testing
         await bridge.stop()
     }
 
+    /// A batch step whose id (`<chain id>:<step>`) names someone else's batch fails the chain,
+    /// also when that batch's checkpoint cannot be read at the moment the step looks (another
+    /// bridge reads it back): the step waits instead of launching into it.
+    @Test func aBatchStepNeverLaunchesIntoAnotherBatchWhoseCheckpointIsBeingRead() async throws {
+        let receiver = try Receiver()
+        receiver.onDelayed("/slow", by: .seconds(12))
+        let bridge = try await BridgeHarness.start()
+        let stranger = try await bridge.appConnection()
+        try await stranger.channel.publish(Array(#"{"batch":{"id":"squat:1"},"tasks":[{"callbackUrl":"\#(receiver.url("/slow"))"}]}"#.utf8),
+                                           exchange: "aq.tasks", routingKey: "default",
+                                           properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, userId: stranger.user))
+        _ = try await receiver.wait("/slow", count: 1)
+        let holder = try await bridge.connection.openChannel()
+        #expect(try await holder.get("aq.batch.squat:1.state") != nil)
+        let fanOut = #"{"batch":{},"tasks":[{"callbackUrl":"\#(receiver.url("/child"))"}]}"#
+        try await bridge.publish(#"{"chain":{"id":"squat","failureWebhookUrl":"\#(receiver.url("/failed"))"},"payload":{},"steps":[\#(fanOut)]}"#)
+        let deadline = ContinuousClock.now + .seconds(10)
+        while bridge.service.metrics.value(.tasksParked) < 1, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(bridge.service.metrics.value(.tasksParked) == 1, "the step waits")
+        try await holder.close()
+        let failed = try await receiver.wait("/failed", count: 1)
+        #expect(((failed[0].request.json?["error"] as? [String: Any])?["message"] as? String)?.contains("not this chain's step") == true)
+        #expect(receiver.requests("/child").isEmpty, "nothing of the chain ran inside the other batch")
+        await bridge.stop()
+    }
+
     @Test func aHostileStepMessageCostsOnlyItself() async throws {
         let receiver = try Receiver()
         let bridge = try await BridgeHarness.start()
