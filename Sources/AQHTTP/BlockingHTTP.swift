@@ -99,7 +99,10 @@ public enum BlockingHTTP {
             _ = aq_curl_easy_setopt_ptr(handle, CURLOPT_URL, url)
             _ = aq_curl_easy_setopt_ptr(handle, CURLOPT_CUSTOMREQUEST, method)
             _ = aq_curl_easy_setopt_long(handle, CURLOPT_NOSIGNAL, 1)
-            _ = aq_curl_easy_setopt_long(handle, CURLOPT_TIMEOUT_MS, Int(timeout.components.seconds * 1000))
+            // Whole milliseconds, at least 1: libcurl reads 0 as "no timeout" (a 300 ms timeout
+            // counted in whole seconds was 0, and the request could wait for ever).
+            let (seconds, attoseconds) = timeout.components
+            _ = aq_curl_easy_setopt_long(handle, CURLOPT_TIMEOUT_MS, max(1, Int(seconds) * 1000 + Int(attoseconds / 1_000_000_000_000_000)))
             _ = aq_curl_easy_setopt_long(handle, CURLOPT_CONNECTTIMEOUT_MS, Int(min(timeout, .seconds(10)).components.seconds * 1000))
             _ = aq_curl_easy_setopt_ptr(handle, CURLOPT_PROTOCOLS_STR, "http,https")
             if let headerList { _ = aq_curl_easy_setopt_ptr(handle, CURLOPT_HTTPHEADER, headerList) }

@@ -65,7 +65,10 @@ public final class HTTPServer: Sendable {
     public let port: Int
     private let listener: Int32
     private let wakeRead: Int32
-    private let wakeWrite: Int32
+    /// The pipe's write end, nil once the server's thread has closed it: an answer given after
+    /// shutdown (a handler's delayed reply) must not write into a closed descriptor — a pipe
+    /// whose reader is gone raises SIGPIPE, and a reused number is someone else's file.
+    private let wakeWrite: Mutex<Int32?>
     private let outbox = Mutex<[(Int, Response)]>([])
     private let stopped = Atomic<Bool>(false)
     private let finished = Mutex<Bool>(false)
@@ -121,7 +124,7 @@ public final class HTTPServer: Sendable {
         self.listener = fd
         self.port = Int(UInt16(bigEndian: address.sin_port))
         self.wakeRead = pipeFDs[0]
-        self.wakeWrite = pipeFDs[1]
+        self.wakeWrite = Mutex(pipeFDs[1])
         self.handler = handler
         let thread = Thread { [self] in self.run(maxBodyBytes: maxBodyBytes, limits: limits) }
         thread.name = "aq-http-\(self.port)"
@@ -137,8 +140,11 @@ public final class HTTPServer: Sendable {
     }
 
     private func wake() {
-        var byte: UInt8 = 1
-        _ = write(self.wakeWrite, &byte, 1)
+        self.wakeWrite.withLock { fd in
+            guard let fd else { return }
+            var byte: UInt8 = 1
+            _ = write(fd, &byte, 1)
+        }
     }
 
     private func enqueue(_ connection: Int, _ response: Response) {
@@ -185,8 +191,12 @@ public final class HTTPServer: Sendable {
         defer {
             for (_, c) in connections { close(c.fd) }
             close(self.listener)
+            // The write end first, under its lock: no wake can reach the pipe after this.
+            self.wakeWrite.withLock { fd in
+                if let fd { close(fd) }
+                fd = nil
+            }
             close(self.wakeRead)
-            close(self.wakeWrite)
             self.finished.withLock { $0 = true }
         }
         func drop(_ id: Int) {

@@ -23,6 +23,7 @@ final class Receiver: Sendable {
     let port: Int
 
     init() throws {
+        _ = TestEnvironment.ignoresSIGPIPE
         let holder = ReceiverHolder()
         let server = try HTTPServer { request, responder in
             guard let receiver = holder.receiver else { return responder.respond(.text("gone", status: 503)) }

@@ -6,8 +6,14 @@ public enum TestEnvironment {
     public static let repositoryRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         .deletingLastPathComponent().deletingLastPathComponent()
 
+    /// The test process ignores SIGPIPE, as aq-bridge and aq-gateway do: a write to a peer that
+    /// went away (a bridge killed with -9 mid-answer) is an error to see, not a silent end of the
+    /// whole run (swift test then reports only "signal code 13").
+    public static let ignoresSIGPIPE: Void = { _ = signal(SIGPIPE, SIG_IGN) }()
+
     /// `AQ_TEST_AMQP_URL`, or the private node `scripts/test` starts.
     public static var amqpURL: String {
+        _ = Self.ignoresSIGPIPE
         if let url = ProcessInfo.processInfo.environment["AQ_TEST_AMQP_URL"], !url.isEmpty { return url }
         let port = ProcessInfo.processInfo.environment["AQ_BROKER_PORT"] ?? "35700"
         return "amqp://guest:guest@127.0.0.1:\(port)/%2F"
