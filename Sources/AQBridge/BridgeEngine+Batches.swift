@@ -128,7 +128,7 @@ extension BridgeEngine {
         // A part needs its batch open; a create whose id is taken must come from the same creator.
         let state = self.batchState(id)
         var join = BatchJoin.allSettled
-        let parked = run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0
+        let parked = run.parkedCount
         if case .open(nil) = state, parked < 3 {
             // Its queues exist but no checkpoint could be read: its create is being carried out,
             // or another bridge is reading its checkpoint back this very moment. Either way who

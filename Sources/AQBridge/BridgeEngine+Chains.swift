@@ -225,7 +225,7 @@ extension BridgeEngine {
         switch self.batchState(batch.batchId) {
         case .unknown(let error):
             return self.requeue(run, "could not read the state of batch \(batch.batchId): \(error)")
-        case .open(nil) where (run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0) < 3:
+        case .open(nil) where run.parkedCount < 3:
             // Its queues exist but no checkpoint could be read (being created, or read back by
             // another bridge this moment): whose batch it is cannot be told now; it waits a little.
             return self.park(run, reason: "batch \(batch.batchId)'s checkpoint could not be read yet")

@@ -65,6 +65,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         let attempt: Int
         /// The broker vouches that one of the trusted users published this message.
         let trusted: Bool
+        /// How many times it has been parked (`aq-parked`, counted only from a trusted publisher).
+        var parkedCount: Int64 { self.trusted ? self.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0 }
         var task: TaskSpec?
         /// The batch it is a child of (from the trusted `aq-batch…` headers the creating bridge set).
         var batch: BatchLink?
@@ -330,7 +332,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// when it cannot be parked (its body was let go, no retry tiers).
     func requeue(_ run: Run, _ why: String) {
         if run.parkable, !run.parkTried, !run.bodyReleased, self.parkTier != nil, self.context.isCurrent(run.delivery),
-           (run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0) < Self.maxParksForErrors {
+           run.parkedCount < Self.maxParksForErrors {
             return self.park(run, reason: why)
         }
         self.handBack(run, why)
@@ -645,7 +647,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         guard !run.bodyReleased, !run.parkTried else { return self.handBack(run, reason) }
         run.parkTried = true
         guard let tier = self.parkTier else { return self.handBack(run, "cannot park without retry tiers (\(reason))") }
-        let parked = Int32(clamping: (run.trusted ? run.delivery.properties.headers?["aq-parked"]?.intValue ?? 0 : 0) + 1)
+        let parked = Int32(clamping: run.parkedCount + 1)
         var ours: AMQPTable = [
             "retry-tier": .string(self.settings.spec.retryTierHeader(for: tier)),
             "aq-attempt": .int32(Int32(clamping: run.attempt)),

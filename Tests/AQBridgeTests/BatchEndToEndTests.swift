@@ -254,15 +254,11 @@ import Testing
         let bridge = try await BridgeHarness.start()
         let owner = try await bridge.appConnection()
         let stranger = try await bridge.appConnection()
-        try await owner.channel.publish(Array(#"{"batch":{"id":"guarded","size":2},"tasks":[\#(Self.child(receiver.url("/slow")))]}"#.utf8),
-                                        exchange: "aq.tasks", routingKey: "default",
-                                        properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, userId: owner.user))
+        try await bridge.publish(#"{"batch":{"id":"guarded","size":2},"tasks":[\#(Self.child(receiver.url("/slow")))]}"#, as: owner)
         _ = try await receiver.wait("/slow", count: 1)
         let holder = try await bridge.connection.openChannel()
         #expect(try await holder.get("aq.batch.guarded.state") != nil)
-        try await stranger.channel.publish(Array(#"{"batchPart":{"id":"guarded","offset":1},"tasks":[\#(Self.child(receiver.url("/intruder")))]}"#.utf8),
-                                           exchange: "aq.tasks", routingKey: "default",
-                                           properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, userId: stranger.user))
+        try await bridge.publish(#"{"batchPart":{"id":"guarded","offset":1},"tasks":[\#(Self.child(receiver.url("/intruder")))]}"#, as: stranger)
         var deadline = ContinuousClock.now + .seconds(10)
         while bridge.service.metrics.value(.tasksParked) < 1, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
         #expect(bridge.service.metrics.value(.tasksParked) == 1, "the part waits")
@@ -281,22 +277,18 @@ import Testing
         let bridge = try await BridgeHarness.start()
         let owner = try await bridge.appConnection()
         let stranger = try await bridge.appConnection()
-        func publish(_ app: (user: String, connection: AMQPConnection, channel: AMQPChannel), _ body: String) async throws {
-            try await app.channel.publish(Array(body.utf8), exchange: "aq.tasks", routingKey: "default",
-                                          properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, userId: app.user))
-        }
-        try await publish(owner, #"{"batch":{"id":"mine","size":2,"webhookUrl":"\#(receiver.url("/done"))"},"tasks":[\#(Self.child(receiver.url("/slow")))]}"#)
+        try await bridge.publish(#"{"batch":{"id":"mine","size":2,"webhookUrl":"\#(receiver.url("/done"))"},"tasks":[\#(Self.child(receiver.url("/slow")))]}"#, as: owner)
         _ = try await receiver.wait("/slow", count: 1)
         // A stranger's part (even a refused one, which would report its children as failed)
         // and a stranger's create with the same id are refused; nothing of theirs runs or counts.
-        try await publish(stranger, #"{"batchPart":{"id":"mine","offset":1},"tasks":[\#(Self.child(receiver.url("/intruder")))]}"#)
-        try await publish(stranger, #"{"batchPart":{"id":"mine","offset":1},"tasks":[{}]}"#)
-        try await publish(stranger, #"{"batch":{"id":"mine","webhookUrl":"\#(receiver.url("/stolen"))"},"tasks":[\#(Self.child(receiver.url("/intruder")))]}"#)
+        try await bridge.publish(#"{"batchPart":{"id":"mine","offset":1},"tasks":[\#(Self.child(receiver.url("/intruder")))]}"#, as: stranger)
+        try await bridge.publish(#"{"batchPart":{"id":"mine","offset":1},"tasks":[{}]}"#, as: stranger)
+        try await bridge.publish(#"{"batch":{"id":"mine","webhookUrl":"\#(receiver.url("/stolen"))"},"tasks":[\#(Self.child(receiver.url("/intruder")))]}"#, as: stranger)
         let deadline = ContinuousClock.now + .seconds(10)
         while bridge.service.metrics.value(.tasksMalformed) < 3, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
         #expect(bridge.service.metrics.value(.tasksMalformed) == 3)
         // The owner's part completes it.
-        try await publish(owner, #"{"batchPart":{"id":"mine","offset":1},"tasks":[\#(Self.child(receiver.url("/work")))]}"#)
+        try await bridge.publish(#"{"batchPart":{"id":"mine","offset":1},"tasks":[\#(Self.child(receiver.url("/work")))]}"#, as: owner)
         let done = try await receiver.wait("/done", count: 1)
         #expect(done[0].request.json?["counts"] as? [String: Int] == ["completed": 2, "failed": 0, "skipped": 0])
         #expect(receiver.requests("/intruder").isEmpty)

@@ -178,9 +178,7 @@ import Testing
         receiver.onDelayed("/slow", by: .seconds(12))
         let bridge = try await BridgeHarness.start()
         let stranger = try await bridge.appConnection()
-        try await stranger.channel.publish(Array(#"{"batch":{"id":"squat:1"},"tasks":[{"callbackUrl":"\#(receiver.url("/slow"))"}]}"#.utf8),
-                                           exchange: "aq.tasks", routingKey: "default",
-                                           properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, userId: stranger.user))
+        try await bridge.publish(#"{"batch":{"id":"squat:1"},"tasks":[{"callbackUrl":"\#(receiver.url("/slow"))"}]}"#, as: stranger)
         _ = try await receiver.wait("/slow", count: 1)
         let holder = try await bridge.connection.openChannel()
         #expect(try await holder.get("aq.batch.squat:1.state") != nil)

@@ -245,6 +245,13 @@ final class BridgeHarness: Sendable {
 
     /// A connection as another AMQP user (an application, not the bridge), with write access to
     /// this virtual host: what it publishes carries its own validated `user_id`, if any.
+    /// Publishes a raw body to the task exchange as an application's own user (`user_id` set,
+    /// which the broker checks against its login).
+    func publish(_ body: String, as app: (user: String, connection: AMQPConnection, channel: AMQPChannel), queue: String = "default") async throws {
+        try await app.channel.publish(Array(body.utf8), exchange: "aq.tasks", routingKey: queue,
+                                      properties: AMQPProperties(contentType: "application/json", deliveryMode: .persistent, userId: app.user))
+    }
+
     func appConnection() async throws -> (user: String, connection: AMQPConnection, channel: AMQPChannel) {
         let user = "aq-app-\(UUID().uuidString.prefix(8).lowercased())"
         try await Self.management("PUT", "/api/users/\(user)", #"{"password":"app-secret","tags":""}"#)
