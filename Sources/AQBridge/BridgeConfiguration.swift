@@ -39,6 +39,11 @@ public struct BridgeConfiguration: Sendable {
     /// HTTP requests in flight to one host (`scheme://host:port`), all queues together: a host
     /// that hangs holds at most this many slots, and tasks bound elsewhere keep moving.
     public var maxPerHost = 32
+    /// What sends the HTTP requests (`http_client`): `auto`, the built-in HTTP/1.1 client for
+    /// plain `http://` and libcurl for the rest, or `libcurl` for every request.
+    public var httpClient: HTTPClient.Engine = .automatic
+    /// An `AQ_HTTP_CLIENT` that names no client (refused by ``validate()``).
+    var invalidHTTPClient: String?
     /// Bytes of task bodies (and callback answers waiting for their webhook) held in memory at
     /// once; past it, new deliveries are parked in the broker for a while instead of held here.
     public var maxInFlightBytes = 64 << 20
@@ -95,13 +100,16 @@ public struct BridgeConfiguration: Sendable {
         if let v = environment["AQ_REPLY_TO_ALLOW"] { self.replyToAllow = list(v) }
         if let v = environment["AQ_LOG_LEVEL"], !v.isEmpty { self.logLevel = v }
         if let v = environment["AQ_EVENTS"], let events = LifecycleEvents(rawValue: v) { self.events = events }
+        if let v = environment["AQ_HTTP_CLIENT"], !v.isEmpty {
+            if let engine = HTTPClient.Engine(rawValue: v) { self.httpClient = engine } else { self.invalidHTTPClient = v }
+        }
     }
 
     /// Keys: the property names in snake_case (amqp_url, topology, queues, prefetch,
     /// signing_secrets, max_payload_bytes, max_response_bytes, max_task_timeout,
     /// webhook_timeout, webhook_attempts, http_connections, max_per_host, max_inflight_bytes, max_host_wait,
     /// callback_allow, callback_deny, trusted_publishers, reply_to_allow, listen, shutdown_grace, retry_jitter,
-    /// log_level, events).
+    /// log_level, events, http_client).
     public mutating func apply(yaml text: String, source: String) throws {
         var values: [String: String] = [:]
         var lists: [String: [String]] = [:]
@@ -170,6 +178,10 @@ public struct BridgeConfiguration: Sendable {
             guard let events = LifecycleEvents(rawValue: v) else { throw Invalid(description: "\(source): events must be off, failures or all") }
             self.events = events
         }
+        if let v = values.removeValue(forKey: "http_client") {
+            guard let engine = HTTPClient.Engine(rawValue: v) else { throw Invalid(description: "\(source): http_client must be auto or libcurl, not '\(v)'") }
+            self.httpClient = engine
+        }
         let unknown = Array(values.keys) + Array(lists.keys)
         if !unknown.isEmpty {
             throw Invalid(description: "\(source): unknown key(s) \(unknown.sorted().joined(separator: ", "))")
@@ -204,6 +216,7 @@ public struct BridgeConfiguration: Sendable {
         try range("webhook_attempts", self.webhookAttempts, 1...100)
         try range("http_connections", self.httpConnections, 1...65535)
         try range("max_per_host", self.maxPerHost, 1...65535)
+        if let v = self.invalidHTTPClient { throw Invalid(description: "AQ_HTTP_CLIENT must be auto or libcurl, not '\(v)'") }
         try range("max_inflight_bytes", self.maxInFlightBytes, 1...(1 << 40))
         for (name, value) in [("max_task_timeout", self.maxTaskTimeout), ("webhook_timeout", self.webhookTimeout), ("shutdown_grace", self.shutdownGrace),
                               ("max_host_wait", self.maxHostWait)] {
@@ -224,7 +237,7 @@ public struct BridgeConfiguration: Sendable {
     /// The configuration as a log line would show it: secrets and passwords replaced.
     public var redactedDescription: String {
         let url = AMQPConfiguration.redact(self.amqpURL)
-        return "amqp_url=\(url) queues=\(self.queues.isEmpty ? "all" : self.queues.joined(separator: ",")) prefetch=\(self.prefetch) signing_secrets=\(self.signingSecrets.count) listen=\(self.listen.isEmpty ? "off" : self.listen) max_per_host=\(self.maxPerHost) http_connections=\(self.httpConnections)"
+        return "amqp_url=\(url) queues=\(self.queues.isEmpty ? "all" : self.queues.joined(separator: ",")) prefetch=\(self.prefetch) signing_secrets=\(self.signingSecrets.count) listen=\(self.listen.isEmpty ? "off" : self.listen) max_per_host=\(self.maxPerHost) http_connections=\(self.httpConnections) http_client=\(self.httpClient.rawValue)"
     }
 }
 

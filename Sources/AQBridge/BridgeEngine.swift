@@ -43,6 +43,7 @@ final class BridgeEngine: AMQPConnectionExtension {
         var webhookAttempts: Int
         var httpConnections: Int
         var maxPerHost: Int
+        var httpClient: HTTPClient.Engine = .automatic
         var maxInFlightBytes: Int
         /// The longest a task should wait in memory for its host before it is parked.
         var maxHostWait: Duration
@@ -139,7 +140,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     let settings: Settings
     let metrics: BridgeMetrics
     let logger: Logger
-    let http: CurlMulti
+    let http: HTTPClient
     /// Each secret's HMAC state, kept on this thread.
     let signing: SigningContext
     var publishChannel: UInt16 = 0
@@ -192,8 +193,8 @@ final class BridgeEngine: AMQPConnectionExtension {
         self.settings = settings
         self.metrics = metrics
         self.logger = logger
-        self.http = CurlMulti(maxInFlight: settings.httpConnections, maxConnections: settings.httpConnections,
-                              maxHostConnections: settings.maxPerHost, policy: settings.policy)
+        self.http = HTTPClient(engine: settings.httpClient, maxInFlight: settings.httpConnections, maxConnections: settings.httpConnections,
+                               maxHostConnections: settings.maxPerHost, policy: settings.policy)
         self.admission = Admission(limits: .init(
             perQueue: settings.queues.map(\.concurrency), perHost: settings.maxPerHost, total: settings.httpConnections,
             maxWait: settings.maxHostWait))

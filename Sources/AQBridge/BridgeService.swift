@@ -117,7 +117,7 @@ public final class BridgeService: Sendable {
         let settings = BridgeEngine.Settings(
             spec: spec, queues: queues, prefetch: config.prefetch, signer: signer, maxResponseBytes: config.maxResponseBytes,
             webhookTimeout: config.webhookTimeout, webhookAttempts: config.webhookAttempts, httpConnections: config.httpConnections,
-            maxPerHost: config.maxPerHost, maxInFlightBytes: config.maxInFlightBytes, maxHostWait: config.maxHostWait, retryJitter: config.retryJitter,
+            maxPerHost: config.maxPerHost, httpClient: config.httpClient, maxInFlightBytes: config.maxInFlightBytes, maxHostWait: config.maxHostWait, retryJitter: config.retryJitter,
             policy: try config.addressPolicy(), bridgeUser: amqp.user, trustedPublishers: trusted, replyToAllow: config.replyToAllow,
             events: config.events)
         let metrics = self.metrics

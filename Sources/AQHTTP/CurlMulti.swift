@@ -10,12 +10,25 @@ import Glibc
 /// reads it, and it is freed in `deinit` when no request refers to it any more.
 public final class SharedHeaders: @unchecked Sendable {
     let list: UnsafeMutablePointer<curl_slist>?
+    /// The lines as ``HTTP1Client`` sends them: each followed by CRLF, those without a value
+    /// left out.
+    let wire: [UInt8]
 
     /// `lines`, and `Expect:` (no "100-continue" round trip for larger bodies).
     public init(_ lines: [String]) {
         var list: UnsafeMutablePointer<curl_slist>?
         for line in lines + ["Expect:"] { list = curl_slist_append(list, line) }
         self.list = list
+        var wire: [UInt8] = []
+        for line in lines {
+            let bytes = Array(line.utf8)
+            let hasValue = bytes.withUnsafeBufferPointer { !HTTP1Client.valueIsEmpty($0, 0..<$0.count) }
+            // A line with CR, LF or NUL would smuggle headers: never sent (shared lines are the bridge's own).
+            guard hasValue, !bytes.contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 }) else { continue }
+            wire += bytes
+            wire += [0x0D, 0x0A]
+        }
+        self.wire = wire
     }
 
     deinit { curl_slist_free_all(self.list) }

@@ -36,7 +36,7 @@ public enum URLText {
 
     /// Where the host is in the URL's bytes (brackets and a trailing dot excluded), its port,
     /// and its scheme; nil when the URL has no authority `authority` accepts.
-    private static func authorityParts(_ utf8: UnsafeBufferPointer<UInt8>) -> (https: Bool, host: Range<Int>, port: Int)? {
+    static func authorityParts(_ utf8: UnsafeBufferPointer<UInt8>) -> (https: Bool, host: Range<Int>, port: Int)? {
         func lower(_ b: UInt8) -> UInt8 { b >= 0x41 && b <= 0x5A ? b | 0x20 : b }
         func hasPrefix(_ p: StaticString) -> Bool {
             guard utf8.count >= p.utf8CodeUnitCount else { return false }
