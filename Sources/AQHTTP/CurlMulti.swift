@@ -13,6 +13,8 @@ public final class SharedHeaders: @unchecked Sendable {
     /// The lines as ``HTTP1Client`` sends them: each followed by CRLF, those without a value
     /// left out.
     let wire: [UInt8]
+    /// Which of its own lines ``HTTP1Client`` leaves out for these.
+    let overrides: HTTP1Client.Overrides
 
     /// `lines`, and `Expect:` (no "100-continue" round trip for larger bodies).
     public init(_ lines: [String]) {
@@ -20,15 +22,18 @@ public final class SharedHeaders: @unchecked Sendable {
         for line in lines + ["Expect:"] { list = curl_slist_append(list, line) }
         self.list = list
         var wire: [UInt8] = []
+        var overrides: HTTP1Client.Overrides = []
         for line in lines {
             let bytes = Array(line.utf8)
-            let hasValue = bytes.withUnsafeBufferPointer { !HTTP1Client.valueIsEmpty($0, 0..<$0.count) }
             // A line with CR, LF or NUL would smuggle headers: never sent (shared lines are the bridge's own).
-            guard hasValue, !bytes.contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 }) else { continue }
-            wire += bytes
-            wire += [0x0D, 0x0A]
+            guard !bytes.contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 }) else { continue }
+            bytes.withUnsafeBufferPointer { line in
+                overrides.formUnion(HTTP1Client.Overrides.of(line, 0..<line.count))
+                HTTP1Client.appendLine(line, 0..<line.count, to: &wire)
+            }
         }
         self.wire = wire
+        self.overrides = overrides
     }
 
     deinit { curl_slist_free_all(self.list) }

@@ -37,9 +37,8 @@ public final class HTTP1Client {
         /// Lowercased; without brackets (IPv6) or a trailing dot.
         var host: String
         var port: Int
-        /// The `Host` header's value in the URL's bytes (the authority as written, a default
-        /// `:80` left out).
-        var hostHeader: Range<Int>
+        /// The host as an IP literal needs no lookup (IPv6 goes in brackets in `Host`).
+        var isIPv6: Bool { self.host.utf8.contains(UInt8(ascii: ":")) }
         /// The request target in the URL's bytes: path and query, without the fragment.
         var path: Range<Int>
         /// The URL has no path: the target starts with a `/` of its own.
@@ -82,14 +81,9 @@ public final class HTTP1Client {
                 }
                 i += 1
             }
-            var hostHeaderEnd = authorityEnd
-            if hostHeaderEnd - authorityStart > 3, bytes[hostHeaderEnd - 3] == UInt8(ascii: ":"), bytes[hostHeaderEnd - 2] == UInt8(ascii: "8"),
-               bytes[hostHeaderEnd - 1] == UInt8(ascii: "0") {
-                hostHeaderEnd -= 3
-            }
             var host = String(decoding: UnsafeBufferPointer(rebasing: bytes[parts.host]), as: UTF8.self)
             if host.utf8.contains(where: { $0 >= 0x41 && $0 <= 0x5A }) { host = host.lowercased() }
-            return Target(host: host, port: parts.port, hostHeader: authorityStart..<hostHeaderEnd, path: authorityEnd..<pathEnd,
+            return Target(host: host, port: parts.port, path: authorityEnd..<pathEnd,
                           needsSlash: authorityEnd == pathEnd || bytes[authorityEnd] != UInt8(ascii: "/"))
         }
     }
@@ -132,8 +126,10 @@ public final class HTTP1Client {
             self.origin = origin
             self.completion = completion
             self.started = now
-            let nanoseconds = request.timeout.components.seconds * 1_000_000_000 + request.timeout.components.attoseconds / 1_000_000_000
-            self.deadline = now &+ UInt64(max(1_000_000, min(nanoseconds, 365 * 86_400 * 1_000_000_000)))
+            // At most a year (a caller's longer timeout must not overflow the arithmetic).
+            let seconds = min(max(request.timeout.components.seconds, 0), 365 * 86_400)
+            let nanoseconds = seconds * 1_000_000_000 + max(0, request.timeout.components.attoseconds) / 1_000_000_000
+            self.deadline = now &+ UInt64(max(1_000_000, nanoseconds))
         }
     }
 
@@ -200,8 +196,6 @@ public final class HTTP1Client {
 
     /// How long an idle connection is kept (libcurl's default maximum age for reuse).
     static let maxIdleNanoseconds: UInt64 = 118_000_000_000
-    /// An idle connection older than this is checked for a close from its server before reuse.
-    static let checkIdleAfterNanoseconds: UInt64 = 2_000_000_000
     /// The longest connect, whatever the request's timeout (libcurl's setting in ``CurlMulti``).
     static let maxConnectNanoseconds: UInt64 = 10_000_000_000
 
@@ -253,10 +247,13 @@ public final class HTTP1Client {
     }
 
     /// Puts the exchange on a kept-alive connection to its origin, or opens one.
-    private func dispatch(_ exchange: Exchange, now: UInt64, fresh: Bool = false) {
-        if !fresh {
+    private func dispatch(_ exchange: Exchange, now: UInt64) {
+        // A request sent again (its kept-alive connection closed under it) goes on a new one.
+        if !exchange.retried {
             while let connection = self.takeIdle(exchange.origin) {
-                if now &- connection.idleSince > Self.checkIdleAfterNanoseconds, !Self.isAlive(connection.fd) {
+                // Checked every time: bytes a server sent after its answer (a second answer, a
+                // stray CRLF) must never be read as the next request's answer.
+                if !Self.isAlive(connection.fd) {
                     self.closeConnection(connection)
                     continue
                 }
@@ -273,6 +270,9 @@ public final class HTTP1Client {
         }
         if let literal = SocketAddress(literal: exchange.origin.host, port: exchange.origin.port) {
             return self.connect(exchange, [literal], now: now)
+        }
+        guard self.resolver.isUsable else {
+            return self.fail(exchange, HTTPError(kind: .couldNotResolve, message: "could not resolve host \(exchange.origin.host): no pipe for the resolver's answers"))
         }
         guard let addresses = self.resolver.lookup(exchange.origin.host, now: now) else {
             self.resolving[exchange.origin.host, default: []].append(exchange)
@@ -348,9 +348,16 @@ public final class HTTP1Client {
             if status == 0 { return self.connected(connection) }
             if errno == EINPROGRESS {
                 connection.state = .connecting
-                // With addresses left, this one gets half the time that is left.
+                // With addresses left, this one gets half the time that is left, and at most
+                // 300 ms when the next is of the other family (an unreachable IPv6 address must not
+                // cost each new connection seconds; libcurl starts the other family after 200 ms).
                 let left = connection.connectDeadline > now ? connection.connectDeadline - now : 0
-                connection.attemptDeadline = connection.addressIndex + 1 < connection.addresses.count ? now &+ left / 2 : connection.connectDeadline
+                if connection.addressIndex + 1 < connection.addresses.count {
+                    let otherFamily = connection.addresses[connection.addressIndex + 1].family != address.family
+                    connection.attemptDeadline = now &+ (otherFamily ? min(left / 2, 300_000_000) : left / 2)
+                } else {
+                    connection.attemptDeadline = connection.connectDeadline
+                }
                 if connection.attemptDeadline < self.nextDeadline { self.nextDeadline = connection.attemptDeadline }
                 return
             }
@@ -430,38 +437,81 @@ public final class HTTP1Client {
         self.send(connection)
     }
 
+    /// The `Host` header's value: the host (IPv6 in brackets), and the port unless it is 80 (as
+    /// libcurl writes it).
+    static func appendHostHeader(_ target: Target, to out: inout [UInt8]) {
+        if target.isIPv6 { out.append(UInt8(ascii: "[")) }
+        out += target.host.utf8
+        if target.isIPv6 { out.append(UInt8(ascii: "]")) }
+        if target.port != 80 {
+            out.append(UInt8(ascii: ":"))
+            out += String(target.port).utf8
+        }
+    }
+
+    /// Which of the lines the client writes itself a request's lines give instead (libcurl's
+    /// rule: a caller's `Host`, `User-Agent`, `Accept` or `Content-Length` replaces its own).
+    struct Overrides: OptionSet {
+        let rawValue: UInt8
+        static let host = Overrides(rawValue: 1), userAgent = Overrides(rawValue: 2), accept = Overrides(rawValue: 4), contentLength = Overrides(rawValue: 8)
+
+        /// The line's name, if it is one of those.
+        static func of(_ line: UnsafeBufferPointer<UInt8>, _ range: Range<Int>) -> Overrides {
+            guard let first = range.first else { return [] }
+            // One byte decides for nearly every line.
+            switch line[first] | 0x20 {
+            case UInt8(ascii: "h"), UInt8(ascii: "u"), UInt8(ascii: "a"), UInt8(ascii: "c"): break
+            default: return []
+            }
+            var colon = range.lowerBound
+            while colon < range.upperBound, line[colon] != UInt8(ascii: ":"), line[colon] != UInt8(ascii: ";") { colon += 1 }
+            let name = UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: line[range.lowerBound..<colon]))
+            let all = 0..<name.count
+            if HTTP1Response.nameIs(name, all, "host") { return .host }
+            if HTTP1Response.nameIs(name, all, "user-agent") { return .userAgent }
+            if HTTP1Response.nameIs(name, all, "accept") { return .accept }
+            if HTTP1Response.nameIs(name, all, "content-length") { return .contentLength }
+            return []
+        }
+    }
+
     /// `METHOD target HTTP/1.1`, `Host`, `User-Agent`, `Accept`, the request's own lines, the
-    /// shared lines, `Content-Length`, and the empty line. A line whose value is empty is left out
-    /// (as libcurl does: `Expect:` in a list means "no Expect header").
+    /// shared lines, `Content-Length`, and the empty line. As libcurl does: a line whose value is
+    /// empty is left out (`Expect:` in a list means "no Expect header"), `Name;` is sent as a
+    /// header without a value, and a given `Host`, `User-Agent`, `Accept` or `Content-Length`
+    /// replaces the client's own.
     static func writeHead(into out: inout [UInt8], _ request: HTTPRequest, _ target: Target) {
         out.removeAll(keepingCapacity: true)
         out.reserveCapacity(160 + request.headers.bytes.count + (request.sharedHeaders?.wire.count ?? 0) + target.path.count)
+        var overrides: Overrides = []
+        request.headers.bytes.withUnsafeBufferPointer { lines in
+            Self.forEachLine(lines) { overrides.formUnion(Overrides.of(lines, $0)) }
+        }
+        if let shared = request.sharedHeaders { overrides.formUnion(shared.overrides) }
         out += request.method.utf8
         out.append(0x20)
         var url = request.url
         url.withUTF8 { bytes in
             if target.needsSlash { out.append(UInt8(ascii: "/")) }
             out += UnsafeBufferPointer(rebasing: bytes[target.path])
-            out += " HTTP/1.1\r\nHost: ".utf8
-            out += UnsafeBufferPointer(rebasing: bytes[target.hostHeader])
         }
-        out += "\r\nUser-Agent: ".utf8
-        out += CurlMulti.userAgent.utf8
-        out += "\r\nAccept: */*\r\n".utf8
+        out += " HTTP/1.1\r\n".utf8
+        if !overrides.contains(.host) {
+            out += "Host: ".utf8
+            Self.appendHostHeader(target, to: &out)
+            out += "\r\n".utf8
+        }
+        if !overrides.contains(.userAgent) {
+            out += "User-Agent: ".utf8
+            out += CurlMulti.userAgent.utf8
+            out += "\r\n".utf8
+        }
+        if !overrides.contains(.accept) { out += "Accept: */*\r\n".utf8 }
         request.headers.bytes.withUnsafeBufferPointer { lines in
-            var start = 0
-            while start < lines.count {
-                var end = start
-                while end < lines.count, lines[end] != 0 { end += 1 }
-                if !Self.valueIsEmpty(lines, start..<end) {
-                    out += UnsafeBufferPointer(rebasing: lines[start..<end])
-                    out += "\r\n".utf8
-                }
-                start = end + 1
-            }
+            Self.forEachLine(lines) { range in Self.appendLine(lines, range, to: &out) }
         }
         if let shared = request.sharedHeaders { out += shared.wire }
-        if request.method != "GET" && request.method != "HEAD" || !request.body.isEmpty {
+        if !overrides.contains(.contentLength), request.method != "GET" && request.method != "HEAD" || !request.body.isEmpty {
             out += "Content-Length: ".utf8
             out += String(request.body.count).utf8
             out += "\r\n".utf8
@@ -469,12 +519,42 @@ public final class HTTP1Client {
         out += "\r\n".utf8
     }
 
+    /// Each NUL-ended line of a ``HeaderLines`` buffer.
+    static func forEachLine(_ lines: UnsafeBufferPointer<UInt8>, _ body: (Range<Int>) -> Void) {
+        var start = 0
+        while start < lines.count {
+            var end = start
+            while end < lines.count, lines[end] != 0 { end += 1 }
+            body(start..<end)
+            start = end + 1
+        }
+    }
+
+    /// A header line as sent: none when its value is empty, `Name:` for `Name;`.
+    static func appendLine(_ line: UnsafeBufferPointer<UInt8>, _ range: Range<Int>, to out: inout [UInt8]) {
+        guard !Self.valueIsEmpty(line, range) else {
+            // `Name;` (no colon before the semicolon, nothing after it): a header without a value.
+            var i = range.lowerBound
+            while i < range.upperBound, line[i] != UInt8(ascii: ":"), line[i] != UInt8(ascii: ";") { i += 1 }
+            if i < range.upperBound, line[i] == UInt8(ascii: ";"), i > range.lowerBound, Self.valueIsEmpty(line, (i + 1)..<range.upperBound, afterName: false) {
+                out += UnsafeBufferPointer(rebasing: line[range.lowerBound..<i])
+                out += ":\r\n".utf8
+            }
+            return
+        }
+        out += UnsafeBufferPointer(rebasing: line[range])
+        out += "\r\n".utf8
+    }
+
     /// `Name:` with nothing but blanks after the colon (or no colon at all).
-    static func valueIsEmpty(_ line: UnsafeBufferPointer<UInt8>, _ range: Range<Int>) -> Bool {
+    /// With `afterName` false: whether `range` holds nothing but blanks.
+    static func valueIsEmpty(_ line: UnsafeBufferPointer<UInt8>, _ range: Range<Int>, afterName: Bool = true) -> Bool {
         var i = range.lowerBound
-        while i < range.upperBound, line[i] != UInt8(ascii: ":") { i += 1 }
-        guard i < range.upperBound else { return true }
-        i += 1
+        if afterName {
+            while i < range.upperBound, line[i] != UInt8(ascii: ":") { i += 1 }
+            guard i < range.upperBound else { return true }
+            i += 1
+        }
         while i < range.upperBound {
             if line[i] != 0x20 && line[i] != 0x09 { return false }
             i += 1
@@ -650,7 +730,7 @@ public final class HTTP1Client {
             exchange.retried = true
             exchange.connection = nil
             exchange.response.removeAll()
-            return self.dispatch(exchange, now: monotonicNanoseconds(), fresh: true)
+            return self.dispatch(exchange, now: monotonicNanoseconds())
         }
         self.fail(exchange, HTTPError(kind: .other, message: why))
     }
@@ -719,6 +799,10 @@ public final class HTTP1Client {
         }
         if self.waitingHead == self.waitingForSlot.count {
             self.waitingForSlot.removeAll(keepingCapacity: true)
+            self.waitingHead = 0
+        } else if self.waitingHead > 64, self.waitingHead * 2 > self.waitingForSlot.count {
+            // Under lasting saturation the line never empties: let the served ones go.
+            self.waitingForSlot.removeFirst(self.waitingHead)
             self.waitingHead = 0
         }
     }
@@ -814,7 +898,7 @@ public final class HTTP1Client {
             guard let waiting = self.resolving.removeValue(forKey: host) else { continue }
             for exchange in waiting where !exchange.done {
                 switch answer {
-                case .addresses: self.dispatch(exchange, now: now, fresh: true)
+                case .addresses: self.dispatch(exchange, now: now)
                 case .failure(let why): self.fail(exchange, HTTPError(kind: .couldNotResolve, message: why))
                 }
             }
@@ -831,7 +915,14 @@ public final class HTTP1Client {
             didWork = true
             for exchange in self.live where exchange.deadline <= now { self.timedOut(exchange, now: now) }
             for connection in self.busy where connection.state == .connecting && connection.attemptDeadline <= now {
-                self.nextAddress(connection, "timed out", now: now)
+                if connection.attemptDeadline >= connection.connectDeadline, let exchange = connection.exchange {
+                    // The connect timeout (the request's, at most 10 s) is spent: as libcurl, a timeout.
+                    let tried = connection.addressIndex < connection.addresses.count ? connection.addresses[connection.addressIndex].text : exchange.origin.host
+                    self.closeConnection(connection)
+                    self.fail(exchange, HTTPError(kind: .timeout, message: "could not connect to \(tried) within \((now &- exchange.started) / 1_000_000) ms"))
+                } else {
+                    self.nextAddress(connection, "timed out", now: now)
+                }
             }
             var next = UInt64.max
             for exchange in self.live { next = min(next, exchange.deadline) }
@@ -853,6 +944,7 @@ public final class HTTP1Client {
         if var waiting = self.resolving[exchange.origin.host] {
             waiting.removeAll { $0 === exchange }
             self.resolving[exchange.origin.host] = waiting.isEmpty ? nil : waiting
+            if waiting.isEmpty { self.resolver.abandon(exchange.origin.host) }
         }
         let elapsed = (now &- exchange.started) / 1_000_000
         self.complete(exchange, .failure(HTTPError(kind: .timeout, message: "no answer within \(elapsed) ms (\(exchange.receivedAny ? "part of an answer came" : "nothing came"))")))

@@ -77,6 +77,7 @@ enum HTTP1Response {
         var chunked = false
         var transferEncoding = false
         var keepAlive = false
+        var closeListed = false
         while let line = lines.next() {
             guard !line.isEmpty else { break }
             // A folded line (obs-fold) continues the previous header: none of ours is read from one.
@@ -89,7 +90,7 @@ enum HTTP1Response {
             let value = valueStart..<valueEnd
             switch name.count {
             case 10 where Self.nameIs(bytes, name, "connection"):
-                if Self.listContains(bytes, value, "close") { head.close = true }
+                if Self.listContains(bytes, value, "close") { head.close = true; closeListed = true }
                 if Self.listContains(bytes, value, "keep-alive") { keepAlive = true }
             case 11 where Self.nameIs(bytes, name, "retry-after"):
                 head.retryAfter = Self.text(bytes, value)
@@ -112,7 +113,7 @@ enum HTTP1Response {
             default: break
             }
         }
-        if head.minor == 0 && keepAlive { head.close = false }
+        if head.minor == 0 && keepAlive && !closeListed { head.close = false }
         if status < 200 || status == 204 || status == 304 || method == .head {
             head.framing = .none
         } else if transferEncoding {

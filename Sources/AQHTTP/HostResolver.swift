@@ -126,10 +126,23 @@ final class HostResolver {
         return nil
     }
 
-    /// Lookups at once (a thread each); more wait their turn.
-    static let maxThreads = 16
+    /// Lookups at once, a thread each (as many as requests may be in flight by default: one
+    /// host whose name server never answers cannot hold up the lookups of others); more wait
+    /// their turn, and a waiting one nobody needs any more is dropped (``abandon(_:)``).
+    static let maxThreads = 256
     private var running = 0
     private var queued: [String] = []
+    private var queuedHead = 0
+
+    /// Nobody waits for `host`'s addresses any more: a lookup that has not started is dropped.
+    func abandon(_ host: String) {
+        guard let index = self.queued[self.queuedHead...].firstIndex(of: host) else { return }
+        self.queued.remove(at: index)
+        self.pending.remove(host)
+    }
+
+    /// Whether lookups can be answered at all (the pipe they answer through exists).
+    var isUsable: Bool { self.box.readFD >= 0 && self.box.writeFD >= 0 }
 
     private func run(_ host: String) {
         self.running += 1
@@ -154,17 +167,25 @@ final class HostResolver {
         for (host, answer) in answers {
             self.pending.remove(host)
             self.running -= 1
-            if !self.queued.isEmpty { self.run(self.queued.removeFirst()) }
+            if self.queuedHead < self.queued.count {
+                self.run(self.queued[self.queuedHead])
+                self.queuedHead += 1
+                if self.queuedHead == self.queued.count || self.queuedHead > 256 {
+                    self.queued.removeFirst(self.queuedHead)
+                    self.queuedHead = 0
+                }
+            }
             if case .addresses(let addresses) = answer {
-                if self.cache.count >= Self.maxCached { self.cache.removeAll(keepingCapacity: true) }
+                if self.cache.count >= Self.maxCached {
+                    // Expired answers first; when all are fresh, any half of them.
+                    self.cache = self.cache.filter { $0.value.expires > now }
+                    if self.cache.count >= Self.maxCached { self.cache = Dictionary(uniqueKeysWithValues: self.cache.prefix(Self.maxCached / 2).map { ($0.key, $0.value) }) }
+                }
                 self.cache[host] = (addresses, now + Self.cacheNanoseconds)
             }
         }
         return answers
     }
-
-    /// Forgets a cached answer (its addresses all failed to connect).
-    func forget(_ host: String) { self.cache[host] = nil }
 
     /// `getaddrinfo` for TCP, IPv4 and IPv6 in the system's order (port 0).
     static func resolve(_ host: String) -> Answer {

@@ -190,6 +190,27 @@ import Testing
         #expect(server.requests.withLock { $0.count } == 2, "each request reached the server once")
     }
 
+    @Test func bytesAServerSendsAfterItsAnswerAreNeverTakenForTheNextRequestsAnswer() throws {
+        // The first answer is followed, a moment later, by a second one nobody asked for (a
+        // framework writing twice, a late proxy error): it must not become the next task's answer.
+        let server = try ScriptedServer { connection, request, _ in
+            if connection == 1 && request == 1 {
+                return .trickle([Self.ok("first"), Self.ok("forged")], pause: .milliseconds(20), close: false)
+            }
+            return .send(Self.ok("real"), close: false)
+        }
+        defer { server.stop() }
+        let client = HTTPClient()
+        let one = Self.request(client, server.url("/a"))
+        Self.drive(client, [one])
+        #expect(one.answer?.body == Array("first".utf8))
+        Thread.sleep(forTimeInterval: 0.1)  // the unasked-for answer is in the socket by now
+        let two = Self.request(client, server.url("/b"))
+        Self.drive(client, [two])
+        #expect(two.answer?.body == Array("real".utf8), "\(String(describing: two.answer.map { String(decoding: $0.body, as: UTF8.self) }))")
+        #expect(server.connections.load(ordering: .relaxed) == 2, "the tainted connection was not used again")
+    }
+
     @Test func aFreshConnectionClosedWithoutAnAnswerIsAFailureNotARetry() throws {
         let server = try ScriptedServer { _, _, _ in .close }
         defer { server.stop() }

@@ -64,6 +64,7 @@ import Testing
         #expect(none.framing == .untilClose && none.close)
         #expect(try Self.head("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n").get().close, "HTTP/1.0 closes")
         #expect(try !Self.head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n").get().close)
+        #expect(try Self.head("HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 1\r\n\r\n").get().close, "close wins")
         #expect(try Self.head("HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\n\r\n").get().framing == .length(7), "a list of equal lengths")
     }
 
@@ -144,15 +145,19 @@ import Testing
         func target(_ url: String) -> (host: String, port: Int, hostHeader: String, path: String)? {
             guard let t = HTTP1Client.target(url) else { return nil }
             let bytes = Array(url.utf8)
-            return (t.host, t.port, String(decoding: bytes[t.hostHeader], as: UTF8.self),
+            var hostHeader: [UInt8] = []
+            HTTP1Client.appendHostHeader(t, to: &hostHeader)
+            return (t.host, t.port, String(decoding: hostHeader, as: UTF8.self),
                     (t.needsSlash ? "/" : "") + String(decoding: bytes[t.path], as: UTF8.self))
         }
         let a = try #require(target("http://127.0.0.1:8080/cb/1?x=1&y=%20#frag"))
         #expect(a.host == "127.0.0.1" && a.port == 8080 && a.hostHeader == "127.0.0.1:8080" && a.path == "/cb/1?x=1&y=%20")
         let b = try #require(target("HTTP://Example.COM"))
-        #expect(b.host == "example.com" && b.port == 80 && b.hostHeader == "Example.COM" && b.path == "/")
+        #expect(b.host == "example.com" && b.port == 80 && b.hostHeader == "example.com" && b.path == "/")
         #expect(try #require(target("http://h:80?q")).path == "/?q")
         #expect(try #require(target("http://h:80/")).hostHeader == "h", "the default port is left out of Host, as libcurl does")
+        #expect(try #require(target("http://h:0080/")).hostHeader == "h")
+        #expect(try #require(target("http://h:08080/")).hostHeader == "h:8080")
         let v6 = try #require(target("http://[::1]:9000/x"))
         #expect(v6.host == "::1" && v6.hostHeader == "[::1]:9000")
         #expect(try #require(target("http://h/a/.b/..c/...")).path == "/a/.b/..c/...", "dots that are not segments")
@@ -184,5 +189,14 @@ import Testing
             \r
 
             """)
+        // A caller's Host, User-Agent or Accept replaces the client's own (an empty one removes
+        // it), and `Name;` is a header without a value, as libcurl had it.
+        var own = HeaderLines()
+        own.append("host: other.example")
+        own.append("Accept:")
+        own.append("X-Empty;")
+        let overriding = HTTPRequest(url: "http://[::1]:8080", headers: own, body: [][...], sharedHeaders: SharedHeaders(["User-Agent: mine/2"]))
+        HTTP1Client.writeHead(into: &out, overriding, try #require(HTTP1Client.target(overriding.url)))
+        #expect(String(decoding: out, as: UTF8.self) == "POST / HTTP/1.1\r\nhost: other.example\r\nX-Empty:\r\nUser-Agent: mine/2\r\nContent-Length: 0\r\n\r\n")
     }
 }
