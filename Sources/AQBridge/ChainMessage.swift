@@ -167,7 +167,7 @@ public enum ChainParser {
             return .failure(MalformedTask(reason: "the body is not a JSON object: \(error)"))
         }
         guard let chain = top["chain"], chain.kind == .object else { return .failure(MalformedTask(reason: "chain must be an object")) }
-        guard let options = try? JSONScan.Fields(body, in: chain.range) else { return .failure(MalformedTask(reason: "chain is not a valid object")) }
+        guard let options = try? JSONScan.Fields(body, in: chain.range, validated: true) else { return .failure(MalformedTask(reason: "chain is not a valid object")) }
         var notify: String?
         var webhookURL: String?, failureWebhookURL: String?, stepWebhookURL: String?
         for key: StaticString in ["failureWebhookUrl", "webhookUrl", "stepWebhookUrl"] {
@@ -210,7 +210,7 @@ public enum ChainParser {
         guard let stepsMember = top["steps"], stepsMember.kind == .array else { return bad("steps must be an array of step objects") }
         var steps: [JSONScan.Member] = []
         do {
-            try JSONScan.forEachElement(body, in: stepsMember.range) { (member: JSONScan.Member) throws(JSONScan.Failure) in steps.append(member) }
+            try JSONScan.forEachElement(body, in: stepsMember.range, validated: true) { (member: JSONScan.Member) throws(JSONScan.Failure) in steps.append(member) }
         } catch {
             return bad("steps is not a valid array: \(error)")
         }
@@ -231,7 +231,7 @@ public enum ChainParser {
             // were checked at the create; one published back by hand is checked when it runs)
             // and reads the next one's queue.
             if let current, i != current - 1 {
-                if i == current, step.kind == .object, let object = try? JSONScan.Fields(body, in: step.range),
+                if i == current, step.kind == .object, let object = try? JSONScan.Fields(body, in: step.range, validated: true),
                    let member = object["queue"], let name = object.string(member) {
                     queues.append(isWorkQueue(name) ? name : nil)
                 } else {
@@ -241,7 +241,7 @@ public enum ChainParser {
                 batches.append(nil)
                 continue
             }
-            guard step.kind == .object, let object = try? JSONScan.Fields(body, in: step.range) else { return bad("steps[\(i)] must be an object") }
+            guard step.kind == .object, let object = try? JSONScan.Fields(body, in: step.range, validated: true) else { return bad("steps[\(i)] must be an object") }
             if object["batch"] != nil {
                 // A step that fans out: a batch (its own join and deadline; no webhooks of its own).
                 let batchOptions = object["batch"].flatMap { try? JSONScan.Fields(body, in: $0.range) }
@@ -265,7 +265,7 @@ public enum ChainParser {
                 guard let name = object.string(member), isWorkQueue(name) else { return bad("steps[\(i)].queue must name a work queue") }
                 queue = name
             }
-            switch TaskParser.parse(body, in: step.range, messageId: "\(id):\(i + 1)", defaults: defaults, now: now) {
+            switch TaskParser.parse(body, in: step.range, validated: true, messageId: "\(id):\(i + 1)", defaults: defaults, now: now) {
             case .failure(let error): return bad("steps[\(i)]: \(error.reason)")
             case .success(let spec): specs.append(spec)
             }
@@ -278,7 +278,7 @@ public enum ChainParser {
             guard member.kind == .array else { return .failure(MalformedTask(reason: "\(key) must be an array", notify: notify)) }
             var items: [ArraySlice<UInt8>] = []
             items.reserveCapacity(steps.count)
-            try? JSONScan.forEachElement(body, in: member.range) { (element: JSONScan.Member) throws(JSONScan.Failure) in
+            try? JSONScan.forEachElement(body, in: member.range, validated: true) { (element: JSONScan.Member) throws(JSONScan.Failure) in
                 items.append(body[element.range])
             }
             return .success(items)

@@ -34,8 +34,10 @@ public enum JSONScan {
     /// `forEachMember` over the object at `range` of `bytes` (ranges given to `body`, and offsets
     /// in a failure, are in `bytes`):
     /// a value inside a document is read in place, not copied out.
-    public static func forEachMember(_ bytes: [UInt8], in range: Range<Int>, _ body: (Range<Int>, Member) throws(Failure) -> Void) throws(Failure) {
-        var scanner = Scanner(bytes: bytes, index: range.lowerBound, end: range.upperBound)
+    /// `validated`: the range is part of a document read strictly already (see ``Scanner/validated``).
+    public static func forEachMember(_ bytes: [UInt8], in range: Range<Int>, validated: Bool = false,
+                                     _ body: (Range<Int>, Member) throws(Failure) -> Void) throws(Failure) {
+        var scanner = Scanner(bytes: bytes, index: range.lowerBound, end: range.upperBound, validated: validated)
         scanner.skipSpace()
         guard scanner.peek == UInt8(ascii: "{") else {
             if scanner.index >= range.upperBound { throw Failure(offset: range.lowerBound, reason: "empty body") }
@@ -73,8 +75,9 @@ public enum JSONScan {
     }
 
     /// `forEachElement` over the array at `range` of `bytes` (ranges given to `body` are in `bytes`).
-    public static func forEachElement(_ bytes: [UInt8], in range: Range<Int>, _ body: (Member) throws(Failure) -> Void) throws(Failure) {
-        var scanner = Scanner(bytes: bytes, index: range.lowerBound, end: range.upperBound)
+    public static func forEachElement(_ bytes: [UInt8], in range: Range<Int>, validated: Bool = false,
+                                      _ body: (Member) throws(Failure) -> Void) throws(Failure) {
+        var scanner = Scanner(bytes: bytes, index: range.lowerBound, end: range.upperBound, validated: validated)
         scanner.skipSpace()
         guard scanner.peek == UInt8(ascii: "[") else {
             if scanner.index >= range.upperBound { throw Failure(offset: range.lowerBound, reason: "empty body") }
@@ -108,12 +111,13 @@ public enum JSONScan {
         public let bytes: [UInt8]
         private var entries: [(key: Range<Int>, decoded: String?, member: Member)] = []
 
-        /// The object at `range` of `bytes` (all of it by default).
-        public init(_ bytes: [UInt8], in range: Range<Int>? = nil) throws(Failure) {
+        /// The object at `range` of `bytes` (all of it by default); `validated`: see
+        /// ``JSONScan/forEachMember(_:in:validated:_:)``.
+        public init(_ bytes: [UInt8], in range: Range<Int>? = nil, validated: Bool = false) throws(Failure) {
             self.bytes = bytes
             var entries: [(key: Range<Int>, decoded: String?, member: Member)] = []
             entries.reserveCapacity(8)
-            try JSONScan.forEachMember(bytes, in: range ?? bytes.indices) { (key: Range<Int>, member: Member) throws(Failure) in
+            try JSONScan.forEachMember(bytes, in: range ?? bytes.indices, validated: validated) { (key: Range<Int>, member: Member) throws(Failure) in
                 let decoded = bytes[key].contains(UInt8(ascii: "\\")) ? try JSONScan.decodeString(bytes, key) : nil
                 entries.append((key, decoded, member))
             }
@@ -289,6 +293,9 @@ public enum JSONScan {
         var index: Int
         /// Where the text being read ends (`bytes.count` for a whole document).
         let end: Int
+        /// The text was checked already (it is part of a document a strict pass accepted): values
+        /// are skipped by their structure without checking escapes, UTF-8 or number syntax again.
+        var validated = false
 
         var peek: UInt8? { self.index < self.end ? self.bytes[self.index] : nil }
 
@@ -363,7 +370,12 @@ public enum JSONScan {
 
         mutating func string() throws(Failure) {
             try self.expect(UInt8(ascii: "\""))
-            while let byte = self.peek {
+            if self.validated { return self.skipCheckedString() }
+            while true {
+                // A run of printable ASCII other than '"' and '\\' (nearly every byte of a task),
+                // read without per-byte bounds checks.
+                self.index = self.plainRun(from: self.index)
+                guard let byte = self.peek else { break }
                 self.index += 1
                 switch byte {
                 case UInt8(ascii: "\""): return
@@ -385,6 +397,36 @@ public enum JSONScan {
                 }
             }
             throw Failure(offset: self.index, reason: "unterminated string")
+        }
+
+        /// Where the run of printable ASCII bytes other than '"' and '\\' starting at `start` ends.
+        func plainRun(from start: Int) -> Int {
+            let end = self.end
+            return self.bytes.withUnsafeBufferPointer { buffer in
+                var i = start
+                while i < end {
+                    let b = buffer[i]
+                    if b < 0x20 || b >= 0x7F || b == 0x22 || b == 0x5C { break }
+                    i += 1
+                }
+                return i
+            }
+        }
+
+        /// Past the closing quote of a string already checked (an escape is two bytes at least;
+        /// what follows its backslash is never a quote that ends the string).
+        mutating func skipCheckedString() {
+            let (start, end) = (self.index, self.end)
+            self.index = self.bytes.withUnsafeBufferPointer { buffer in
+                var i = start
+                while i < end {
+                    let b = buffer[i]
+                    i += 1
+                    if b == 0x22 { return i }
+                    if b == 0x5C { i += 1 }
+                }
+                return min(i, end)
+            }
         }
 
         /// The rest of a multi-byte UTF-8 sequence (RFC 3629: no overlong forms, no surrogates,
@@ -414,6 +456,12 @@ public enum JSONScan {
 
         mutating func number() throws(Failure) {
             let start = self.index
+            if self.validated {
+                while let b = self.peek, (b >= UInt8(ascii: "0") && b <= UInt8(ascii: "9")) || b == UInt8(ascii: "-") || b == UInt8(ascii: "+")
+                        || b == UInt8(ascii: ".") || b == UInt8(ascii: "e") || b == UInt8(ascii: "E") { self.index += 1 }
+                guard self.index > start else { throw Failure(offset: start, reason: "invalid value") }
+                return
+            }
             if self.peek == UInt8(ascii: "-") { self.index += 1 }
             func digits() -> Int {
                 var n = 0

@@ -91,7 +91,9 @@ public enum TaskParser {
     /// Reads and checks a task body. `messageId` is the AMQP `message_id` (the task id).
     /// `makeId` names a task that has neither a `message_id` nor a `taskId`.
     /// `range` is where the task is in `body` (a chain step is read inside its chain's message).
-    public static func parse(_ body: [UInt8], in range: Range<Int>? = nil, messageId: String?, defaults: TaskDefaults, now: Date = Date(),
+    /// `validated`: the range is part of a document read strictly already (nested values are
+    /// then skipped by their structure; the strings the task is made of are still decoded strictly).
+    public static func parse(_ body: [UInt8], in range: Range<Int>? = nil, validated: Bool = false, messageId: String?, defaults: TaskDefaults, now: Date = Date(),
                              makeId: () -> String = { UUID().uuidString.lowercased() }) -> Result<TaskSpec, MalformedTask> {
         let range = range ?? body.indices
         guard range.count <= defaults.maxPayloadBytes else {
@@ -100,7 +102,7 @@ public enum TaskParser {
         // One pass; known keys are matched on their bytes (a key written with escapes is decoded).
         var members = [JSONScan.Member?](repeating: nil, count: Self.keys.count)
         do {
-            try JSONScan.forEachMember(body, in: range) { (key: Range<Int>, member: JSONScan.Member) throws(JSONScan.Failure) in
+            try JSONScan.forEachMember(body, in: range, validated: validated) { (key: Range<Int>, member: JSONScan.Member) throws(JSONScan.Failure) in
                 if let index = Self.keys.firstIndex(where: { JSONScan.keyEquals(body, key, $0) }) {
                     members[index] = member
                 } else if body[key].contains(UInt8(ascii: "\\")) {

@@ -48,6 +48,28 @@ import Testing
         #expect(BridgeEngine.resultJSON(Array(#"{"a":1}"#.utf8)) == Array(#"{"a":1}"#.utf8))
         #expect(BridgeEngine.resultJSON(Array("plain text".utf8)) == Array(#""plain text""#.utf8))
     }
+
+    /// A range read strictly once is read again by its structure only (chain step messages):
+    /// the members found must be the same, byte for byte.
+    @Test func aCheckedDocumentReadAgainByStructureFindsTheSameMembers() throws {
+        let documents = [
+            #"{"a": {"x": [1, "}", {"y": null}]}, "b":"q\"uo\u0041te\\", "c": -1.5e3, "d": true, "e": "日本\n", "f": [[], {}, ""]}"#,
+            #"{"chain":{"id":"c\"1"},"steps":[{"callbackUrl":"http://h/a\\\"b","payload":{"k":"\\"}}],"history":[],"results":[0.5e-3,"\u00e9"]}"#,
+        ]
+        for text in documents {
+            let bytes = Array(text.utf8)
+            let strict = try JSONScan.Fields(bytes)
+            let checked = try JSONScan.Fields(bytes, in: bytes.indices, validated: true)
+            for key: StaticString in ["a", "b", "c", "d", "e", "f", "chain", "steps", "history", "results"] {
+                #expect(strict[key]?.range == checked[key]?.range && strict[key]?.kind == checked[key]?.kind, "\(key) in \(text)")
+                guard let member = strict[key], member.kind == .array else { continue }
+                var a: [Range<Int>] = [], b: [Range<Int>] = []
+                try JSONScan.forEachElement(bytes, in: member.range) { (m: JSONScan.Member) throws(JSONScan.Failure) in a.append(m.range) }
+                try JSONScan.forEachElement(bytes, in: member.range, validated: true) { (m: JSONScan.Member) throws(JSONScan.Failure) in b.append(m.range) }
+                #expect(a == b)
+            }
+        }
+    }
 }
 
 @Suite struct TaskParserTests {
