@@ -8,8 +8,8 @@
 aq_ensure_packages gcc librabbitmq-dev libcurl4-openssl-dev rabbitmq-server python3
 
 # (One --product per build: SwiftPM builds only the last one it is given.)
-swift build -c release --static-swift-stdlib --scratch-path .build-static --product aq-bridge >/dev/null
-BRIDGE=$(swift build -c release --static-swift-stdlib --scratch-path .build-static --show-bin-path)/aq-bridge
+swift build "${AQ_STATIC_BUILD[@]}" --product aq-bridge >/dev/null
+BRIDGE=$(swift build "${AQ_STATIC_BUILD[@]}" --show-bin-path)/aq-bridge
 for product in aq aq-bench; do swift build -c release --product "$product" >/dev/null; done
 BIN=$(swift build -c release --show-bin-path)
 WORK=$(mktemp -d /tmp/aq-bench.XXXXXX)
