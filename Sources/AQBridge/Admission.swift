@@ -13,6 +13,12 @@
 /// silent) — exceeds `maxWait` is parked: the engine sends it back to the broker for a while. A busy
 /// host that answers fast keeps a long line; a host that hangs loses it.
 ///
+/// Within a line, urgent requests (a webhook: the last request of a task whose callback has
+/// answered) go before the others (callbacks, which start tasks): finishing work already done
+/// frees its delivery and its memory, and a task's result does not wait behind the prefetch
+/// window's worth of callbacks that arrived after it. It cannot starve the others: each webhook
+/// follows one callback's answer.
+///
 /// The engine feeds events (``submit(_:queue:host:parkable:now:)``, ``finished(queue:host:latency:now:)``,
 /// ``overdue(now:)``) and executes the decisions; nothing here does I/O or reads a clock.
 struct Admission<Item, Host: Hashable> {
@@ -41,6 +47,8 @@ struct Admission<Item, Host: Hashable> {
     private struct HostState {
         var inFlight = 0
         var waiting = 0
+        /// Of `waiting`, the urgent ones (ahead of the others in their lines).
+        var urgentWaiting = 0
         /// Moving average of answer times, in seconds (nil: none yet).
         var latency: Double?
         /// The last answer, or when requests began to be in flight after none were.
@@ -50,6 +58,7 @@ struct Admission<Item, Host: Hashable> {
     private struct Waiting {
         var item: Item
         var parkable: Bool
+        var urgent: Bool
     }
 
     let limits: Limits
@@ -128,26 +137,37 @@ struct Admission<Item, Host: Hashable> {
     }
 
     /// A request wants to start. `.start`: it holds its slots now. `.wait`: it is queued and will
-    /// come out of ``finished(queue:host:latency:now:)``. `.park`: it was not queued (only when
-    /// `parkable`, when its expected wait is too long).
-    mutating func submit(_ item: Item, queue: Int, host: Host, parkable: Bool, now: ContinuousClock.Instant) -> Decision {
+    /// come out of ``finished(queue:host:latency:now:)`` — an `urgent` one ahead of the others in
+    /// its line. `.park`: it was not queued (only when `parkable`, when its expected wait is too long).
+    mutating func submit(_ item: Item, queue: Int, host: Host, parkable: Bool, urgent: Bool = false, now: ContinuousClock.Instant) -> Decision {
         let pair = Pair(queue: queue, host: host)
         if self.lines[pair] == nil, self.hasRoom(queue: queue, host: host) {
             self.take(queue: queue, host: host, now: now)
             return .start
         }
-        if parkable, (self.hosts[host]?.inFlight ?? 0) >= self.limits.perHost,
-           self.expectedWait(host: host, position: self.waiting(host: host) + 1, now: now) > self.maxWaitSeconds {
-            return .park
+        if parkable, (self.hosts[host]?.inFlight ?? 0) >= self.limits.perHost {
+            let ahead = urgent ? self.hosts[host]?.urgentWaiting ?? 0 : self.waiting(host: host)
+            if self.expectedWait(host: host, position: ahead + 1, now: now) > self.maxWaitSeconds { return .park }
         }
         if self.lines[pair] == nil {
             self.lines[pair] = Line()
             self.order.append(pair)
         }
-        self.withLine(pair) { $0.append(Waiting(item: item, parkable: parkable)) }
-        self.withHost(host, insertingAt: now) { $0.waiting += 1 }
+        self.withLine(pair) { $0.append(Waiting(item: item, parkable: parkable, urgent: urgent)) }
+        self.withHost(host, insertingAt: now) { state in
+            state.waiting += 1
+            if urgent { state.urgentWaiting += 1 }
+        }
         self.waiting += 1
         return .wait
+    }
+
+    private mutating func leftLine(_ waiting: Waiting, host: Host) {
+        self.withHost(host) { state in
+            state.waiting -= 1
+            if waiting.urgent { state.urgentWaiting -= 1 }
+        }
+        self.waiting -= 1
     }
 
     /// A request ended after `latency`: its slots are free. Returns the waiting requests that
@@ -181,8 +201,7 @@ struct Admission<Item, Host: Hashable> {
                 continue
             }
             self.take(queue: pair.queue, host: pair.host, now: now)
-            self.withHost(pair.host) { $0.waiting -= 1 }
-            self.waiting -= 1
+            self.leftLine(waiting, host: pair.host)
             started.append(waiting.item)
             checked = 0
             self.removeIfEmpty(pair, at: self.next)
@@ -206,8 +225,7 @@ struct Admission<Item, Host: Hashable> {
             for pair in self.order where pair.host == host && excess > 0 {
                 while excess > 0, let waiting = self.withLine(pair, { $0.popLast(where: \.parkable) }) ?? nil {
                     out.append(waiting.item)
-                    self.withHost(host) { $0.waiting -= 1 }
-                    self.waiting -= 1
+                    self.leftLine(waiting, host: host)
                     excess -= 1
                 }
             }
@@ -228,7 +246,12 @@ struct Admission<Item, Host: Hashable> {
         }
         self.lines.removeAll()
         self.order.removeAll()
-        for host in Array(self.hosts.keys) { self.hosts[host]?.waiting = 0 }
+        for host in Array(self.hosts.keys) {
+            self.withHost(host) { state in
+                state.waiting = 0
+                state.urgentWaiting = 0
+            }
+        }
         self.waiting = 0
         self.next = 0
         return all
@@ -251,9 +274,27 @@ struct Admission<Item, Host: Hashable> {
         }
     }
 
+    /// A (queue, host) pair's line: its urgent requests first, each kind in arrival order; parked
+    /// from the back (the others before the urgent ones).
+    private struct Line {
+        private var urgent = Ring()
+        private var others = Ring()
+        var isEmpty: Bool { self.urgent.isEmpty && self.others.isEmpty }
+
+        mutating func append(_ item: Waiting) {
+            if item.urgent { self.urgent.append(item) } else { self.others.append(item) }
+        }
+
+        mutating func popFirst() -> Waiting? { self.urgent.popFirst() ?? self.others.popFirst() }
+
+        mutating func popLast(where predicate: (Waiting) -> Bool) -> Waiting? {
+            self.others.popLast(where: predicate) ?? self.urgent.popLast(where: predicate)
+        }
+    }
+
     /// A FIFO on a ring of slots: pops from the front in O(1) (the item moves out: no copy and
     /// no compaction), and from the back.
-    private struct Line {
+    private struct Ring {
         private var slots: [Waiting?] = []
         private var head = 0
         private var count = 0

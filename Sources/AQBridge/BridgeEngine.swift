@@ -501,7 +501,8 @@ final class BridgeEngine: AMQPConnectionExtension {
     /// Sends the request now if its queue and host have room, else lines it up, or parks it
     /// (the task, or its webhook as a webhook job) when its host would keep it waiting too long.
     func submit(_ request: Request) {
-        switch self.admission.submit(request, queue: request.run.queueIndex, host: request.host, parkable: self.parkTier != nil, now: .now) {
+        switch self.admission.submit(request, queue: request.run.queueIndex, host: request.host, parkable: self.parkTier != nil,
+                                      urgent: request.webhook != nil, now: .now) {
         case .start: self.send(request)
         case .wait: break
         case .park:

@@ -26,6 +26,40 @@ import Testing
         #expect(m.waiting(host: "A") == 1)
     }
 
+    @Test func aWebhookGoesBeforeTheCallbacksWaitingInItsLine() {
+        var m = Self.machine(perQueue: [100], perHost: 1, maxWait: .seconds(10))
+        #expect(m.submit("cb1", queue: 0, host: "A", parkable: true, now: Self.t0) == .start)
+        for id in ["cb2", "cb3"] { #expect(m.submit(id, queue: 0, host: "A", parkable: true, now: Self.t0) == .wait) }
+        #expect(m.submit("hook1", queue: 0, host: "A", parkable: true, urgent: true, now: Self.t0) == .wait)
+        #expect(m.submit("hook2", queue: 0, host: "A", parkable: true, urgent: true, now: Self.t0) == .wait)
+        var order: [String] = []
+        for _ in 0..<5 { order += m.finished(queue: 0, host: "A", latency: .milliseconds(5), now: Self.t0) }
+        #expect(order == ["hook1", "hook2", "cb2", "cb3"], "webhooks first, each kind in arrival order")
+        #expect(m.waiting(host: "A") == 0)
+    }
+
+    @Test func aLineParksItsCallbacksBeforeItsWebhooks() {
+        var m = Self.machine(perQueue: [100], perHost: 1, maxWait: .seconds(1))
+        #expect(m.submit("cb1", queue: 0, host: "H", parkable: true, now: Self.t0) == .start)
+        #expect(m.submit("cb2", queue: 0, host: "H", parkable: true, now: Self.t0) == .wait)
+        #expect(m.submit("hook1", queue: 0, host: "H", parkable: true, urgent: true, now: Self.t0) == .wait)
+        // Silent for 0.6 s: one request fits within max_wait, the other is parked: the callback,
+        // though the webhook came last.
+        #expect(m.overdue(now: Self.t0 + .milliseconds(600)) == ["cb2"])
+        #expect(m.waiting(host: "H") == 1)
+    }
+
+    @Test func aWebhooksExpectedWaitCountsOnlyTheWebhooksAheadOfIt() {
+        var m = Self.machine(perQueue: [100], perHost: 1, maxWait: .seconds(1))
+        #expect(m.submit("cb1", queue: 0, host: "H", parkable: true, now: Self.t0) == .start)
+        #expect(m.submit("hook1", queue: 0, host: "H", parkable: true, urgent: true, now: Self.t0) == .wait)
+        for id in ["cb2", "cb3"] { #expect(m.submit(id, queue: 0, host: "H", parkable: true, now: Self.t0) == .wait) }
+        // Silent for 0.4 s: second in line (behind hook1) is 0.8 s; fifth is 2 s.
+        let now = Self.t0 + .milliseconds(400)
+        #expect(m.submit("hook2", queue: 0, host: "H", parkable: true, urgent: true, now: now) == .wait)
+        #expect(m.submit("cb4", queue: 0, host: "H", parkable: true, now: now) == .park)
+    }
+
     @Test func aQueueAtItsConcurrencyNeverTakesAnotherQueuesSlots() {
         var m = Self.machine(perQueue: [2, 2], perHost: 10)
         #expect(m.submit("q0-1", queue: 0, host: "A", parkable: false, now: Self.t0) == .start)
