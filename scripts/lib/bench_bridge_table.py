@@ -39,7 +39,9 @@ times = lambda a, b: f"{a / b:.2f}×"
 for mode in ("preload", "live"):
     row(f"{mode}: tasks/s ({count[mode]} tasks)", [med(l, mode, "tasks_per_s") for l in present], lambda v: f"{v:,.0f}", pct)
     row(f"{mode}: bridge CPU per task", [med(l, mode, "cpu_us_per_task") for l in present], lambda v: f"{v:.0f} µs", times)
-row("peak RSS (preload)", [med(l, "preload", "peak_rss_mb") for l in present], lambda v: f"{v:.1f} MB", times)
+row("peak RSS (preload, prefetch 512)", [med(l, "preload", "peak_rss_mb") for l in present], lambda v: f"{v:.1f} MB", times)
+if any(r["label"].endswith("-10k") for r in runs):
+    row("peak RSS, 10,000 tasks in flight", [med(l + "-10k", "preload", "peak_rss_mb") for l in present], lambda v: f"{v:.1f} MB", times)
 rates = sorted({round(r["rate"]) for r in runs if r["mode"] == "rate"})
 for rate in rates:
     for key, title in (("confirmed_to_callback_ms", "confirmed → callback"), ("callback_to_webhook_ms", "callback → webhook")):
