@@ -37,7 +37,7 @@ public final class HTTP1Client {
         /// Lowercased; without brackets (IPv6) or a trailing dot.
         var host: String
         var port: Int
-        /// The host as an IP literal needs no lookup (IPv6 goes in brackets in `Host`).
+        /// The host is an IPv6 literal (it goes in brackets in `Host`).
         var isIPv6: Bool { self.host.utf8.contains(UInt8(ascii: ":")) }
         /// The request target in the URL's bytes: path and query, without the fragment.
         var path: Range<Int>
@@ -463,9 +463,7 @@ public final class HTTP1Client {
             case UInt8(ascii: "h"), UInt8(ascii: "u"), UInt8(ascii: "a"), UInt8(ascii: "c"): break
             default: return []
             }
-            var colon = range.lowerBound
-            while colon < range.upperBound, line[colon] != UInt8(ascii: ":"), line[colon] != UInt8(ascii: ";") { colon += 1 }
-            let name = UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: line[range.lowerBound..<colon]))
+            let name = UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: line[range.lowerBound..<HTTP1Client.nameEnd(line, range)]))
             let all = 0..<name.count
             if HTTP1Response.nameIs(name, all, "host") { return .host }
             if HTTP1Response.nameIs(name, all, "user-agent") { return .userAgent }
@@ -534,8 +532,7 @@ public final class HTTP1Client {
     static func appendLine(_ line: UnsafeBufferPointer<UInt8>, _ range: Range<Int>, to out: inout [UInt8]) {
         guard !Self.valueIsEmpty(line, range) else {
             // `Name;` (no colon before the semicolon, nothing after it): a header without a value.
-            var i = range.lowerBound
-            while i < range.upperBound, line[i] != UInt8(ascii: ":"), line[i] != UInt8(ascii: ";") { i += 1 }
+            let i = Self.nameEnd(line, range)
             if i < range.upperBound, line[i] == UInt8(ascii: ";"), i > range.lowerBound, Self.valueIsEmpty(line, (i + 1)..<range.upperBound, afterName: false) {
                 out += UnsafeBufferPointer(rebasing: line[range.lowerBound..<i])
                 out += ":\r\n".utf8
@@ -544,6 +541,13 @@ public final class HTTP1Client {
         }
         out += UnsafeBufferPointer(rebasing: line[range])
         out += "\r\n".utf8
+    }
+
+    /// Where a header line's name ends: at its first `:` or `;` (or the line's end).
+    static func nameEnd(_ line: UnsafeBufferPointer<UInt8>, _ range: Range<Int>) -> Int {
+        var i = range.lowerBound
+        while i < range.upperBound, line[i] != UInt8(ascii: ":"), line[i] != UInt8(ascii: ";") { i += 1 }
+        return i
     }
 
     /// `Name:` with nothing but blanks after the colon (or no colon at all).
