@@ -15,14 +15,14 @@ public enum TestEnvironment {
     public static var amqpURL: String {
         _ = Self.ignoresSIGPIPE
         if let url = ProcessInfo.processInfo.environment["AQ_TEST_AMQP_URL"], !url.isEmpty { return url }
-        let port = ProcessInfo.processInfo.environment["AQ_BROKER_PORT"] ?? "35700"
+        let port = ProcessInfo.processInfo.environment["AQ_BROKER_PORT"] ?? "27700"
         return "amqp://guest:guest@127.0.0.1:\(port)/%2F"
     }
 
     /// `AQ_TEST_MANAGEMENT_URL`, or the private node's management API.
     public static var managementURL: String {
         if let url = ProcessInfo.processInfo.environment["AQ_TEST_MANAGEMENT_URL"], !url.isEmpty { return url }
-        let port = Int(ProcessInfo.processInfo.environment["AQ_BROKER_PORT"] ?? "35700").map { $0 + 1 } ?? 35701
+        let port = Int(ProcessInfo.processInfo.environment["AQ_BROKER_PORT"] ?? "27700").map { $0 + 1 } ?? 27701
         return "http://127.0.0.1:\(port)"
     }
 

@@ -35,12 +35,15 @@ aq_ensure_packages() {
 # --- private RabbitMQ node -------------------------------------------------------------------
 # A node of its own: own data folder, own node name, bound to 127.0.0.1, no systemd.
 # Ports: AMQP = AQ_BROKER_PORT, management API = +1, Erlang distribution = +2 (rabbitmqctl then
-# takes its own ports from +10002 on). 35700 stays clear of RabbitMQ's defaults, including the
-# 35672-35682 range the CLI tools of a system broker use. Without AQ_BROKER_PORT, a start that
-# finds 35700 taken by another program (another checkout's private node, say) moves on by tens.
+# takes its own ports from +10002 on). 27700 stays clear of RabbitMQ's defaults (5672, 15672,
+# 25672, and 35672-35682 for a system broker's CLI tools) and below Linux's ephemeral range
+# (32768-60999): a port in that range can be taken, between our check that it is free and the
+# node's bind, as the local end of any outgoing connection on the machine (a CI run lost a
+# cluster node that way). Without AQ_BROKER_PORT, a start that finds 27700 taken by another
+# program (another checkout's private node, say) moves on by tens.
 AQ_BROKER_PORT_GIVEN=${AQ_BROKER_PORT:+1}
 AQ_BROKER_DIR_GIVEN=${AQ_BROKER_DIR:+1}
-AQ_BROKER_PORT=${AQ_BROKER_PORT:-35700}
+AQ_BROKER_PORT=${AQ_BROKER_PORT:-27700}
 AQ_BROKER_DIR=${AQ_BROKER_DIR:-$AQ_ROOT/.broker/$AQ_BROKER_PORT}
 AQ_RMQ_BIN=/usr/lib/rabbitmq/bin
 
@@ -112,6 +115,16 @@ CONF
     local server=$!
     for i in $(seq 1 90); do
         if ! kill -0 "$server" 2>/dev/null; then
+            # A port free when checked can still be taken before the node binds it (another
+            # program's listener started meanwhile): start again, a few times, before failing.
+            if grep -q eaddrinuse "$AQ_BROKER_DIR/log/console.log" 2>/dev/null \
+                && [ "${_aq_broker_attempt:-1}" -lt 3 ]; then
+                _aq_broker_attempt=$(( ${_aq_broker_attempt:-1} + 1 ))
+                aq_log "a port of the private RabbitMQ was taken as it started; starting again"
+                sleep 1
+                aq_broker_start
+                return
+            fi
             aq_log "RabbitMQ exited during start-up; its log follows"
             tail -40 "$AQ_BROKER_DIR/log/console.log" >&2 || true
             return 1
