@@ -10,16 +10,35 @@ public struct AMQPDelivery: Sendable {
     public let isRedelivered: Bool
     public let consumerTag: String?
     /// For `basic.get`: how many messages are left in the queue.
-    public let messageCount: UInt32?
+    public var messageCount: UInt32? { self.got?.messageCount }
     /// For `basic.get`: why the message could not be read (its properties over the client's
     /// ``AMQPContentLimits``, its body over the size cap), with `body` empty and, when the
     /// properties were the problem, `properties` empty. Settle it yourself (ack, or reject to
     /// dead-letter it). Consumers never see such deliveries: the client rejects them.
-    public let contentProblem: String?
+    public var contentProblem: String? { self.got?.contentProblem }
+    /// What only `basic.get` has, apart: 8 bytes in every consumer's delivery instead of 24.
+    private let got: Got?
     let acker: DeliveryAcker?
+
+    final class Got: Sendable {
+        let messageCount: UInt32?
+        let contentProblem: String?
+        init(messageCount: UInt32?, contentProblem: String?) {
+            self.messageCount = messageCount
+            self.contentProblem = contentProblem
+        }
+    }
 
     init(body: [UInt8], properties: AMQPProperties, exchange: String, routingKey: String, deliveryTag: UInt64,
          isRedelivered: Bool, consumerTag: String?, messageCount: UInt32?, contentProblem: String? = nil, acker: DeliveryAcker?) {
+        self.init(body: body, properties: properties, exchange: exchange, routingKey: routingKey, deliveryTag: deliveryTag,
+                  isRedelivered: isRedelivered, consumerTag: consumerTag,
+                  got: messageCount == nil && contentProblem == nil ? nil : Got(messageCount: messageCount, contentProblem: contentProblem),
+                  acker: acker)
+    }
+
+    private init(body: [UInt8], properties: AMQPProperties, exchange: String, routingKey: String, deliveryTag: UInt64,
+                 isRedelivered: Bool, consumerTag: String?, got: Got?, acker: DeliveryAcker?) {
         self.body = body
         self.properties = properties
         self.exchange = exchange
@@ -27,8 +46,7 @@ public struct AMQPDelivery: Sendable {
         self.deliveryTag = deliveryTag
         self.isRedelivered = isRedelivered
         self.consumerTag = consumerTag
-        self.messageCount = messageCount
-        self.contentProblem = contentProblem
+        self.got = got
         self.acker = acker
     }
 
@@ -44,7 +62,7 @@ public struct AMQPDelivery: Sendable {
     public func with(body: [UInt8]) -> AMQPDelivery {
         AMQPDelivery(body: body, properties: self.properties, exchange: self.exchange, routingKey: self.routingKey,
                      deliveryTag: self.deliveryTag, isRedelivered: self.isRedelivered, consumerTag: self.consumerTag,
-                     messageCount: self.messageCount, contentProblem: self.contentProblem, acker: self.acker)
+                     got: self.got, acker: self.acker)
     }
 
     /// Acknowledges the delivery (and, with `multiple`, every earlier one on its channel).

@@ -7,20 +7,75 @@ public struct AMQPProperties: Sendable, Hashable {
     }
 
     public var contentType: String?
-    public var contentEncoding: String?
     public var headers: AMQPTable?
     public var deliveryMode: DeliveryMode?
     public var priority: UInt8?
-    public var correlationId: String?
-    public var replyTo: String?
-    /// Per-message TTL in milliseconds, as a decimal string (AMQP's own encoding).
-    public var expiration: String?
     public var messageId: String?
     /// Seconds since the Unix epoch.
     public var timestamp: UInt64?
-    public var type: String?
     public var userId: String?
-    public var appId: String?
+    /// The six properties most messages leave unset, held apart: a message without any of them
+    /// carries 8 bytes for all six instead of 96 (a bridge holds thousands of deliveries at once).
+    /// Nil whenever all six are.
+    private var rare: Rare?
+
+    public var contentEncoding: String? {
+        get { self.rare?.fields.contentEncoding }
+        set { self.updateRare { $0.contentEncoding = newValue } }
+    }
+    public var correlationId: String? {
+        get { self.rare?.fields.correlationId }
+        set { self.updateRare { $0.correlationId = newValue } }
+    }
+    public var replyTo: String? {
+        get { self.rare?.fields.replyTo }
+        set { self.updateRare { $0.replyTo = newValue } }
+    }
+    /// Per-message TTL in milliseconds, as a decimal string (AMQP's own encoding).
+    public var expiration: String? {
+        get { self.rare?.fields.expiration }
+        set { self.updateRare { $0.expiration = newValue } }
+    }
+    public var type: String? {
+        get { self.rare?.fields.type }
+        set { self.updateRare { $0.type = newValue } }
+    }
+    public var appId: String? {
+        get { self.rare?.fields.appId }
+        set { self.updateRare { $0.appId = newValue } }
+    }
+
+    struct RareFields: Sendable, Hashable {
+        var contentEncoding: String?
+        var correlationId: String?
+        var replyTo: String?
+        var expiration: String?
+        var type: String?
+        var appId: String?
+        var isEmpty: Bool {
+            self.contentEncoding == nil && self.correlationId == nil && self.replyTo == nil && self.expiration == nil
+                && self.type == nil && self.appId == nil
+        }
+    }
+
+    /// Immutable: a change makes a new one, so copies of the properties never share a mutation.
+    final class Rare: Sendable, Hashable {
+        let fields: RareFields
+        init(_ fields: RareFields) { self.fields = fields }
+        static func == (a: Rare, b: Rare) -> Bool { a === b || a.fields == b.fields }
+        func hash(into hasher: inout Hasher) { hasher.combine(self.fields) }
+    }
+
+    mutating func updateRare(_ change: (inout RareFields) -> Void) {
+        var fields = self.rare?.fields ?? RareFields()
+        change(&fields)
+        self.rare = fields.isEmpty ? nil : Rare(fields)
+    }
+
+    /// Sets the six at once (one allocation when any is set): for decoding.
+    mutating func setRare(_ fields: RareFields) {
+        self.rare = fields.isEmpty ? nil : Rare(fields)
+    }
 
     public init(
         contentType: String? = nil, contentEncoding: String? = nil, headers: AMQPTable? = nil,
@@ -29,18 +84,14 @@ public struct AMQPProperties: Sendable, Hashable {
         timestamp: UInt64? = nil, type: String? = nil, userId: String? = nil, appId: String? = nil
     ) {
         self.contentType = contentType
-        self.contentEncoding = contentEncoding
         self.headers = headers
         self.deliveryMode = deliveryMode
         self.priority = priority
-        self.correlationId = correlationId
-        self.replyTo = replyTo
-        self.expiration = expiration
         self.messageId = messageId
         self.timestamp = timestamp
-        self.type = type
         self.userId = userId
-        self.appId = appId
+        self.setRare(RareFields(contentEncoding: contentEncoding, correlationId: correlationId, replyTo: replyTo,
+                                expiration: expiration, type: type, appId: appId))
     }
 
     /// True when `deliveryMode` is `.persistent`.

@@ -65,6 +65,39 @@ import Testing
         #expect(CDecode.properties(arena.properties(AMQPProperties())) == AMQPProperties())
     }
 
+    /// The six properties held apart (``AMQPProperties``' `rare`) behave as stored ones: each
+    /// reads back what was set, a copy changes alone, and properties equal field by field are
+    /// equal and hash alike however they were made (set, then cleared, is the same as never set).
+    @Test func propertiesHeldApartBehaveAsValues() {
+        var a = AMQPProperties(messageId: "m-1")
+        a.correlationId = "c-1"
+        a.replyTo = "replies"
+        var b = a
+        b.replyTo = "elsewhere"
+        b.appId = "aq"
+        #expect(a.correlationId == "c-1" && a.replyTo == "replies" && a.appId == nil)
+        #expect(b.correlationId == "c-1" && b.replyTo == "elsewhere" && b.appId == "aq")
+        #expect(a != b)
+        b.replyTo = "replies"
+        b.appId = nil
+        #expect(a == b && a.hashValue == b.hashValue)
+        var c = AMQPProperties(messageId: "m-1", type: "t")
+        c.type = nil
+        #expect(c == AMQPProperties(messageId: "m-1") && c.hashValue == AMQPProperties(messageId: "m-1").hashValue)
+        c.contentEncoding = "gzip"
+        c.expiration = "60000"
+        #expect(AMQPProperties(contentEncoding: "gzip", expiration: "60000", messageId: "m-1") == c)
+        #expect(Set([a, b, c]).count == 2)
+    }
+
+    /// Common content types decode to the same value as any other (one shared string).
+    @Test func commonContentTypesDecodeToTheirValue() {
+        let arena = CArena(capacity: 1024)
+        for type in ["application/json", "application/json; charset=utf-8", "application/octet-stream", "application/jsonx", "text/plain", "application/jso"] {
+            #expect(CDecode.properties(arena.properties(AMQPProperties(contentType: type))).contentType == type)
+        }
+    }
+
     @Test func channelCloseReplyBecomesATypedError() {
         var close = amqp_channel_close_t()
         close.reply_code = 404

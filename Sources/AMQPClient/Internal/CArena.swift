@@ -317,24 +317,40 @@ enum CDecode {
         }
     }
 
+    /// The common content types come back as the same string literal for every message:
+    /// "application/json" is one byte over what a String holds inline, and would otherwise cost
+    /// an allocation for each message held.
+    static let commonContentTypes: [String] = ["application/json", "application/json; charset=utf-8", "application/octet-stream"]
+
+    static func contentType(_ bytes: amqp_bytes_t) -> String {
+        guard bytes.len > 0, let base = bytes.bytes else { return "" }
+        let raw = UnsafeRawBufferPointer(start: base, count: bytes.len)
+        for common in Self.commonContentTypes where common.utf8.count == raw.count && common.utf8.elementsEqual(raw) {
+            return common
+        }
+        return String(decoding: raw, as: UTF8.self)
+    }
+
     static func properties(_ c: amqp_basic_properties_t) -> AMQPProperties {
         var p = AMQPProperties()
         let flags = c._flags
         guard flags != 0 else { return p }
         func has(_ flag: Int32) -> Bool { flags & UInt32(flag) != 0 }
-        if has(AMQP_BASIC_CONTENT_TYPE_FLAG) { p.contentType = self.string(c.content_type) }
-        if has(AMQP_BASIC_CONTENT_ENCODING_FLAG) { p.contentEncoding = self.string(c.content_encoding) }
+        if has(AMQP_BASIC_CONTENT_TYPE_FLAG) { p.contentType = self.contentType(c.content_type) }
         if has(AMQP_BASIC_HEADERS_FLAG) { p.headers = self.table(c.headers) }
         if has(AMQP_BASIC_DELIVERY_MODE_FLAG) { p.deliveryMode = AMQPProperties.DeliveryMode(rawValue: c.delivery_mode) }
         if has(AMQP_BASIC_PRIORITY_FLAG) { p.priority = c.priority }
-        if has(AMQP_BASIC_CORRELATION_ID_FLAG) { p.correlationId = self.string(c.correlation_id) }
-        if has(AMQP_BASIC_REPLY_TO_FLAG) { p.replyTo = self.string(c.reply_to) }
-        if has(AMQP_BASIC_EXPIRATION_FLAG) { p.expiration = self.string(c.expiration) }
         if has(AMQP_BASIC_MESSAGE_ID_FLAG) { p.messageId = self.string(c.message_id) }
         if has(AMQP_BASIC_TIMESTAMP_FLAG) { p.timestamp = c.timestamp }
-        if has(AMQP_BASIC_TYPE_FLAG) { p.type = self.string(c.type) }
         if has(AMQP_BASIC_USER_ID_FLAG) { p.userId = self.string(c.user_id) }
-        if has(AMQP_BASIC_APP_ID_FLAG) { p.appId = self.string(c.app_id) }
+        var rare = AMQPProperties.RareFields()
+        if has(AMQP_BASIC_CONTENT_ENCODING_FLAG) { rare.contentEncoding = self.string(c.content_encoding) }
+        if has(AMQP_BASIC_CORRELATION_ID_FLAG) { rare.correlationId = self.string(c.correlation_id) }
+        if has(AMQP_BASIC_REPLY_TO_FLAG) { rare.replyTo = self.string(c.reply_to) }
+        if has(AMQP_BASIC_EXPIRATION_FLAG) { rare.expiration = self.string(c.expiration) }
+        if has(AMQP_BASIC_TYPE_FLAG) { rare.type = self.string(c.type) }
+        if has(AMQP_BASIC_APP_ID_FLAG) { rare.appId = self.string(c.app_id) }
+        p.setRare(rare)
         return p
     }
 }
