@@ -58,11 +58,22 @@ final class BridgeEngine: AMQPConnectionExtension {
         var events: LifecycleEvents = .failures
     }
 
+    /// A served queue, shared by the runs of its deliveries (a run holds 8 bytes, not a copy).
+    final class Served {
+        let queue: ServedQueue
+        let index: Int
+        init(_ queue: ServedQueue, index: Int) {
+            self.queue = queue
+            self.index = index
+        }
+    }
+
     final class Run {
         /// Its body is let go once a parked copy is on the wire (see `park`).
         var delivery: AMQPDelivery
-        let queue: ServedQueue
-        let queueIndex: Int
+        let served: Served
+        var queue: ServedQueue { self.served.queue }
+        var queueIndex: Int { self.served.index }
         let attempt: Int
         /// The broker vouches that one of the trusted users published this message.
         let trusted: Bool
@@ -89,15 +100,15 @@ final class BridgeEngine: AMQPConnectionExtension {
         var active = false
         /// When the bridge received it (for the events' durations).
         let began = ContinuousClock.now
-        /// Its W3C trace context, read once when first asked for (its task is known by then): the
-        /// task's `traceparent` field, else (a webhook job, a chain step) its message's header,
-        /// when valid.
-        lazy var traceparent: String? = self.task?.traceparent
-            ?? self.delivery.properties.headers?["traceparent"]?.stringValue.flatMap(TaskParser.validTraceparent)
-        init(delivery: AMQPDelivery, queue: ServedQueue, queueIndex: Int, attempt: Int, trusted: Bool) {
+        /// Its W3C trace context: the task's `traceparent` field, else (a webhook job, a chain
+        /// step) its message's header, when valid. Not cached: most tasks have neither, and a
+        /// cache would cost every task held 24 bytes.
+        var traceparent: String? {
+            self.task?.traceparent ?? self.delivery.properties.headers?["traceparent"]?.stringValue.flatMap(TaskParser.validTraceparent)
+        }
+        init(delivery: AMQPDelivery, served: Served, attempt: Int, trusted: Bool) {
             self.delivery = delivery
-            self.queue = queue
-            self.queueIndex = queueIndex
+            self.served = served
             self.attempt = attempt
             self.trusted = trusted
             self.bytes = delivery.body.count
@@ -106,34 +117,60 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     /// An HTTP request waiting for its turn (see ``Admission``); its headers, signature included,
     /// are made when it starts, so a signature is never older than the request.
+    ///
+    /// A callback is its run and host only: its URL, id, attempt, body and timeout are its run's
+    /// task's, and its answer goes to ``BridgeEngine/callbackAnswered(_:_:)``. Thousands of
+    /// callbacks can wait at once; a copy of each of those fields and a closure would cost 200
+    /// bytes apiece. A webhook carries its own (``Webhook``).
     final class Request {
         let run: Run
-        let url: String
         /// The host it counts against (see ``BridgeEngine/hostKey(_:)``).
         let host: Int
-        /// The Standard Webhooks id: the task id for the callback, `<task id>:result` for the webhook.
-        let id: String
-        let taskId: String
-        let attempt: Int
-        let body: ArraySlice<UInt8>
-        let timeout: Duration
-        let maxResponseBytes: Int
-        let done: (Result<HTTPAnswer, HTTPError>) -> Void
-        /// A webhook's body (nil for a callback): parked, it becomes a webhook job.
-        var webhook: [UInt8]?
-        init(run: Run, url: String, host: Int, id: String, taskId: String, attempt: Int, body: ArraySlice<UInt8>, timeout: Duration,
-             maxResponseBytes: Int, done: @escaping (Result<HTTPAnswer, HTTPError>) -> Void) {
-            self.run = run
-            self.url = url
-            self.host = host
-            self.id = id
-            self.taskId = taskId
-            self.attempt = attempt
-            self.body = body
-            self.timeout = timeout
-            self.maxResponseBytes = maxResponseBytes
-            self.done = done
+        /// Nil for a callback.
+        let webhook: Webhook?
+
+        final class Webhook {
+            let url: String
+            /// `<task id>:result`, or the id of the webhook job it delivers.
+            let id: String
+            let taskId: String
+            let attempt: Int
+            /// Parked, it becomes a webhook job with this body.
+            let body: [UInt8]
+            let timeout: Duration
+            let done: (Result<HTTPAnswer, HTTPError>) -> Void
+            init(url: String, id: String, taskId: String, attempt: Int, body: [UInt8], timeout: Duration,
+                 done: @escaping (Result<HTTPAnswer, HTTPError>) -> Void) {
+                self.url = url
+                self.id = id
+                self.taskId = taskId
+                self.attempt = attempt
+                self.body = body
+                self.timeout = timeout
+                self.done = done
+            }
         }
+
+        init(callback run: Run, host: Int) {
+            self.run = run
+            self.host = host
+            self.webhook = nil
+        }
+
+        init(run: Run, host: Int, webhook: Webhook) {
+            self.run = run
+            self.host = host
+            self.webhook = webhook
+        }
+
+        // A callback's run always has its task (``BridgeEngine/callback(_:_:)`` sets it first).
+        var url: String { self.webhook?.url ?? self.run.task?.callbackURL ?? "" }
+        /// The Standard Webhooks id: the task id for the callback, `<task id>:result` for the webhook.
+        var id: String { self.webhook?.id ?? self.run.task?.id ?? "" }
+        var taskId: String { self.webhook?.taskId ?? self.run.task?.id ?? "" }
+        var attempt: Int { self.webhook?.attempt ?? self.run.attempt }
+        var body: ArraySlice<UInt8> { self.webhook.map { $0.body[...] } ?? self.run.task?.payload ?? [] }
+        var timeout: Duration { self.webhook?.timeout ?? self.run.task?.timeout ?? .seconds(30) }
     }
 
     let context: AMQPThreadContext
@@ -215,12 +252,13 @@ final class BridgeEngine: AMQPConnectionExtension {
         self.startEvents()
         try self.context.setPrefetch(channel: self.batchChannel, count: UInt16(Self.batchPrefetch))
         for (index, queue) in self.settings.queues.enumerated() {
+            let served = Served(queue, index: index)
             let tag = try self.context.consume(
                 channel: self.consumeChannel, queue: queue.queueName,
                 // A task over max_payload_bytes is never buffered: the client rejects it to the
                 // queue's dead-letter exchange whole and reports it here (`unreadable`).
                 maxBodyBytes: queue.defaults.maxPayloadBytes,
-                handler: { [unowned self] delivery in self.received(delivery, queue: queue, index: index) },
+                handler: { [unowned self] delivery in self.received(delivery, served) },
                 onUnreadable: { [unowned self] unreadable in self.unreadable(unreadable, queue: queue) },
                 onEnd: { [unowned self] error in
                     if let error { self.logger.error("consumer ended", metadata: ["queue": "\(queue.queueName)", "error": "\(error)"]) }
@@ -353,13 +391,14 @@ final class BridgeEngine: AMQPConnectionExtension {
 
     // MARK: Deliveries
 
-    func received(_ delivery: AMQPDelivery, queue: ServedQueue, index: Int) {
+    func received(_ delivery: AMQPDelivery, _ served: Served) {
+        let queue = served.queue
         let properties = delivery.properties
         let trusted = self.isTrusted(properties)
         // Bookkeeping headers count only on messages the broker says a trusted user published.
         let headers = trusted ? properties.headers : nil
         let attempt = Int(min(max(1, headers?["aq-attempt"]?.intValue ?? 1), 1_000_000))
-        let run = Run(delivery: delivery, queue: queue, queueIndex: index, attempt: attempt, trusted: trusted)
+        let run = Run(delivery: delivery, served: served, attempt: attempt, trusted: trusted)
         self.begin(run)
         switch headers?["aq-kind"]?.stringValue {
         case "webhook"?: return self.webhookJob(run)
@@ -513,7 +552,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     private func parkRequest(_ request: Request, reason: String) {
         guard request.run.active else { return }
         if let webhook = request.webhook {
-            self.parkWebhook(request.run, url: request.url, taskId: request.taskId, body: webhook, attempt: request.attempt, webhookId: request.id, reason: reason)
+            self.parkWebhook(request.run, url: webhook.url, taskId: webhook.taskId, body: webhook.body, attempt: webhook.attempt, webhookId: webhook.id, reason: reason)
         } else {
             self.park(request.run, reason: reason)
         }
@@ -558,13 +597,14 @@ final class BridgeEngine: AMQPConnectionExtension {
             headers.append { self.signing.appendHeaderLine(id: request.id, timestamp: timestamp, body: request.body, to: &$0) }
         }
         let http = HTTPRequest(url: request.url, headers: headers, body: request.body, timeout: request.timeout,
-                               maxResponseBytes: request.maxResponseBytes, sharedHeaders: self.sharedHeaders(request.run.queue.name))
+                               maxResponseBytes: request.webhook == nil ? self.settings.maxResponseBytes : Self.maxWebhookResponseBytes,
+                               sharedHeaders: self.sharedHeaders(request.run.queue.name))
         self.http.start(http) { [unowned self] result in
             // An answer (any status) tells how fast the host is; a failure to connect does not.
             let now = ContinuousClock.now
             let answered = (try? result.get()) != nil
             self.finished(request, latency: answered ? now - started : nil, now: now)
-            request.done(result)
+            if let webhook = request.webhook { webhook.done(result) } else { self.callbackAnswered(request.run, result) }
         }
     }
 
@@ -582,27 +622,27 @@ final class BridgeEngine: AMQPConnectionExtension {
     // MARK: Callback
 
     private func callback(_ run: Run, _ task: TaskSpec) {
-        let request = Request(
-            run: run, url: task.callbackURL, host: self.hostKey(task.callbackURL), id: task.id, taskId: task.id, attempt: run.attempt, body: task.payload,
-            timeout: task.timeout, maxResponseBytes: self.settings.maxResponseBytes
-        ) { [unowned self] result in
-            guard self.isActive(run) else { return }
-            let outcome = RetryPolicy.classify(result, timeout: task.timeout)
-            switch outcome {
-            case .success:
-                self.count(.callbacks2xx)
-                let answer = try? result.get()
-                self.completed(run, task, result: Self.resultJSON(answer?.body ?? []))
-            case .retryable(let reason, _, let retryAfter) where run.attempt <= task.retries:
-                self.count(.callbacksFailed)
-                self.retry(run, task, reason: reason, retryAfter: retryAfter)
-            default:
-                self.count(.callbacksFailed)
-                let body = (try? result.get())?.body ?? []
-                self.failed(run, task, outcome: outcome, responseBody: body)
-            }
+        run.task = task
+        self.submit(Request(callback: run, host: self.hostKey(task.callbackURL)))
+    }
+
+    /// A callback's answer (or its failure).
+    private func callbackAnswered(_ run: Run, _ result: Result<HTTPAnswer, HTTPError>) {
+        guard self.isActive(run), let task = run.task else { return }
+        let outcome = RetryPolicy.classify(result, timeout: task.timeout)
+        switch outcome {
+        case .success:
+            self.count(.callbacks2xx)
+            let answer = try? result.get()
+            self.completed(run, task, result: Self.resultJSON(answer?.body ?? []))
+        case .retryable(let reason, _, let retryAfter) where run.attempt <= task.retries:
+            self.count(.callbacksFailed)
+            self.retry(run, task, reason: reason, retryAfter: retryAfter)
+        default:
+            self.count(.callbacksFailed)
+            let body = (try? result.get())?.body ?? []
+            self.failed(run, task, outcome: outcome, responseBody: body)
         }
-        self.submit(request)
     }
 
     /// The callback's answer as the webhook's `result`: its JSON, `null` when empty, else the
@@ -1036,8 +1076,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     func webhook(_ run: Run, url: String, taskId: String, body: [UInt8], attempt: Int, id webhookId: String? = nil) {
         let id = webhookId ?? "\(taskId):result"
         let timeout = self.settings.webhookTimeout
-        let request = Request(run: run, url: url, host: self.hostKey(url), id: id, taskId: taskId, attempt: attempt, body: body[...], timeout: timeout,
-                              maxResponseBytes: 64 * 1024) { [unowned self] result in
+        let webhook = Request.Webhook(url: url, id: id, taskId: taskId, attempt: attempt, body: body, timeout: timeout) { [unowned self] result in
             guard self.isActive(run) else { return }
             let outcome = RetryPolicy.classify(result, timeout: timeout)
             if case .success = outcome {
@@ -1071,9 +1110,11 @@ final class BridgeEngine: AMQPConnectionExtension {
             }
             giveUp()
         }
-        request.webhook = body
-        self.submit(request)
+        self.submit(Request(run: run, host: self.hostKey(url), webhook: webhook))
     }
+
+    /// The most of a webhook endpoint's answer the bridge reads (it only needs the status).
+    static let maxWebhookResponseBytes = 64 * 1024
 
     /// Properties of a webhook job: the webhook alone, waiting in a retry tier.
     func webhookJob(url: String, taskId: String, attempt: Int, tier: TimeSpan?, lastError: String?, webhookId: String? = nil) -> AMQPProperties {
@@ -1102,7 +1143,7 @@ final class BridgeEngine: AMQPConnectionExtension {
     }
 
     /// A webhook waiting in a retry tier came back: deliver it (only it). Only a trusted
-    /// publisher's message gets here (see ``received(_:queue:index:)``).
+    /// publisher's message gets here (see ``received(_:_:)``).
     private func webhookJob(_ run: Run) {
         let headers = run.delivery.properties.headers
         guard let url = headers?["aq-webhook-url"]?.stringValue, TaskParser.urlProblem(url) == nil,

@@ -94,6 +94,27 @@ import Testing
         #expect(bodyId.id == "t-9")
     }
 
+    /// The fields most tasks leave out (held apart in ``TaskSpec``) read back as parsed, and
+    /// change in one copy only; cleared, the task equals one that never had them.
+    @Test func fieldsHeldApartBehaveAsValues() throws {
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        let body = Array(#"{"callbackUrl":"http://a/","failureWebhookUrl":"http://f/","delay":5,"traceparent":"\#(traceparent)"}"#.utf8)
+        var task = try TaskParser.parse(body, messageId: "m-1", defaults: self.defaults).get()
+        #expect(task.failureWebhookURL == "http://f/")
+        #expect(task.due == .after(.seconds(5)))
+        #expect(task.traceparent == traceparent)
+        let copy = task
+        task.traceparent = nil
+        task.failureWebhookURL = nil
+        #expect(copy.traceparent == traceparent && copy.failureWebhookURL == "http://f/")
+        #expect(task.traceparent == nil && task.failureWebhookURL == nil && task.due == .after(.seconds(5)))
+        task.due = nil
+        var plain = try TaskParser.parse(Array(#"{"callbackUrl":"http://a/"}"#.utf8), messageId: "m-1", defaults: self.defaults).get()
+        plain.payload = task.payload
+        #expect(task == plain)
+        #expect(copy != plain)
+    }
+
     @Test(arguments: [
         (#"{"callbackUrl":"http://a/","timeout":601}"#, "over the bridge's limit"),
         (#"{"callbackUrl":"http://a/","retries":101}"#, "from 0 to 100"),
