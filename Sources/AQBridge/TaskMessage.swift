@@ -10,7 +10,26 @@ public struct TaskSpec: Sendable, Equatable {
     /// without a copy.
     public var payload: ArraySlice<UInt8>
     /// Where the outcome goes (every outcome, unless `failureWebhookURL` is set: then successes).
-    public var webhookURL: String?
+    public var webhookURL: String? {
+        get {
+            switch self.webhook {
+            case .none: return nil
+            case .text(let url): return url
+            case .source(let body, let range): return try? JSONScan.decodeString(body, range)
+            }
+        }
+        set { self.webhook = newValue.map { .text($0) } ?? .none }
+    }
+    /// As the task's message has it (its JSON string, read and checked once): the URL is needed
+    /// only when the outcome is known, and a string made for each task held would cost it 80
+    /// bytes of memory meanwhile. The body is the message's own, shared, not a copy.
+    private var webhook: WebhookURL
+
+    enum WebhookURL: Sendable {
+        case none
+        case text(String)
+        case source([UInt8], Range<Int>)
+    }
     public var retries: Int
     public var timeout: Duration
     /// Where a failure goes instead of `webhookURL`.
@@ -34,10 +53,16 @@ public struct TaskSpec: Sendable, Equatable {
 
     init(id: String, callbackURL: String, payload: ArraySlice<UInt8>, webhookURL: String?, failureWebhookURL: String?,
          retries: Int, timeout: Duration, due: Due?, traceparent: String?) {
+        self.init(id: id, callbackURL: callbackURL, payload: payload, webhook: webhookURL.map { .text($0) } ?? .none,
+                  failureWebhookURL: failureWebhookURL, retries: retries, timeout: timeout, due: due, traceparent: traceparent)
+    }
+
+    init(id: String, callbackURL: String, payload: ArraySlice<UInt8>, webhook: WebhookURL, failureWebhookURL: String?,
+         retries: Int, timeout: Duration, due: Due?, traceparent: String?) {
         self.id = id
         self.callbackURL = callbackURL
         self.payload = payload
-        self.webhookURL = webhookURL
+        self.webhook = webhook
         self.retries = retries
         self.timeout = timeout
         if failureWebhookURL != nil || due != nil || traceparent != nil {
@@ -77,6 +102,11 @@ public struct TaskSpec: Sendable, Equatable {
     public enum Due: Sendable, Equatable {
         case after(Duration)
         case at(unixMilliseconds: Int64)
+    }
+
+    public static func == (a: TaskSpec, b: TaskSpec) -> Bool {
+        a.id == b.id && a.callbackURL == b.callbackURL && a.payload == b.payload && a.webhookURL == b.webhookURL
+            && a.retries == b.retries && a.timeout == b.timeout && a.rare == b.rare
     }
 
     /// The URL an outcome goes to.
@@ -206,10 +236,13 @@ public enum TaskParser {
         case .success(let url?): callback = url
         }
         if let problem = Self.urlProblem(callback) { return bad("callbackUrl \(problem)") }
-        let webhook: String?, failureWebhook: String?
+        let webhook: TaskSpec.WebhookURL, failureWebhook: String?
         switch (webhookResult, failureResult) {
         case (.failure(let error), _), (_, .failure(let error)): return bad(error)
-        case (.success(let w), .success(let f)): (webhook, failureWebhook) = (w, f)
+        case (.success(let w), .success(let f)):
+            // Checked: kept as the message has it (see TaskSpec.webhookURL).
+            if w != nil, let member = webhookMember, member.kind == .string { webhook = .source(body, member.range) } else { webhook = w.map { .text($0) } ?? .none }
+            failureWebhook = f
         }
         var retries = defaults.retries
         if let member = retriesMember, member.kind != .null {
@@ -265,7 +298,7 @@ public enum TaskParser {
         }
         // A traceparent that is not W3C's is ignored, as the spec says (never a reason to refuse).
         let traceparent = members[12].flatMap { try? string($0, "traceparent").get() }.flatMap(Self.validTraceparent)
-        return .success(TaskSpec(id: id, callbackURL: callback, payload: payload, webhookURL: webhook, failureWebhookURL: failureWebhook,
+        return .success(TaskSpec(id: id, callbackURL: callback, payload: payload, webhook: webhook, failureWebhookURL: failureWebhook,
                                  retries: retries, timeout: timeout, due: due, traceparent: traceparent))
     }
 
