@@ -52,10 +52,6 @@ public struct AMQPProperties: Sendable, Hashable {
         var expiration: String?
         var type: String?
         var appId: String?
-        var isEmpty: Bool {
-            self.contentEncoding == nil && self.correlationId == nil && self.replyTo == nil && self.expiration == nil
-                && self.type == nil && self.appId == nil
-        }
     }
 
     /// Immutable: a change makes a new one, so copies of the properties never share a mutation.
@@ -69,12 +65,12 @@ public struct AMQPProperties: Sendable, Hashable {
     mutating func updateRare(_ change: (inout RareFields) -> Void) {
         var fields = self.rare?.fields ?? RareFields()
         change(&fields)
-        self.rare = fields.isEmpty ? nil : Rare(fields)
+        self.setRare(fields)
     }
 
     /// Sets the six at once (one allocation when any is set): for decoding.
     mutating func setRare(_ fields: RareFields) {
-        self.rare = fields.isEmpty ? nil : Rare(fields)
+        self.rare = fields == RareFields() ? nil : Rare(fields)
     }
 
     public init(

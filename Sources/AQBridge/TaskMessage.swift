@@ -34,17 +34,17 @@ public struct TaskSpec: Sendable, Equatable {
     public var timeout: Duration
     /// Where a failure goes instead of `webhookURL`.
     public var failureWebhookURL: String? {
-        get { self.rare?.failureWebhookURL }
+        get { self.rare?.fields.failureWebhookURL }
         set { self.updateRare { $0.failureWebhookURL = newValue } }
     }
     /// When the callback may run at the earliest.
     public var due: Due? {
-        get { self.rare?.due }
+        get { self.rare?.fields.due }
         set { self.updateRare { $0.due = newValue } }
     }
     /// A W3C trace context (`traceparent`), passed on to the callback and the webhook.
     public var traceparent: String? {
-        get { self.rare?.traceparent }
+        get { self.rare?.fields.traceparent }
         set { self.updateRare { $0.traceparent = newValue } }
     }
     /// The three fields most tasks leave out, held apart: 8 bytes for all three instead of 56 in
@@ -65,37 +65,30 @@ public struct TaskSpec: Sendable, Equatable {
         self.webhook = webhook
         self.retries = retries
         self.timeout = timeout
-        if failureWebhookURL != nil || due != nil || traceparent != nil {
-            self.rare = Rare(failureWebhookURL: failureWebhookURL, due: due, traceparent: traceparent)
-        }
+        self.setRare(RareFields(failureWebhookURL: failureWebhookURL, due: due, traceparent: traceparent))
     }
 
-    /// Immutable: a change makes a new one, so copies of a task never share a mutation.
-    final class Rare: Sendable, Equatable {
-        let failureWebhookURL: String?
-        let due: Due?
-        let traceparent: String?
-        init(failureWebhookURL: String?, due: Due?, traceparent: String?) {
-            self.failureWebhookURL = failureWebhookURL
-            self.due = due
-            self.traceparent = traceparent
-        }
-        static func == (a: Rare, b: Rare) -> Bool {
-            a === b || (a.failureWebhookURL == b.failureWebhookURL && a.due == b.due && a.traceparent == b.traceparent)
-        }
-    }
-
-    private struct RareFields {
+    struct RareFields: Sendable, Equatable {
         var failureWebhookURL: String?
         var due: Due?
         var traceparent: String?
     }
 
+    /// Immutable: a change makes a new one, so copies of a task never share a mutation.
+    final class Rare: Sendable, Equatable {
+        let fields: RareFields
+        init(_ fields: RareFields) { self.fields = fields }
+        static func == (a: Rare, b: Rare) -> Bool { a === b || a.fields == b.fields }
+    }
+
     private mutating func updateRare(_ change: (inout RareFields) -> Void) {
-        var fields = RareFields(failureWebhookURL: self.rare?.failureWebhookURL, due: self.rare?.due, traceparent: self.rare?.traceparent)
+        var fields = self.rare?.fields ?? RareFields()
         change(&fields)
-        self.rare = fields.failureWebhookURL == nil && fields.due == nil && fields.traceparent == nil
-            ? nil : Rare(failureWebhookURL: fields.failureWebhookURL, due: fields.due, traceparent: fields.traceparent)
+        self.setRare(fields)
+    }
+
+    private mutating func setRare(_ fields: RareFields) {
+        self.rare = fields == RareFields() ? nil : Rare(fields)
     }
 
     /// `delay` (seconds from when the task was published) or `notBefore` (a point in time).
