@@ -119,19 +119,20 @@ public struct AMQPConsumer: AsyncSequence, Sendable {
     /// should iterate a consumer.
     public struct AsyncIterator: AsyncIteratorProtocol {
         let buffer: DeliveryBuffer
-        var batch: [AMQPDelivery] = []
+        /// The batch taken; each delivery is moved out (`take()`), not copied.
+        var batch: [AMQPDelivery?] = []
         var index = 0
 
         public mutating func next() async throws -> AMQPDelivery? {
-            if self.index < self.batch.count {
-                defer { self.index += 1 }
-                return self.batch[self.index]
+            while true {
+                while self.index < self.batch.count {
+                    defer { self.index += 1 }
+                    if let delivery = self.batch[self.index].take() { return delivery }
+                }
+                self.batch.removeAll(keepingCapacity: true)
+                self.index = 0
+                guard try await self.buffer.take(into: &self.batch) else { return nil }
             }
-            self.batch.removeAll(keepingCapacity: true)
-            self.index = 0
-            guard try await self.buffer.take(into: &self.batch) else { return nil }
-            self.index = 1
-            return self.batch[0]
         }
     }
 

@@ -52,6 +52,13 @@ public struct AMQPProperties: Sendable, Hashable {
         var expiration: String?
         var type: String?
         var appId: String?
+
+        /// All six unset. (Spelled out: `== RareFields()` builds, compares and destroys a second
+        /// value field by field, on every message decoded and every one published.)
+        var isEmpty: Bool {
+            self.contentEncoding == nil && self.correlationId == nil && self.replyTo == nil && self.expiration == nil
+                && self.type == nil && self.appId == nil
+        }
     }
 
     /// Immutable: a change makes a new one, so copies of the properties never share a mutation.
@@ -70,7 +77,20 @@ public struct AMQPProperties: Sendable, Hashable {
 
     /// Sets the six at once (one allocation when any is set): for decoding.
     mutating func setRare(_ fields: RareFields) {
-        self.rare = fields == RareFields() ? nil : Rare(fields)
+        self.rare = fields.isEmpty ? nil : Rare(fields)
+    }
+
+    /// All fields at once, the six rare ones already boxed (nil when none is set): for decoding.
+    init(contentType: String?, headers: AMQPTable?, deliveryMode: DeliveryMode?, priority: UInt8?, messageId: String?,
+         timestamp: UInt64?, userId: String?, rare: RareFields?) {
+        self.contentType = contentType
+        self.headers = headers
+        self.deliveryMode = deliveryMode
+        self.priority = priority
+        self.messageId = messageId
+        self.timestamp = timestamp
+        self.userId = userId
+        self.rare = rare.flatMap { $0.isEmpty ? nil : Rare($0) }
     }
 
     public init(

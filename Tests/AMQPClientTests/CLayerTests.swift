@@ -163,3 +163,76 @@ import Testing
         #expect(aq_curl_easy_setopt_ptr(handle, CURLOPT_URL, "http://127.0.0.1:1/") == CURLE_OK)
     }
 }
+
+/// The pieces of the delivery path that avoid work per message: they must find, decode and hand
+/// over exactly what the plain way would.
+@Suite struct DeliveryPathTests {
+    static func bytes<R>(_ text: String, _ body: (amqp_bytes_t) -> R) -> R {
+        var copy = Array(text.utf8)
+        return copy.withUnsafeMutableBytes { body(amqp_bytes_t(len: $0.count, bytes: $0.baseAddress)) }
+    }
+
+    @Test func bytesCompareAsTheirString() {
+        for (string, bytes, same) in [("amq.ctag-abc", "amq.ctag-abc", true), ("amq.ctag-abc", "amq.ctag-abd", false),
+                                      ("amq.ctag-abc", "amq.ctag-ab", false), ("", "", true), ("", "x", false),
+                                      ("é-tag", "é-tag", true), ("é-tag", "e-tag", false)] {
+            #expect(Self.bytes(bytes) { CDecode.equals(string, $0) } == same, "\(string) vs \(bytes)")
+        }
+        #expect(CDecode.equals("", amqp_bytes_t(len: 0, bytes: nil)))
+        #expect(!CDecode.equals("x", amqp_bytes_t(len: 0, bytes: nil)))
+    }
+
+    /// A channel's consumers are scanned when few and looked up by hash when many: the same
+    /// answers either way.
+    @Test(arguments: [1, 3, ChannelState.consumersScanned, ChannelState.consumersScanned + 1, 40])
+    func consumerIsFoundByItsTagBytes(count: Int) {
+        let channel = ChannelState(id: 1)
+        for i in 0..<count {
+            let tag = "amq.ctag-consumer-\(i)"
+            channel.consumers[tag] = ConsumerState(tag: tag, queue: "q\(i)", exclusive: false, noAck: false, arguments: [:],
+                                                   buffer: nil, maxBodyBytes: 1 << 20)
+        }
+        for i in [0, count / 2, count - 1] {
+            let found = Self.bytes("amq.ctag-consumer-\(i)") { channel.consumer(tagged: $0) }
+            #expect(found?.queue == "q\(i)")
+            #expect(channel.consumer("amq.ctag-consumer-\(i)")?.queue == "q\(i)")
+        }
+        #expect(Self.bytes("amq.ctag-consumer-\(count)") { channel.consumer(tagged: $0) } == nil)
+        #expect(Self.bytes("amq.ctag-consumer-") { channel.consumer(tagged: $0) } == nil)
+        #expect(channel.consumer("amq.ctag-other") == nil)
+    }
+
+    /// Each of the six boxed properties decodes alone, and none set decodes to none.
+    @Test func eachBoxedPropertyDecodesAlone() {
+        let arena = CArena(capacity: 1024)
+        let singles: [AMQPProperties] = [
+            AMQPProperties(contentEncoding: "gzip"), AMQPProperties(correlationId: "c-1"), AMQPProperties(replyTo: "r"),
+            AMQPProperties(expiration: "5"), AMQPProperties(type: "t"), AMQPProperties(appId: "aq"),
+            AMQPProperties(contentType: "text/plain", deliveryMode: .transient, priority: 0, messageId: "m", timestamp: 0, userId: "u"),
+        ]
+        for properties in singles { #expect(CDecode.properties(arena.properties(properties)) == properties) }
+    }
+
+    /// Deliveries handed over in several bursts (some while the consumer had not taken the last)
+    /// come out once each, in order, and the burst array is left empty for reuse.
+    @Test func handedOverDeliveriesComeOutOnceInOrder() async throws {
+        let buffer = DeliveryBuffer()
+        func delivery(_ tag: UInt64) -> AMQPDelivery? {
+            AMQPDelivery(body: [UInt8(tag)], properties: AMQPProperties(), exchange: "", routingKey: "q", deliveryTag: tag,
+                         isRedelivered: false, consumerTag: "c", messageCount: nil, acker: nil)
+        }
+        var burst: [AMQPDelivery?] = [delivery(1), delivery(2)]
+        buffer.append(&burst)
+        #expect(burst.isEmpty)
+        burst = [delivery(3)]
+        buffer.append(&burst)  // the consumer has not taken 1 and 2 yet
+        var iterator = AMQPConsumer.AsyncIterator(buffer: buffer)
+        var tags: [UInt64] = []
+        for _ in 0..<3 { if let d = try await iterator.next() { tags.append(d.deliveryTag) } }
+        burst.append(contentsOf: [delivery(4), delivery(5)])
+        buffer.append(&burst)
+        buffer.finish()
+        while let d = try await iterator.next() { tags.append(d.deliveryTag) }
+        #expect(tags == [1, 2, 3, 4, 5])
+    }
+}

@@ -1,3 +1,5 @@
+internal import CAQRabbitMQ
+
 /// How a publish reports back: to an awaiting task, a future, or nobody.
 enum PublishCompletion: Sendable {
     case none
@@ -53,7 +55,7 @@ final class ConsumerState {
     /// The largest body this consumer accepts; a larger delivery is unreadable.
     let maxBodyBytes: Int
     /// Deliveries read in the current turn, appended to `buffer` in one go.
-    var ready: [AMQPDelivery] = []
+    var ready: [AMQPDelivery?] = []
 
     init(tag: String, queue: String, exclusive: Bool, noAck: Bool, arguments: AMQPTable, buffer: DeliveryBuffer?,
          maxBodyBytes: Int, handler: ((AMQPDelivery) -> Void)? = nil, onUnreadable: ((AMQPUnreadableDelivery) -> Void)? = nil,
@@ -101,6 +103,26 @@ final class ChannelState {
     var prefetch: (count: UInt16, global: Bool)?
     var tracker = ConfirmTracker<PendingPublish>()
     var consumers: [String: ConsumerState] = [:]
+
+    /// The consumer a delivery's `consumer_tag` names, found without making a String of the tag
+    /// (an allocation per delivery: tags are 31 bytes) or hashing it: a channel has one consumer,
+    /// or a few.
+    func consumer(tagged bytes: amqp_bytes_t) -> ConsumerState? {
+        guard self.consumers.count <= Self.consumersScanned else { return self.consumers[CDecode.string(bytes)] }
+        for consumer in self.consumers.values where CDecode.equals(consumer.tag, bytes) { return consumer }
+        return nil
+    }
+
+    /// The consumer tagged `tag`. With the tag a consumer's own string (``consumer(tagged:)``),
+    /// the comparison is a pointer comparison.
+    func consumer(_ tag: String) -> ConsumerState? {
+        guard self.consumers.count <= Self.consumersScanned else { return self.consumers[tag] }
+        for consumer in self.consumers.values where consumer.tag == tag { return consumer }
+        return nil
+    }
+
+    /// Up to this many consumers on a channel are scanned rather than looked up by hash.
+    static var consumersScanned: Int { 8 }
     /// A server error that arrived asynchronously with no pending publish to report it;
     /// the next operation on the channel throws it.
     var pendingError: AMQPError?

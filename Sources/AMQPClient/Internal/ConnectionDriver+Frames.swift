@@ -130,7 +130,7 @@ extension ConnectionDriver {
     private func dispatchMethod(_ frame: amqp_frame_t, conn: amqp_connection_state_t) {
         let id = frame.channel
         let method = frame.payload.method
-        if self.incoming[id] != nil {
+        if !self.incoming.isEmpty, self.incoming[id] != nil {  // (most method frames come with none: no hashing)
             // AMQP sends a message's content frames right after its method, on its channel.
             return self.contentBroke(id, "a method frame arrived on channel \(id) in the middle of a message's content")
         }
@@ -138,8 +138,9 @@ extension ConnectionDriver {
         case AMQP_BASIC_DELIVER_METHOD:
             guard let decoded = method.decoded else { return }
             let deliver = decoded.assumingMemoryBound(to: amqp_basic_deliver_t.self).pointee
-            let consumerTag = CDecode.string(deliver.consumer_tag)
-            let maxBody = self.channels[id]?.consumers[consumerTag]?.maxBodyBytes ?? self.configuration.contentLimits.maxBodyBytes
+            let consumer = self.channels[id]?.consumer(tagged: deliver.consumer_tag)
+            let consumerTag = consumer?.tag ?? CDecode.string(deliver.consumer_tag)
+            let maxBody = consumer?.maxBodyBytes ?? self.configuration.contentLimits.maxBodyBytes
             self.incoming[id] = IncomingContent(
                 origin: .deliver(consumerTag: consumerTag, deliveryTag: deliver.delivery_tag, redelivered: deliver.redelivered != 0,
                                  exchange: CDecode.string(deliver.exchange), routingKey: CDecode.string(deliver.routing_key)),
@@ -240,7 +241,7 @@ extension ConnectionDriver {
     /// are copied) and its body size.
     private func contentHeader(_ frame: amqp_frame_t) {
         let id = frame.channel
-        guard self.incoming[id] != nil else {
+        guard let index = self.incoming.index(forKey: id) else {
             return self.contentBroke(id, "a content header frame arrived on channel \(id) without a deliver, return or get-ok")
         }
         let header = frame.payload.properties
@@ -255,34 +256,28 @@ extension ConnectionDriver {
         } else {
             properties = .success(AMQPProperties())
         }
-        self.contentStep(id, self.withIncoming(id) { $0.header(properties: properties, bodySize: header.body_size) })
+        self.contentStep(id, index, self.incoming.values[index].header(properties: properties, bodySize: header.body_size))
     }
 
     private func contentBody(_ frame: amqp_frame_t) {
         let id = frame.channel
-        guard self.incoming[id] != nil else {
+        guard let index = self.incoming.index(forKey: id) else {
             return self.contentBroke(id, "a content body frame arrived on channel \(id) without a message")
         }
         let fragment = frame.payload.body_fragment
         let bytes = UnsafeRawBufferPointer(start: fragment.bytes, count: fragment.bytes == nil ? 0 : fragment.len)
-        self.contentStep(id, self.withIncoming(id) { $0.body(bytes) })
+        self.contentStep(id, index, self.incoming.values[index].body(bytes))
     }
 
-    /// Runs `body` on channel `id`'s content in place; nil when it has none. (`incoming[id]?.f()`
-    /// goes through Dictionary's optional-yielding modify accessor, whose coroutine frame is
-    /// heap-allocated for a value this size: a malloc per frame.)
-    private func withIncoming<R>(_ id: UInt16, _ body: (inout IncomingContent) -> R) -> R? {
-        guard let index = self.incoming.index(forKey: id) else { return nil }
-        return body(&self.incoming.values[index])
-    }
-
-    private func contentStep(_ id: UInt16, _ step: IncomingContent.Step?) {
+    /// What feeding channel `id`'s content (at `index` of `incoming`) came to. The content is fed
+    /// in place through `incoming.values[index]` (`incoming[id]?.f()` goes through Dictionary's
+    /// optional-yielding modify accessor, whose coroutine frame is heap-allocated for a value this
+    /// size: a malloc per frame) and taken out at the same index: one hash per frame.
+    private func contentStep(_ id: UInt16, _ index: Dictionary<UInt16, IncomingContent>.Index, _ step: IncomingContent.Step) {
         switch step {
-        case .needMore?, nil: return
-        case .protocolError(let why)?: self.contentBroke(id, why)
-        case .complete?:
-            guard let content = self.incoming.removeValue(forKey: id) else { return }
-            self.contentComplete(id, content)
+        case .needMore: return
+        case .protocolError(let why): self.contentBroke(id, why)
+        case .complete: self.contentComplete(id, self.incoming.remove(at: index).value)
         }
     }
 
@@ -296,7 +291,7 @@ extension ConnectionDriver {
         switch content.origin {
         case .deliver(let consumerTag, let deliveryTag, let redelivered, let exchange, let routingKey):
             guard let conn = self.conn else { return }
-            guard let channel = self.channels[id], let consumer = channel.consumers[consumerTag] else {
+            guard let channel = self.channels[id], let consumer = channel.consumer(consumerTag) else {
                 // A delivery for a consumer we already cancelled: hand it back.
                 if let channel = self.channels[id] {
                     self.flushAcks(channel, releaseHeld: true)

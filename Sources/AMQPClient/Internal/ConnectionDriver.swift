@@ -341,8 +341,7 @@ final class ConnectionDriver {
     func handOverDeliveries() {
         guard !self.readyConsumers.isEmpty else { return }
         for consumer in self.readyConsumers {
-            consumer.buffer?.append(consumer.ready)
-            consumer.ready.removeAll(keepingCapacity: true)
+            if let buffer = consumer.buffer { buffer.append(&consumer.ready) } else { consumer.ready.removeAll(keepingCapacity: true) }
         }
         self.readyConsumers.removeAll(keepingCapacity: true)
     }

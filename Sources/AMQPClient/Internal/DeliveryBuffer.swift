@@ -8,7 +8,9 @@ import Synchronization
 /// burst instead of per message.
 final class DeliveryBuffer: Sendable {
     private struct State {
-        var items: [AMQPDelivery] = []
+        /// Optional, so that the consumer can move each one out of its batch (`take()`) instead of
+        /// copying it (a copy retains each of its references, and the batch releases them later).
+        var items: [AMQPDelivery?] = []
         var waiter: CheckedContinuation<Void, Never>?
         var finished = false
         var failure: AMQPError?
@@ -20,14 +22,22 @@ final class DeliveryBuffer: Sendable {
 
     init() {}
 
-    /// Appends deliveries (thread side). Ignored after `finish`.
-    func append(_ deliveries: some Sequence<AMQPDelivery>) {
+    /// Moves `deliveries` in (thread side), leaving it empty; dropped after `finish`. When the
+    /// consumer has taken everything before (the usual case), the arrays are swapped: no delivery
+    /// is copied (a copy retains and later releases each of its references), and `deliveries`
+    /// gets back the capacity the consumer's last batch left.
+    func append(_ deliveries: inout [AMQPDelivery?]) {
         let waiter: CheckedContinuation<Void, Never>? = self.state.withLock { state in
             guard !state.finished else { return nil }
-            state.items.append(contentsOf: deliveries)
+            if state.items.isEmpty {
+                swap(&state.items, &deliveries)
+            } else {
+                state.items.append(contentsOf: deliveries)
+            }
             defer { state.waiter = nil }
             return state.waiter
         }
+        deliveries.removeAll(keepingCapacity: true)
         waiter?.resume()
     }
 
@@ -47,7 +57,7 @@ final class DeliveryBuffer: Sendable {
 
     /// Moves everything buffered into `batch` (which must be empty); waits if nothing is there.
     /// Returns false at the end of the sequence.
-    func take(into batch: inout [AMQPDelivery]) async throws -> Bool {
+    func take(into batch: inout [AMQPDelivery?]) async throws -> Bool {
         while true {
             enum Step { case got, end(AMQPError?), wait }
             let step: Step = self.state.withLock { state in
