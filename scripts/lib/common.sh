@@ -56,7 +56,7 @@ aq_broker_env() {
     export RABBITMQ_NODENAME="aq$AQ_BROKER_PORT@localhost"
     export RABBITMQ_DIST_PORT=$((AQ_BROKER_PORT + 2))
     # Erlang distribution and epmd on loopback only, like everything else.
-    export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+    export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1} ${AQ_BROKER_ERL_ARGS:-}"
     export ERL_EPMD_ADDRESS=127.0.0.1
     export RABBITMQ_MNESIA_BASE=$AQ_BROKER_DIR/mnesia
     export RABBITMQ_LOG_BASE=$AQ_BROKER_DIR/log
