@@ -1,11 +1,16 @@
 // aq-amqp-bench: publish-with-confirms and consume rates of the AMQPClient module, measured the
 // way ../shared/bench/limits.sh measures the C tools (aqpub/aqcons): 200-byte persistent messages
 // on a durable queue, a sliding window of 1,000 unconfirmed publishes, then consumers with
-// prefetch 100 / 1000 acking each message, and prefetch 1000 with a multiple-ack every 100.
+// prefetch 100 / 1000 acking each message, and prefetch 1000 with a multiple-ack every 100; each
+// with the async sequence (`AMQPChannel.consume`) and, in the `_thread` cases, with a consumer on
+// the connection thread (`AMQPThreadContext.consume`, what aq-bridge runs on). Consumers are
+// clocked from the first delivery to the last, as aqcons is.
 //
-// usage: aq-amqp-bench [--url URL] [-n COUNT] [--size BYTES] [--window W] [--queue NAME] [--json]
+// usage: aq-amqp-bench [--url URL] [-n COUNT] [--size BYTES] [--window W] [--queue NAME]
+//                      [--only publish|CASE,...] [--consume-only] [--json]
 import AMQPClient
 import Foundation
+import Synchronization
 
 struct Options {
     var url = ProcessInfo.processInfo.environment["AQ_AMQP_URL"] ?? "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -15,6 +20,9 @@ struct Options {
     var queue = "aq.bench.amqp"
     var json = false
     var only: String?
+    /// Consume what is already in the queue (published by another tool) instead of publishing
+    /// first, and leave the queue in place: for profiling the consume path on its own.
+    var consumeOnly = false
 
     init(arguments: [String]) throws {
         var iterator = arguments.dropFirst().makeIterator()
@@ -36,8 +44,9 @@ struct Options {
             case "--queue": self.queue = try value(argument)
             case "--only": self.only = try value(argument)
             case "--json": self.json = true
+            case "--consume-only": self.consumeOnly = true
             case "-h", "--help":
-                print("usage: aq-amqp-bench [--url URL] [-n COUNT] [--size BYTES] [--window W] [--queue NAME] [--only publish|p100|p1000|p1000m100] [--json]")
+                print("usage: aq-amqp-bench [--url URL] [-n COUNT] [--size BYTES] [--window W] [--queue NAME] [--only publish|CASE,...] [--consume-only] [--json]\ncases: \(ConsumeCase.all.map(\.name).joined(separator: " "))")
                 exit(0)
             default: throw BenchError("unknown argument '\(argument)' (try --help)")
             }
@@ -78,19 +87,43 @@ func publishConfirmed(_ channel: AMQPChannel, _ o: Options) async throws -> Doub
     return Double(o.count) / seconds(clock.now - start)
 }
 
-/// Consumes `count` messages; acks each one, or every `ackEvery` with `multiple`. Returns msg/s.
-func consume(_ connection: AMQPConnection, _ o: Options, prefetch: UInt16, ackEvery: Int) async throws -> Double {
+/// One consumer setting: prefetch, ack every `ackEvery` (1: each message on its own; more: one
+/// `multiple` ack every `ackEvery`), and which API consumes.
+struct ConsumeCase {
+    var name: String
+    var prefetch: UInt16
+    var ackEvery: Int
+    /// The thread-hosted consumer (`AMQPThreadContext.consume`, what aq-bridge runs on) instead
+    /// of the async sequence (`AMQPChannel.consume`).
+    var onThread: Bool
+
+    static let all: [ConsumeCase] = [(false, ""), (true, "_thread")].flatMap { onThread, suffix in
+        [("p100_ackeach", UInt16(100), 1), ("p1000_ackeach", 1000, 1), ("p1000_ackmulti100", 1000, 100)].map {
+            ConsumeCase(name: $0.0 + suffix, prefetch: $0.1, ackEvery: $0.2, onThread: onThread)
+        }
+    }
+
+    var label: String {
+        "prefetch \(self.prefetch), " + (self.ackEvery == 1 ? "ack each" : "multiple-ack every \(self.ackEvery)")
+            + (self.onThread ? ", on the connection thread" : "")
+    }
+}
+
+/// Consumes `count` messages with the async sequence; returns msg/s. As aqcons does, the clock
+/// starts at the first delivery and stops at the last.
+func consume(_ connection: AMQPConnection, _ o: Options, _ c: ConsumeCase) async throws -> Double {
     let channel = try await connection.openChannel()
-    try await channel.setPrefetch(prefetch)
+    try await channel.setPrefetch(c.prefetch)
     let clock = ContinuousClock()
-    let start = clock.now
+    var start = clock.now
     let consumer = try await channel.consume(o.queue)
     var received = 0
     for try await delivery in consumer {
         received += 1
-        if ackEvery <= 1 {
+        if received == 1 { start = clock.now }
+        if c.ackEvery <= 1 {
             try delivery.ack()
-        } else if received % ackEvery == 0 || received == o.count {
+        } else if received % c.ackEvery == 0 || received == o.count {
             try delivery.ack(multiple: true)
         }
         if received == o.count { break }
@@ -101,6 +134,63 @@ func consume(_ connection: AMQPConnection, _ o: Options, prefetch: UInt16, ackEv
     return Double(received) / seconds(elapsed)
 }
 
+/// The thread-hosted consumer's count, kept on the connection thread, and its end for the task
+/// that waits.
+final class ThreadCount: Sendable {
+    private struct State {
+        var rate: Double?
+        var waiter: CheckedContinuation<Double, Never>?
+    }
+    private let state = Mutex(State())
+
+    func finished(_ rate: Double) {
+        let waiter = self.state.withLock { state -> CheckedContinuation<Double, Never>? in
+            state.rate = rate
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume(returning: rate)
+    }
+
+    func wait() async -> Double {
+        await withCheckedContinuation { continuation in
+            let rate = self.state.withLock { state -> Double? in
+                if state.rate == nil { state.waiter = continuation }
+                return state.rate
+            }
+            if let rate { continuation.resume(returning: rate) }
+        }
+    }
+}
+
+/// Consumes `count` messages with a consumer hosted on the connection thread (deliveries handed
+/// to a closure as they are read, acks coalesced per turn); returns msg/s, clocked as above.
+func consumeOnThread(_ connection: AMQPConnection, _ o: Options, _ c: ConsumeCase) async throws -> Double {
+    let done = ThreadCount()
+    let (queue, count) = (o.queue, o.count)
+    let (channel, tag) = try await connection.withThreadContext { context in
+        let channel = try context.openChannel()
+        try context.setPrefetch(channel: channel, count: c.prefetch)
+        let clock = ContinuousClock()
+        var start = clock.now
+        var received = 0
+        let tag = try context.consume(channel: channel, queue: queue, handler: { delivery in
+            received += 1
+            if received == 1 { start = clock.now }
+            if c.ackEvery <= 1 {
+                context.ack(delivery)
+            } else if received % c.ackEvery == 0 || received == count {
+                context.ack(delivery, multiple: true)
+            }
+            if received == count { done.finished(Double(received) / seconds(clock.now - start)) }
+        }, onEnd: { _ in })
+        return (channel, tag)
+    }
+    let rate = await done.wait()
+    try await connection.withThreadContext { context in try context.cancelConsumer(channel: channel, tag: tag) }
+    return rate
+}
+
 @main
 struct Bench {
     static func main() async {
@@ -109,23 +199,28 @@ struct Bench {
             let connection = try await AMQPConnection.connect(o.url, connectionName: "aq-amqp-bench")
             let channel = try await connection.openChannel()
             try await channel.declareQueue(o.queue, durable: true)
-            try await channel.purgeQueue(o.queue)
+            if !o.consumeOnly { try await channel.purgeQueue(o.queue) }
             try await channel.enableConfirms()
             var results: [(String, Double)] = []
-            for (name, prefetch, ackEvery) in [("p100_ackeach", UInt16(100), 1), ("p1000_ackeach", 1000, 1), ("p1000_ackmulti100", 1000, 100)] {
-                if let only = o.only, only != "publish", name != only, !name.hasPrefix(only + "_") { continue }
-                try await channel.purgeQueue(o.queue)
-                let published = try await publishConfirmed(channel, o)
-                results.append(("aq_publish_confirmed", published))
-                if o.only == "publish" { continue }
-                let consumed = try await consume(connection, o, prefetch: prefetch, ackEvery: ackEvery)
-                results.append(("aq_consume_\(name)", consumed))
+            let cases = o.only == "publish" ? [] : ConsumeCase.all.filter { o.only == nil || o.only?.split(separator: ",").contains(Substring($0.name)) == true }
+            if o.only == "publish" {
+                results.append(("aq_publish_confirmed", try await publishConfirmed(channel, o)))
+            } else if cases.isEmpty {
+                throw BenchError("--only '\(o.only ?? "")' names no case: publish, or some of \(ConsumeCase.all.map(\.name).joined(separator: ","))")
+            }
+            for c in cases {
+                if !o.consumeOnly {
+                    try await channel.purgeQueue(o.queue)
+                    results.append(("aq_publish_confirmed", try await publishConfirmed(channel, o)))
+                }
+                let consumed = c.onThread ? try await consumeOnThread(connection, o, c) : try await consume(connection, o, c)
+                results.append(("aq_consume_\(c.name)", consumed))
                 if !o.json {
-                    print(String(format: "publish(confirm,W%d): %.0f msg/s; consume(prefetch %d, %@): %.0f msg/s",
-                                 o.window, published, prefetch, ackEvery == 1 ? "ack each" : "multiple-ack every \(ackEvery)", consumed))
+                    let published = o.consumeOnly ? "" : String(format: "publish(confirm,W%d): %.0f msg/s; ", o.window, results[results.count - 2].1)
+                    print(published + String(format: "consume(%@): %.0f msg/s", c.label, consumed))
                 }
             }
-            try await channel.deleteQueue(o.queue)
+            if !o.consumeOnly { try await channel.deleteQueue(o.queue) }
             await connection.close()
             if o.json {
                 let fields = results.map { "\"\($0.0)\":\(Int($0.1))" }.joined(separator: ",")
