@@ -196,17 +196,20 @@ struct Bench {
     static func main() async {
         do {
             let o = try Options(arguments: CommandLine.arguments)
+            let cases = o.only == "publish" ? [] : ConsumeCase.all.filter { o.only == nil || o.only?.split(separator: ",").contains(Substring($0.name)) == true }
+            if o.only != "publish", cases.isEmpty {
+                throw BenchError("--only '\(o.only ?? "")' names no case: publish, or some of \(ConsumeCase.all.map(\.name).joined(separator: ","))")
+            }
             let connection = try await AMQPConnection.connect(o.url, connectionName: "aq-amqp-bench")
             let channel = try await connection.openChannel()
             try await channel.declareQueue(o.queue, durable: true)
             if !o.consumeOnly { try await channel.purgeQueue(o.queue) }
             try await channel.enableConfirms()
             var results: [(String, Double)] = []
-            let cases = o.only == "publish" ? [] : ConsumeCase.all.filter { o.only == nil || o.only?.split(separator: ",").contains(Substring($0.name)) == true }
             if o.only == "publish" {
-                results.append(("aq_publish_confirmed", try await publishConfirmed(channel, o)))
-            } else if cases.isEmpty {
-                throw BenchError("--only '\(o.only ?? "")' names no case: publish, or some of \(ConsumeCase.all.map(\.name).joined(separator: ","))")
+                let published = try await publishConfirmed(channel, o)
+                results.append(("aq_publish_confirmed", published))
+                if !o.json { print(String(format: "publish(confirm,W%d): %.0f msg/s", o.window, published)) }
             }
             for c in cases {
                 if !o.consumeOnly {
