@@ -80,7 +80,7 @@ public struct AMQPProperties: Sendable, Hashable {
         self.rare = fields.isEmpty ? nil : Rare(fields)
     }
 
-    /// All fields at once, the six rare ones already boxed (nil when none is set): for decoding.
+    /// All fields at once, the six rare ones boxed when any is set (the public init, and decoding).
     init(contentType: String?, headers: AMQPTable?, deliveryMode: DeliveryMode?, priority: UInt8?, messageId: String?,
          timestamp: UInt64?, userId: String?, rare: RareFields?) {
         self.contentType = contentType
@@ -99,15 +99,10 @@ public struct AMQPProperties: Sendable, Hashable {
         replyTo: String? = nil, expiration: String? = nil, messageId: String? = nil,
         timestamp: UInt64? = nil, type: String? = nil, userId: String? = nil, appId: String? = nil
     ) {
-        self.contentType = contentType
-        self.headers = headers
-        self.deliveryMode = deliveryMode
-        self.priority = priority
-        self.messageId = messageId
-        self.timestamp = timestamp
-        self.userId = userId
-        self.setRare(RareFields(contentEncoding: contentEncoding, correlationId: correlationId, replyTo: replyTo,
-                                expiration: expiration, type: type, appId: appId))
+        self.init(contentType: contentType, headers: headers, deliveryMode: deliveryMode, priority: priority, messageId: messageId,
+                  timestamp: timestamp, userId: userId,
+                  rare: RareFields(contentEncoding: contentEncoding, correlationId: correlationId, replyTo: replyTo,
+                                   expiration: expiration, type: type, appId: appId))
     }
 
     /// True when `deliveryMode` is `.persistent`.
