@@ -103,6 +103,12 @@ struct ConsumeCase {
         }
     }
 
+    /// Whether the `received`-th of `count` deliveries is acked, and with `multiple`.
+    func ack(_ received: Int, of count: Int) -> (send: Bool, multiple: Bool) {
+        if self.ackEvery <= 1 { return (true, false) }
+        return (received % self.ackEvery == 0 || received == count, true)
+    }
+
     var label: String {
         "prefetch \(self.prefetch), " + (self.ackEvery == 1 ? "ack each" : "multiple-ack every \(self.ackEvery)")
             + (self.onThread ? ", on the connection thread" : "")
@@ -121,11 +127,8 @@ func consume(_ connection: AMQPConnection, _ o: Options, _ c: ConsumeCase) async
     for try await delivery in consumer {
         received += 1
         if received == 1 { start = clock.now }
-        if c.ackEvery <= 1 {
-            try delivery.ack()
-        } else if received % c.ackEvery == 0 || received == o.count {
-            try delivery.ack(multiple: true)
-        }
+        let ack = c.ack(received, of: o.count)
+        if ack.send { try delivery.ack(multiple: ack.multiple) }
         if received == o.count { break }
     }
     let elapsed = clock.now - start
@@ -177,11 +180,8 @@ func consumeOnThread(_ connection: AMQPConnection, _ o: Options, _ c: ConsumeCas
         let tag = try context.consume(channel: channel, queue: queue, handler: { delivery in
             received += 1
             if received == 1 { start = clock.now }
-            if c.ackEvery <= 1 {
-                context.ack(delivery)
-            } else if received % c.ackEvery == 0 || received == count {
-                context.ack(delivery, multiple: true)
-            }
+            let ack = c.ack(received, of: count)
+            if ack.send { context.ack(delivery, multiple: ack.multiple) }
             if received == count { done.finished(Double(received) / seconds(clock.now - start)) }
         }, onEnd: { _ in })
         return (channel, tag)
@@ -212,15 +212,17 @@ struct Bench {
                 if !o.json { print(String(format: "publish(confirm,W%d): %.0f msg/s", o.window, published)) }
             }
             for c in cases {
+                var published: Double?
                 if !o.consumeOnly {
                     try await channel.purgeQueue(o.queue)
-                    results.append(("aq_publish_confirmed", try await publishConfirmed(channel, o)))
+                    published = try await publishConfirmed(channel, o)
+                    results.append(("aq_publish_confirmed", published ?? 0))
                 }
                 let consumed = c.onThread ? try await consumeOnThread(connection, o, c) : try await consume(connection, o, c)
                 results.append(("aq_consume_\(c.name)", consumed))
                 if !o.json {
-                    let published = o.consumeOnly ? "" : String(format: "publish(confirm,W%d): %.0f msg/s; ", o.window, results[results.count - 2].1)
-                    print(published + String(format: "consume(%@): %.0f msg/s", c.label, consumed))
+                    let publishing = published.map { String(format: "publish(confirm,W%d): %.0f msg/s; ", o.window, $0) } ?? ""
+                    print(publishing + String(format: "consume(%@): %.0f msg/s", c.label, consumed))
                 }
             }
             if !o.consumeOnly { try await channel.deleteQueue(o.queue) }

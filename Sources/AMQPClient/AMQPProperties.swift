@@ -90,7 +90,7 @@ public struct AMQPProperties: Sendable, Hashable {
         self.messageId = messageId
         self.timestamp = timestamp
         self.userId = userId
-        self.rare = rare.flatMap { $0.isEmpty ? nil : Rare($0) }
+        if let rare { self.setRare(rare) }
     }
 
     public init(
