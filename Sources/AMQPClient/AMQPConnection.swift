@@ -22,9 +22,13 @@ import Logging
 /// not yet acknowledged are redelivered by the broker.
 public final class AMQPConnection: Sendable {
     let shared: ConnectionShared
+    /// The connection thread as a task executor: iterate a consumer there and its deliveries
+    /// reach the task without a thread hop (see ``AMQPConnectionExecutor``).
+    public let executor: AMQPConnectionExecutor
 
     private init(shared: ConnectionShared) {
         self.shared = shared
+        self.executor = AMQPConnectionExecutor(shared: shared)
     }
 
     deinit {

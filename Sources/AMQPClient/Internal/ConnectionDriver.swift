@@ -167,14 +167,26 @@ final class ConnectionDriver {
         let cork = self.jobBuffer.count > 1 && self.sockfd >= 0
         if cork { self.setCork(true) }
         self.corked = cork
-        for job in self.jobBuffer {
-            self.watch.turnStarted()  // each job is held to the stall limit on its own
-            job(self)
+        // Jobs queued by the jobs themselves run in the same turn, a few rounds at most: a task
+        // on the connection's executor acks what it took (one job per ack) right after it ran,
+        // and those acks then leave with this turn's instead of waiting for the next turn.
+        for round in 0..<Self.jobRoundsPerTurn {
+            if round > 0 {
+                guard self.shared.mailbox.mayHaveJobs else { break }
+                self.shared.mailbox.take(into: &self.jobBuffer)
+            }
+            for job in self.jobBuffer {
+                self.watch.turnStarted()  // each job is held to the stall limit on its own
+                job(self)
+            }
+            self.jobBuffer.removeAll(keepingCapacity: true)
         }
-        self.jobBuffer.removeAll(keepingCapacity: true)
         self.flushAcks()
         self.uncork()
     }
+
+    /// How many times one turn takes the jobs queued (see `runJobs`).
+    static let jobRoundsPerTurn = 3
 
     /// Whether the socket is corked now (this turn's jobs; see `runJobs`).
     private var corked = false
