@@ -2,9 +2,10 @@
 // way ../shared/bench/limits.sh measures the C tools (aqpub/aqcons): 200-byte persistent messages
 // on a durable queue, a sliding window of 1,000 unconfirmed publishes, then consumers with
 // prefetch 100 / 1000 acking each message, and prefetch 1000 with a multiple-ack every 100; each
-// with the async sequence (`AMQPChannel.consume`) and, in the `_thread` cases, with a consumer on
-// the connection thread (`AMQPThreadContext.consume`, what aq-bridge runs on). Consumers are
-// clocked from the first delivery to the last, as aqcons is.
+// with the async sequence (`AMQPChannel.consume`) iterated by a task on the default executor,
+// in the `_exec` cases by a task on the connection's executor (`AMQPConnection.executor`), and in
+// the `_thread` cases with a consumer on the connection thread (`AMQPThreadContext.consume`, what
+// aq-bridge runs on). Consumers are clocked from the first delivery to the last, as aqcons is.
 //
 // usage: aq-amqp-bench [--url URL] [-n COUNT] [--size BYTES] [--window W] [--queue NAME]
 //                      [--only publish|CASE,...] [--consume-only] [--json]
@@ -90,16 +91,31 @@ func publishConfirmed(_ channel: AMQPChannel, _ o: Options) async throws -> Doub
 /// One consumer setting: prefetch, ack every `ackEvery` (1: each message on its own; more: one
 /// `multiple` ack every `ackEvery`), and which API consumes.
 struct ConsumeCase {
+    enum API: CaseIterable {
+        /// The async sequence (`AMQPChannel.consume`), iterated on the default executor.
+        case sequence
+        /// The async sequence, iterated by a task on the connection's executor.
+        case executor
+        /// The thread-hosted consumer (`AMQPThreadContext.consume`, what aq-bridge runs on).
+        case thread
+
+        var suffix: String {
+            switch self {
+            case .sequence: ""
+            case .executor: "_exec"
+            case .thread: "_thread"
+            }
+        }
+    }
+
     var name: String
     var prefetch: UInt16
     var ackEvery: Int
-    /// The thread-hosted consumer (`AMQPThreadContext.consume`, what aq-bridge runs on) instead
-    /// of the async sequence (`AMQPChannel.consume`).
-    var onThread: Bool
+    var api: API
 
-    static let all: [ConsumeCase] = [(false, ""), (true, "_thread")].flatMap { onThread, suffix in
+    static let all: [ConsumeCase] = API.allCases.flatMap { api in
         [("p100_ackeach", UInt16(100), 1), ("p1000_ackeach", 1000, 1), ("p1000_ackmulti100", 1000, 100)].map {
-            ConsumeCase(name: $0.0 + suffix, prefetch: $0.1, ackEvery: $0.2, onThread: onThread)
+            ConsumeCase(name: $0.0 + api.suffix, prefetch: $0.1, ackEvery: $0.2, api: api)
         }
     }
 
@@ -111,7 +127,7 @@ struct ConsumeCase {
 
     var label: String {
         "prefetch \(self.prefetch), " + (self.ackEvery == 1 ? "ack each" : "multiple-ack every \(self.ackEvery)")
-            + (self.onThread ? ", on the connection thread" : "")
+            + (self.api == .thread ? ", on the connection thread" : self.api == .executor ? ", on the connection's executor" : "")
     }
 }
 
@@ -218,7 +234,12 @@ struct Bench {
                     published = try await publishConfirmed(channel, o)
                     results.append(("aq_publish_confirmed", published ?? 0))
                 }
-                let consumed = c.onThread ? try await consumeOnThread(connection, o, c) : try await consume(connection, o, c)
+                let consumed: Double
+                switch c.api {
+                case .sequence: consumed = try await consume(connection, o, c)
+                case .executor: consumed = try await withTaskExecutorPreference(connection.executor) { try await consume(connection, o, c) }
+                case .thread: consumed = try await consumeOnThread(connection, o, c)
+                }
                 results.append(("aq_consume_\(c.name)", consumed))
                 if !o.json {
                     let publishing = published.map { String(format: "publish(confirm,W%d): %.0f msg/s; ", o.window, $0) } ?? ""
